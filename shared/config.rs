@@ -1,0 +1,867 @@
+//! Settings for every binary, loaded with figment.
+//!
+//! Precedence, lowest first: built-in defaults < TOML file given with `--config` < environment
+//! variables prefixed `EDGELOG_` (nested keys separated by `__`, e.g. `EDGELOG_LOADER__SLOT_SPACING=65s`)
+//! < command-line overrides. Unknown keys and invalid values are errors that name the key.
+//!
+//! librdkafka options pass through `kafka.options` (all clients) and the per-stage
+//! `*.kafka_options` maps. Because environment variable names cannot hold dots, an option key may be
+//! written with `_` instead of `.` (`EDGELOG_KAFKA__OPTIONS__SECURITY_PROTOCOL=SASL_SSL`); keys are
+//! normalised to dots. No librdkafka property that takes a string has an underscore in its name.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix for every setting.
+pub const ENV_PREFIX: &str = "EDGELOG_";
+
+/// Why settings could not be loaded. The message always names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration: `{key}` {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(errors: figment::Error) -> Self {
+        // One message per problem, each naming the dotted key and where the value came from (the
+        // exact environment variable, or the file).
+        let msgs: Vec<String> = errors.into_iter().map(|e| describe_error(&e)).collect();
+        ConfigError::Load(msgs.join("; "))
+    }
+}
+
+fn describe_error(e: &figment::Error) -> String {
+    let key = e.path.join(".").to_lowercase();
+    let origin = match &e.metadata {
+        Some(m) if m.name.contains("environment") => {
+            format!(
+                " (from environment variable {ENV_PREFIX}{})",
+                e.path.join("__").to_uppercase()
+            )
+        }
+        Some(m) => match &m.source {
+            Some(source) => format!(" (from {source})"),
+            None => format!(" (from {})", m.name),
+        },
+        None => String::new(),
+    };
+    if key.is_empty() {
+        format!("{}{origin}", e.kind)
+    } else {
+        format!("`{key}`: {}{origin}", e.kind)
+    }
+}
+
+/// Accepts any scalar as a string. The environment provider parses `7` as a number, yet an
+/// instance id, a topic name or a password may well look like one.
+fn lenient_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_string<E>(self, v: String) -> Result<String, E> {
+            Ok(v)
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u128<E>(self, v: u128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i128<E>(self, v: i128) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_char<E>(self, v: char) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+    }
+    d.deserialize_any(V)
+}
+
+fn lenient_string_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    struct S(#[serde(deserialize_with = "lenient_string")] String);
+    let map = BTreeMap::<String, S>::deserialize(d)?;
+    Ok(map.into_iter().map(|(k, S(v))| (k, v)).collect())
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        problem: problem.into(),
+    }
+}
+
+/// A secret string (passwords). Never printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(#[serde(deserialize_with = "lenient_string")] String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    /// The secret itself; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// librdkafka properties passed through as they are. `Debug` hides the values of secret keys.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct KafkaOptions(
+    #[serde(deserialize_with = "lenient_string_map")] pub BTreeMap<String, String>,
+);
+
+impl KafkaOptions {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Keys with `_` written as `.` (environment variable names cannot hold dots).
+    fn normalised(&self) -> KafkaOptions {
+        KafkaOptions(
+            self.0
+                .iter()
+                .map(|(k, v)| (k.replace('_', "."), v.clone()))
+                .collect(),
+        )
+    }
+
+    /// A copy whose secret values read `***`.
+    pub fn redacted(&self) -> KafkaOptions {
+        KafkaOptions(
+            self.0
+                .iter()
+                .map(|(k, v)| {
+                    let v = if is_secret_key(k) {
+                        "***".to_string()
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        )
+    }
+}
+
+impl fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.redacted().0).finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `human` (default) or `json`.
+    pub format: LogFormat,
+    /// A tracing `EnvFilter` directive, e.g. `info` or `edgelog=debug,rdkafka=warn`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    #[serde(deserialize_with = "lenient_string")]
+    pub brokers: String,
+    /// librdkafka options applied to every client (secrets such as `sasl.password` included;
+    /// values of keys that look secret are never logged).
+    pub options: KafkaOptions,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: "127.0.0.1:9092".into(),
+            options: KafkaOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSettings {
+    /// Cap'n Proto input written by the edge servers.
+    #[serde(deserialize_with = "lenient_string")]
+    pub input: String,
+    /// MessagePack output of the anonymizer, input of the loader.
+    #[serde(deserialize_with = "lenient_string")]
+    pub anonymized: String,
+    /// Undecodable input, with the original bytes and headers naming where it came from.
+    #[serde(deserialize_with = "lenient_string")]
+    pub dead_letter: String,
+    /// Partitions used by `edgelog setup` when it creates the topics.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    /// `retention.ms` set on created topics. Must exceed the longest outage you want to survive.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+}
+
+impl Default for TopicSettings {
+    fn default() -> Self {
+        TopicSettings {
+            input: "http_log".into(),
+            anonymized: "http_log_anon".into(),
+            dead_letter: "http_log_dlq".into(),
+            partitions: 4,
+            replication_factor: 1,
+            retention: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseSettings {
+    /// Where the loader sends inserts: the rate-limited proxy.
+    #[serde(deserialize_with = "lenient_string")]
+    pub url: String,
+    /// Direct ClickHouse HTTP endpoint for set-up, `status` and audits (never the loader's path).
+    #[serde(deserialize_with = "lenient_string")]
+    pub admin_url: String,
+    #[serde(deserialize_with = "lenient_string")]
+    pub user: String,
+    pub password: Secret,
+    #[serde(deserialize_with = "lenient_string")]
+    pub admin_user: String,
+    pub admin_password: Secret,
+    #[serde(deserialize_with = "lenient_string")]
+    pub database: String,
+    /// TTL of raw rows in `http_log`, in days (0 = keep forever).
+    pub raw_ttl_days: u32,
+    /// TTL of the totals table, in days (0 = keep forever).
+    pub totals_ttl_days: u32,
+}
+
+impl Default for ClickHouseSettings {
+    fn default() -> Self {
+        ClickHouseSettings {
+            url: "http://127.0.0.1:8124".into(),
+            admin_url: "http://127.0.0.1:8123".into(),
+            user: "edgelog_loader".into(),
+            password: Secret::default(),
+            admin_user: "default".into(),
+            admin_password: Secret::default(),
+            database: "edgelog".into(),
+            raw_ttl_days: 30,
+            totals_ttl_days: 400,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProducerSettings {
+    pub metrics_listen: Option<SocketAddr>,
+    /// Records per second; 0 means as fast as possible.
+    pub rate: f64,
+    /// Stop after this many records (none = unbounded).
+    pub count: Option<u64>,
+    /// Stop after this long (none = unbounded).
+    #[serde(with = "humantime_serde")]
+    pub duration: Option<Duration>,
+    /// Seed of the traffic model: the same seed gives the same records (timestamps aside).
+    pub seed: u64,
+    /// Number of distinct resource ids, Zipf-distributed.
+    pub resources: u64,
+    pub resource_zipf_exponent: f64,
+    /// Distinct URLs per resource, Zipf-distributed.
+    pub urls_per_resource: u64,
+    /// Number of distinct clients, Zipf-distributed.
+    pub clients: u64,
+    pub client_zipf_exponent: f64,
+    /// Share of clients with IPv6 addresses.
+    pub ipv6_share: f64,
+    /// Share of records whose remote address is malformed (not an IP address).
+    pub malformed_ip_share: f64,
+    /// Share of messages that are not Cap'n Proto at all (exercise the dead-letter path).
+    pub garbage_share: f64,
+    /// Extra librdkafka options for this producer.
+    pub kafka_options: KafkaOptions,
+}
+
+impl Default for ProducerSettings {
+    fn default() -> Self {
+        ProducerSettings {
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9101))),
+            rate: 200.0,
+            count: None,
+            duration: None,
+            seed: 1,
+            resources: 10_000,
+            resource_zipf_exponent: 1.1,
+            urls_per_resource: 200,
+            clients: 100_000,
+            client_zipf_exponent: 1.05,
+            ipv6_share: 0.05,
+            malformed_ip_share: 0.001,
+            garbage_share: 0.0,
+            kafka_options: KafkaOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnonymizerSettings {
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(deserialize_with = "lenient_string")]
+    pub group_id: String,
+    /// Stable name of this instance; `transactional.id` is `<group_id>-<instance_id>`, so a
+    /// restarted instance fences its own zombie. Give every concurrent instance its own id.
+    #[serde(deserialize_with = "lenient_string")]
+    pub instance_id: String,
+    /// Close the transaction after this many input records...
+    pub txn_max_records: usize,
+    /// ...or after this long, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub txn_max_duration: Duration,
+    /// `transaction.timeout.ms`: the broker aborts a transaction open longer than this.
+    #[serde(with = "humantime_serde")]
+    pub txn_timeout: Duration,
+    /// IPv6 addresses keep this many leading bits (the network); the rest becomes `X`.
+    pub ipv6_prefix_bits: u8,
+    pub kafka_options: KafkaOptions,
+}
+
+impl Default for AnonymizerSettings {
+    fn default() -> Self {
+        AnonymizerSettings {
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9102))),
+            group_id: "edgelog-anonymizer".into(),
+            instance_id: "0".into(),
+            txn_max_records: 10_000,
+            txn_max_duration: Duration::from_millis(500),
+            txn_timeout: Duration::from_secs(60),
+            ipv6_prefix_bits: 48,
+            kafka_options: KafkaOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoaderSettings {
+    pub metrics_listen: Option<SocketAddr>,
+    #[serde(deserialize_with = "lenient_string")]
+    pub group_id: String,
+    /// Time between two requests to the proxy. nginx's `1r/m` really means one per 62.5 s.
+    #[serde(with = "humantime_serde")]
+    pub slot_spacing: Duration,
+    /// Largest request body sent to the proxy (nginx's default limit is 1 MiB = 1048576).
+    pub max_body_bytes: usize,
+    /// Local address the loader's HTTP client binds to. The proxy budgets per client IP, so two
+    /// loaders need two source addresses to get two budgets.
+    pub source_address: Option<IpAddr>,
+    /// Timeout of one insert request (nginx's own `proxy_read_timeout` is 60 s).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Send `insert_deduplication_token` (ClickHouse >= 22.2). Off = rely on the block hash.
+    pub dedup_token: bool,
+    pub kafka_options: KafkaOptions,
+}
+
+impl Default for LoaderSettings {
+    fn default() -> Self {
+        LoaderSettings {
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9103))),
+            group_id: "edgelog-loader".into(),
+            slot_spacing: Duration::from_millis(64_000),
+            max_body_bytes: 1_000_000,
+            source_address: None,
+            request_timeout: Duration::from_secs(55),
+            dedup_token: true,
+            kafka_options: KafkaOptions::default(),
+        }
+    }
+}
+
+/// Every setting of every binary. Each binary reads the sections it needs, so one file can serve
+/// a whole deployment.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub log: LogSettings,
+    pub kafka: KafkaSettings,
+    pub topics: TopicSettings,
+    pub clickhouse: ClickHouseSettings,
+    pub producer: ProducerSettings,
+    pub anonymizer: AnonymizerSettings,
+    pub loader: LoaderSettings,
+}
+
+impl Settings {
+    /// Loads defaults < `file` < `EDGELOG_*` environment < `overrides` (dotted key, value).
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[(&str, figment::value::Value)],
+    ) -> Result<Settings, ConfigError> {
+        Self::figment(file, overrides)
+            .extract::<Settings>()?
+            .validated()
+    }
+
+    /// The figment behind [`Settings::load`], exposed for tests and `edgelog config`.
+    pub fn figment(file: Option<&Path>, overrides: &[(&str, figment::value::Value)]) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            // file_exact: a missing --config file is an error, not silently ignored.
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        for (key, value) in overrides {
+            figment = figment.merge(Serialized::default(key, value.clone()));
+        }
+        figment
+    }
+
+    /// Checks what types alone cannot, and normalises librdkafka option keys.
+    pub fn validated(mut self) -> Result<Settings, ConfigError> {
+        for options in [
+            &mut self.kafka.options,
+            &mut self.producer.kafka_options,
+            &mut self.anonymizer.kafka_options,
+            &mut self.loader.kafka_options,
+        ] {
+            *options = options.normalised();
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must not be empty"));
+        }
+        for (key, topic) in [
+            ("topics.input", &self.topics.input),
+            ("topics.anonymized", &self.topics.anonymized),
+            ("topics.dead_letter", &self.topics.dead_letter),
+        ] {
+            check_topic_name(key, topic)?;
+        }
+        if self.topics.partitions < 1 {
+            return Err(invalid("topics.partitions", "must be at least 1"));
+        }
+        if self.topics.replication_factor < 1 {
+            return Err(invalid("topics.replication_factor", "must be at least 1"));
+        }
+        check_identifier("clickhouse.database", &self.clickhouse.database)?;
+        for (key, url) in [
+            ("clickhouse.url", &self.clickhouse.url),
+            ("clickhouse.admin_url", &self.clickhouse.admin_url),
+        ] {
+            check_http_url(key, url)?;
+        }
+        let p = &self.producer;
+        if !(p.rate.is_finite() && p.rate >= 0.0) {
+            return Err(invalid(
+                "producer.rate",
+                "must be a number >= 0 (0 = as fast as possible)",
+            ));
+        }
+        for (key, share) in [
+            ("producer.ipv6_share", p.ipv6_share),
+            ("producer.malformed_ip_share", p.malformed_ip_share),
+            ("producer.garbage_share", p.garbage_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(invalid(
+                    key,
+                    format!("must be between 0 and 1, got {share}"),
+                ));
+            }
+        }
+        for (key, n) in [
+            ("producer.resources", p.resources),
+            ("producer.urls_per_resource", p.urls_per_resource),
+            ("producer.clients", p.clients),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, s) in [
+            ("producer.resource_zipf_exponent", p.resource_zipf_exponent),
+            ("producer.client_zipf_exponent", p.client_zipf_exponent),
+        ] {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(invalid(key, format!("must be > 0, got {s}")));
+            }
+        }
+        let a = &self.anonymizer;
+        if a.group_id.is_empty() {
+            return Err(invalid("anonymizer.group_id", "must not be empty"));
+        }
+        if a.instance_id.is_empty() {
+            return Err(invalid("anonymizer.instance_id", "must not be empty"));
+        }
+        if a.txn_max_records == 0 {
+            return Err(invalid("anonymizer.txn_max_records", "must be at least 1"));
+        }
+        if a.txn_max_duration >= a.txn_timeout {
+            return Err(invalid(
+                "anonymizer.txn_max_duration",
+                "must be shorter than anonymizer.txn_timeout",
+            ));
+        }
+        if a.ipv6_prefix_bits > 128 {
+            return Err(invalid(
+                "anonymizer.ipv6_prefix_bits",
+                "must be between 0 and 128",
+            ));
+        }
+        let l = &self.loader;
+        if l.group_id.is_empty() {
+            return Err(invalid("loader.group_id", "must not be empty"));
+        }
+        if l.max_body_bytes < 4096 {
+            return Err(invalid("loader.max_body_bytes", "must be at least 4096"));
+        }
+        if l.slot_spacing.is_zero() {
+            return Err(invalid("loader.slot_spacing", "must be greater than 0"));
+        }
+        Ok(self)
+    }
+
+    /// The effective settings as TOML with secrets redacted, for `edgelog config`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        for options in [
+            &mut copy.kafka.options,
+            &mut copy.producer.kafka_options,
+            &mut copy.anonymizer.kafka_options,
+            &mut copy.loader.kafka_options,
+        ] {
+            *options = options.redacted();
+        }
+        if !copy.clickhouse.password.is_empty() {
+            copy.clickhouse.password = Secret::new("***");
+        }
+        if !copy.clickhouse.admin_password.is_empty() {
+            copy.clickhouse.admin_password = Secret::new("***");
+        }
+        toml::to_string(&copy).expect("settings serialise to TOML")
+    }
+}
+
+/// True for librdkafka keys whose values must never be logged.
+pub fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("password") || k.contains("secret") || k.contains("token") || k.ends_with(".key.pem")
+}
+
+fn check_topic_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{name:?} is not a valid Kafka topic name ([a-zA-Z0-9._-], 1-249 chars)"),
+        ))
+    }
+}
+
+/// ClickHouse identifiers from configuration end up in SQL text, so only plain names pass.
+pub fn check_identifier(key: &str, name: &str) -> Result<(), ConfigError> {
+    let mut chars = name.chars();
+    let ok = name.len() <= 64
+        && chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!(
+                "{name:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 chars)"
+            ),
+        ))
+    }
+}
+
+fn check_http_url(key: &str, value: &str) -> Result<(), ConfigError> {
+    match url::Url::parse(value) {
+        Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {
+            if u.password().is_some() || !u.username().is_empty() {
+                Err(invalid(
+                    key,
+                    "must not carry credentials; use clickhouse.user and clickhouse.password",
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        Ok(u) => Err(invalid(
+            key,
+            format!("scheme {:?} is not http or https", u.scheme()),
+        )),
+        Err(e) => Err(invalid(key, format!("is not a URL: {e}"))),
+    }
+}
+
+#[cfg(test)]
+// figment::Jail's closures return figment::Error, which is large; that is its API, not ours.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_are_valid() {
+        Jail::expect_with(|_| {
+            let s = Settings::load(None, &[]).expect("defaults load");
+            assert_eq!(s, Settings::default().validated().unwrap());
+            assert_eq!(s.topics.input, "http_log");
+            assert_eq!(s.loader.slot_spacing, Duration::from_secs(64));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "edgelog.toml",
+                r#"
+                [kafka]
+                brokers = "k1:9092"
+                [kafka.options]
+                "security.protocol" = "SASL_SSL"
+                [loader]
+                slot_spacing = "70s"
+                max_body_bytes = 500000
+                [anonymizer]
+                instance_id = "a"
+                "#,
+            )?;
+            jail.set_env("EDGELOG_LOADER__MAX_BODY_BYTES", "600000");
+            jail.set_env("EDGELOG_KAFKA__OPTIONS__SASL_USERNAME", "alice");
+            jail.set_env("EDGELOG_KAFKA__OPTIONS__LINGER_MS", "5");
+            jail.set_env("EDGELOG_ANONYMIZER__INSTANCE_ID", "7");
+            let s = Settings::load(Some(Path::new("edgelog.toml")), &[]).expect("loads");
+            assert_eq!(s.kafka.brokers, "k1:9092");
+            assert_eq!(s.loader.slot_spacing, Duration::from_secs(70));
+            assert_eq!(s.loader.max_body_bytes, 600_000, "env beats file");
+            assert_eq!(
+                s.anonymizer.instance_id, "7",
+                "a numeric-looking env value still fills a string"
+            );
+            assert_eq!(
+                s.kafka.options.get("security.protocol").unwrap(),
+                "SASL_SSL"
+            );
+            assert_eq!(
+                s.kafka.options.get("sasl.username").unwrap(),
+                "alice",
+                "_ becomes ."
+            );
+            assert_eq!(s.kafka.options.get("linger.ms").unwrap(), "5");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn overrides_beat_env() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EDGELOG_PRODUCER__RATE", "5");
+            let s = Settings::load(None, &[("producer.rate", 9.5.into())]).unwrap();
+            assert_eq!(s.producer.rate, 9.5);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[loader]\nslot_spacin = \"70s\"\n")?;
+            let err = Settings::load(Some(Path::new("bad.toml")), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`loader.slot_spacin`"), "{err}");
+            assert!(err.contains("bad.toml"), "names the file: {err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EDGELOG_LOADER__TYPO", "1");
+            let err = Settings::load(None, &[]).unwrap_err().to_string();
+            assert!(err.contains("`loader.typo`"), "{err}");
+            assert!(
+                err.contains("EDGELOG_LOADER__TYPO"),
+                "names the variable: {err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_value_type_is_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EDGELOG_LOADER__MAX_BODY_BYTES", "lots");
+            let err = Settings::load(None, &[]).unwrap_err().to_string();
+            assert!(err.contains("`loader.max_body_bytes`"), "{err}");
+            assert!(err.contains("EDGELOG_LOADER__MAX_BODY_BYTES"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EDGELOG_LOADER__SLOT_SPACING", "soon");
+            let err = Settings::load(None, &[]).unwrap_err().to_string();
+            assert!(err.contains("`loader.slot_spacing`"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_config_file_is_an_error() {
+        Jail::expect_with(|_| {
+            let err = Settings::load(Some(Path::new("nope.toml")), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("nope.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn semantic_checks_name_the_key() {
+        let cases: &[(&str, figment::value::Value, &str)] = &[
+            ("producer.ipv6_share", 1.5.into(), "producer.ipv6_share"),
+            ("producer.rate", (-1.0).into(), "producer.rate"),
+            (
+                "anonymizer.ipv6_prefix_bits",
+                129.into(),
+                "anonymizer.ipv6_prefix_bits",
+            ),
+            (
+                "clickhouse.database",
+                "x; DROP TABLE y".into(),
+                "clickhouse.database",
+            ),
+            (
+                "clickhouse.database",
+                "db\nname".into(),
+                "clickhouse.database",
+            ),
+            ("topics.input", "bad topic".into(), "topics.input"),
+            ("clickhouse.url", "ftp://x".into(), "clickhouse.url"),
+            (
+                "clickhouse.url",
+                "http://u:p@host:8124".into(),
+                "clickhouse.url",
+            ),
+            ("loader.max_body_bytes", 10.into(), "loader.max_body_bytes"),
+            (
+                "anonymizer.txn_max_duration",
+                "2m".into(),
+                "anonymizer.txn_max_duration",
+            ),
+        ];
+        Jail::expect_with(|_| {
+            for (key, value, named) in cases {
+                let err = Settings::load(None, &[(key, value.clone())])
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(named), "{key}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EDGELOG_CLICKHOUSE__PASSWORD", "hunter2");
+            jail.set_env("EDGELOG_KAFKA__OPTIONS__SASL_PASSWORD", "s3cret");
+            let s = Settings::load(None, &[]).unwrap();
+            assert_eq!(s.clickhouse.password.expose(), "hunter2");
+            let debug = format!("{s:?}");
+            let toml = s.to_redacted_toml();
+            for text in [&debug, &toml] {
+                assert!(!text.contains("hunter2"), "{text}");
+                assert!(!text.contains("s3cret"), "{text}");
+            }
+            assert!(toml.contains("sasl.password"), "{toml}");
+            Ok(())
+        });
+    }
+}

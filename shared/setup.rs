@@ -1,0 +1,219 @@
+//! Idempotent set-up: Kafka topics and the ClickHouse schema (`sql/`), applied directly to the
+//! servers, never through the rate-limited proxy.
+//!
+//! Migrations are the files in `sql/`, embedded in the binary, applied in order once each and
+//! recorded in `<database>.schema_migrations`. Their statements use `IF NOT EXISTS`, so a set-up
+//! that died half-way can simply run again.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::clickhouse::ClickHouseClient;
+use crate::config::{ClickHouseSettings, KafkaOptions, Settings};
+use crate::kafka::client_config;
+
+/// A schema migration: version, file name, SQL with `${...}` placeholders.
+pub struct Migration {
+    pub version: u32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "001_http_log.sql",
+        sql: include_str!("../sql/001_http_log.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "002_http_log_totals.sql",
+        sql: include_str!("../sql/002_http_log_totals.sql"),
+    },
+];
+
+/// Fills the placeholders of a migration. Only validated settings reach here (the database name
+/// is a plain identifier, TTLs are integers), and no value from a record ever does.
+pub fn render(sql: &str, ch: &ClickHouseSettings) -> String {
+    let ttl = |column: &str, days: u32| {
+        if days == 0 {
+            String::new()
+        } else {
+            format!("TTL {column} + INTERVAL {days} DAY")
+        }
+    };
+    sql.replace("${database}", &ch.database)
+        .replace("${raw_ttl_clause}", &ttl("timestamp", ch.raw_ttl_days))
+        .replace("${totals_ttl_clause}", &ttl("ts", ch.totals_ttl_days))
+}
+
+/// Splits a migration into statements at `;` that end a line, dropping `--` comment lines.
+pub fn statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in sql.lines() {
+        if line.trim_start().starts_with("--") {
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+        if line.trim_end().ends_with(';') {
+            let stmt = current.trim().trim_end_matches(';').trim().to_string();
+            if !stmt.is_empty() {
+                out.push(stmt);
+            }
+            current.clear();
+        }
+    }
+    let rest = current.trim();
+    if !rest.is_empty() {
+        out.push(rest.to_string());
+    }
+    out
+}
+
+/// Applies pending migrations; returns the versions applied by this call.
+pub async fn apply_schema(settings: &Settings) -> anyhow::Result<Vec<u32>> {
+    let ch = &settings.clickhouse;
+    let client = ClickHouseClient::admin(ch);
+    let db = &ch.database;
+    client
+        .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"), &[])
+        .await?;
+    client
+        .query(
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {db}.schema_migrations \
+                 (version UInt32, name String, applied_at DateTime DEFAULT now()) \
+                 ENGINE = MergeTree ORDER BY version"
+            ),
+            &[],
+        )
+        .await?;
+    let applied = client
+        .query(
+            &format!("SELECT version FROM {db}.schema_migrations ORDER BY version"),
+            &[],
+        )
+        .await?;
+    let applied: Vec<u32> = applied
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let mut newly = Vec::new();
+    for m in MIGRATIONS {
+        if applied.contains(&m.version) {
+            continue;
+        }
+        for stmt in statements(&render(m.sql, ch)) {
+            client
+                .query(&stmt, &[])
+                .await
+                .with_context(|| format!("applying {} (statement: {stmt})", m.name))?;
+        }
+        client
+            .query(
+                &format!("INSERT INTO {db}.schema_migrations (version, name) VALUES ({{v:UInt32}}, {{n:String}})"),
+                &[("v", &m.version.to_string()), ("n", m.name)],
+            )
+            .await?;
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "schema migration applied"
+        );
+        newly.push(m.version);
+    }
+    Ok(newly)
+}
+
+/// Creates the three topics if missing and sets their `retention.ms`. Returns the topics created.
+pub async fn create_topics(settings: &Settings) -> anyhow::Result<Vec<String>> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&settings.kafka, &KafkaOptions::default(), &[])
+            .create()
+            .context("creating the Kafka admin client")?;
+    let t = &settings.topics;
+    let retention = t.retention.as_millis().to_string();
+    let names = [&t.input, &t.anonymized, &t.dead_letter];
+    let new_topics: Vec<NewTopic> = names
+        .iter()
+        .map(|name| {
+            NewTopic::new(
+                name,
+                t.partitions,
+                TopicReplication::Fixed(t.replication_factor),
+            )
+            .set("retention.ms", &retention)
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut created = Vec::new();
+    for result in admin.create_topics(&new_topics, &opts).await? {
+        match result {
+            Ok(name) => created.push(name),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => bail!("creating topic {name}: {code}"),
+        }
+    }
+    // Existing topics keep their partitions but get the configured retention.
+    let alters: Vec<AlterConfig> = names
+        .iter()
+        .map(|name| {
+            AlterConfig::new(ResourceSpecifier::Topic(name)).set("retention.ms", &retention)
+        })
+        .collect();
+    for result in admin.alter_configs(&alters, &opts).await? {
+        if let Err((resource, code)) = result {
+            bail!("setting retention.ms on {resource:?}: {code}");
+        }
+    }
+    Ok(created)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_at_line_end_semicolons_and_skip_comments() {
+        let sql = "-- a comment; with a semicolon\nCREATE TABLE a (x String DEFAULT ';')\nENGINE = Log;\n\nCREATE VIEW v AS SELECT 1;\n";
+        assert_eq!(
+            statements(sql),
+            vec![
+                "CREATE TABLE a (x String DEFAULT ';')\nENGINE = Log",
+                "CREATE VIEW v AS SELECT 1"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_migration_renders_without_placeholders_left() {
+        let mut ch = ClickHouseSettings::default();
+        for days in [0, 30] {
+            ch.raw_ttl_days = days;
+            ch.totals_ttl_days = days;
+            for m in MIGRATIONS {
+                let sql = render(m.sql, &ch);
+                assert!(!sql.contains("${"), "{}: {sql}", m.name);
+                assert!(sql.contains("edgelog."), "{}", m.name);
+                assert_eq!(sql.contains("TTL"), days > 0, "{}", m.name);
+                assert!(!statements(&sql).is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+            assert!(m.name.starts_with(&format!("{:03}_", m.version)));
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `edgelog`: the operator CLI (set-up, effective configuration, traffic totals).
+
+use clap::{Parser, Subcommand};
+use edgelog::cli::{self, CommonArgs};
+use edgelog::clickhouse::ClickHouseClient;
+
+#[derive(Parser)]
+#[command(version, about = "Operate an edgelog deployment")]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the Kafka topics and apply the ClickHouse schema (idempotent; direct, not via the proxy).
+    Setup {
+        /// Only the ClickHouse schema.
+        #[arg(long, conflicts_with = "kafka_only")]
+        clickhouse_only: bool,
+        /// Only the Kafka topics.
+        #[arg(long)]
+        kafka_only: bool,
+    },
+    /// Print the effective configuration as TOML (secrets redacted).
+    Config,
+    /// Show traffic totals from the totals table (direct to ClickHouse).
+    Totals {
+        /// How far back to look, in minutes.
+        #[arg(long, default_value_t = 60)]
+        minutes: u32,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings = cli::init(&args.common, &[]);
+    match args.command {
+        Command::Setup {
+            clickhouse_only,
+            kafka_only,
+        } => {
+            if !clickhouse_only {
+                let created = edgelog::setup::create_topics(&settings).await?;
+                println!("kafka topics ok (created now: {created:?})");
+            }
+            if !kafka_only {
+                let applied = edgelog::setup::apply_schema(&settings).await?;
+                println!("clickhouse schema ok (migrations applied now: {applied:?})");
+            }
+        }
+        Command::Config => print!("{}", settings.to_redacted_toml()),
+        Command::Totals { minutes } => {
+            let client = ClickHouseClient::admin(&settings.clickhouse);
+            let db = &settings.clickhouse.database;
+            let sql = format!(
+                "SELECT toStartOfFiveMinutes(ts) AS t, sum(requests) AS requests, \
+                 formatReadableSize(sum(bytes_sent)) AS bytes, \
+                 round(sum(request_time_milli) / sum(requests), 1) AS avg_ms \
+                 FROM {db}.http_log_totals WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
+                 GROUP BY t ORDER BY t FORMAT PrettyCompactMonoBlock"
+            );
+            print!(
+                "{}",
+                client.query(&sql, &[("m", &minutes.to_string())]).await?
+            );
+            let sql = format!(
+                "SELECT response_status, cache_status, sum(requests) AS requests \
+                 FROM {db}.http_log_totals WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
+                 GROUP BY response_status, cache_status ORDER BY requests DESC LIMIT 10 \
+                 FORMAT PrettyCompactMonoBlock"
+            );
+            print!(
+                "{}",
+                client.query(&sql, &[("m", &minutes.to_string())]).await?
+            );
+        }
+    }
+    Ok(())
+}
