@@ -387,7 +387,7 @@ pub struct AnonymizerSettings {
     /// `transaction.timeout.ms`: the broker aborts a transaction open longer than this.
     #[serde(with = "humantime_serde")]
     pub txn_timeout: Duration,
-    /// IPv6 addresses keep this many leading bits (the network); the rest becomes `X`.
+    /// IPv6 addresses keep this many leading bits (the network, at most 64); the rest becomes `X`.
     pub ipv6_prefix_bits: u8,
     pub kafka_options: KafkaOptions,
 }
@@ -426,6 +426,8 @@ pub struct LoaderSettings {
     pub request_timeout: Duration,
     /// Send `insert_deduplication_token` (ClickHouse >= 22.2). Off = rely on the block hash.
     pub dedup_token: bool,
+    /// Consumption pauses while this many bytes of records wait for a slot (bounds memory).
+    pub max_buffer_bytes: usize,
     pub kafka_options: KafkaOptions,
 }
 
@@ -439,6 +441,7 @@ impl Default for LoaderSettings {
             source_address: None,
             request_timeout: Duration::from_secs(55),
             dedup_token: true,
+            max_buffer_bytes: 256 << 20,
             kafka_options: KafkaOptions::default(),
         }
     }

@@ -64,21 +64,63 @@ pub fn encode_capnp(r: &HttpLogRecord) -> Vec<u8> {
     capnp::serialize::write_message_to_words(&message)
 }
 
-/// Decodes a payload into an owned record. Works on unaligned input (the `unaligned` feature).
-pub fn decode_capnp(mut bytes: &[u8]) -> Result<HttpLogRecord, DecodeError> {
+/// A decoded record whose text borrows from the message bytes (no copies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordView<'a> {
+    pub timestamp_epoch_milli: u64,
+    pub resource_id: u64,
+    pub bytes_sent: u64,
+    pub request_time_milli: u64,
+    pub response_status: u16,
+    pub cache_status: &'a str,
+    pub method: &'a str,
+    pub remote_addr: &'a str,
+    pub url: &'a str,
+}
+
+/// Decodes a payload zero-copy and hands the view to `f`. Works on unaligned input (the capnp
+/// `unaligned` feature: Kafka hands out payloads at any address). Bytes after the message or a
+/// text field that is not UTF-8 are errors.
+pub fn with_record<R>(
+    payload: &[u8],
+    f: impl FnOnce(RecordView<'_>) -> R,
+) -> Result<R, DecodeError> {
+    let mut rest = payload;
     let message =
-        capnp::serialize::read_message_from_flat_slice_no_alloc(&mut bytes, ReaderOptions::new())?;
+        capnp::serialize::read_message_from_flat_slice_no_alloc(&mut rest, ReaderOptions::new())?;
+    if !rest.is_empty() {
+        return Err(DecodeError(format!(
+            "{} bytes after the message",
+            rest.len()
+        )));
+    }
     let r = message.get_root::<http_log_record::Reader>()?;
-    Ok(HttpLogRecord {
+    let view = RecordView {
         timestamp_epoch_milli: r.get_timestamp_epoch_milli(),
         resource_id: r.get_resource_id(),
         bytes_sent: r.get_bytes_sent(),
         request_time_milli: r.get_request_time_milli(),
         response_status: r.get_response_status(),
-        cache_status: r.get_cache_status()?.to_str()?.to_owned(),
-        method: r.get_method()?.to_str()?.to_owned(),
-        remote_addr: r.get_remote_addr()?.to_str()?.to_owned(),
-        url: r.get_url()?.to_str()?.to_owned(),
+        cache_status: r.get_cache_status()?.to_str()?,
+        method: r.get_method()?.to_str()?,
+        remote_addr: r.get_remote_addr()?.to_str()?,
+        url: r.get_url()?.to_str()?,
+    };
+    Ok(f(view))
+}
+
+/// Decodes a payload into an owned record.
+pub fn decode_capnp(payload: &[u8]) -> Result<HttpLogRecord, DecodeError> {
+    with_record(payload, |r| HttpLogRecord {
+        timestamp_epoch_milli: r.timestamp_epoch_milli,
+        resource_id: r.resource_id,
+        bytes_sent: r.bytes_sent,
+        request_time_milli: r.request_time_milli,
+        response_status: r.response_status,
+        cache_status: r.cache_status.to_owned(),
+        method: r.method.to_owned(),
+        remote_addr: r.remote_addr.to_owned(),
+        url: r.url.to_owned(),
     })
 }
 
@@ -130,5 +172,11 @@ mod tests {
         assert!(decode_capnp(b"garbage: not capnp at all").is_err());
         let bytes = encode_capnp(&sample());
         assert!(decode_capnp(&bytes[..bytes.len() / 2]).is_err());
+        let mut trailing = bytes.clone();
+        trailing.extend_from_slice(&[0; 8]);
+        assert!(decode_capnp(&trailing).is_err(), "trailing bytes");
+        let mut trailing = bytes.clone();
+        trailing.extend_from_slice(&[0; 8]);
+        assert!(decode_capnp(&trailing).is_err(), "trailing bytes");
     }
 }

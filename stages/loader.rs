@@ -1,6 +1,28 @@
-//! `loader`: placeholder until its stage lands.
+//! `loader`: stage two, exactly-once from `http_log_anon` into ClickHouse through the proxy.
 
-fn main() {
-    eprintln!("loader: not implemented yet");
-    std::process::exit(1);
+use clap::Parser;
+use edgelog::cli::{self, CommonArgs};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Load anonymized records into ClickHouse through the rate-limited proxy, exactly once"
+)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let settings = cli::init(&args.common, &[]);
+    if let Err(e) = edgelog::telemetry::start_metrics(settings.loader.metrics_listen) {
+        tracing::error!("{e:#}");
+        std::process::exit(2);
+    }
+    if let Err(e) = edgelog::loader::run(&settings, edgelog::shutdown::signal()).await {
+        tracing::error!("loader stopped: {e:#}");
+        std::process::exit(1);
+    }
 }

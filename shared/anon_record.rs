@@ -1,0 +1,176 @@
+//! The anonymized record on `http_log_anon`: MessagePack written with rmp-serde.
+//!
+//! Encoding (version 1): a MessagePack array of 12 elements, in this order:
+//! `[version=1, timestamp_epoch_milli, resource_id, bytes_sent, request_time_milli,
+//!   response_status, cache_status, method, remote_addr, url, source_partition, source_offset]`.
+//! Integers use MessagePack's smallest form; strings are str. `remote_addr` is already anonymized
+//! (see [`crate::anonymize`]). `source_partition`/`source_offset` name the record's position in the
+//! input topic: the loader stores them and `verify` audits by them.
+//!
+//! A reader accepts only the versions it knows; a new field means a new version.
+
+use serde::{Deserialize, Serialize};
+
+use crate::anonymize::{anonymize_ip, Anonymized};
+use crate::record::DecodeError;
+
+pub const VERSION: u8 = 1;
+
+/// Generic over the string type so the anonymizer can encode borrowed text (zero-copy from the
+/// Cap'n Proto message) and the loader can decode owned text; both share one field order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnonRecord<S = String> {
+    pub version: u8,
+    pub timestamp_epoch_milli: u64,
+    pub resource_id: u64,
+    pub bytes_sent: u64,
+    pub request_time_milli: u64,
+    pub response_status: u16,
+    pub cache_status: S,
+    pub method: S,
+    pub remote_addr: S,
+    pub url: S,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AnonDecodeError {
+    #[error("not an anonymized record: {0}")]
+    Format(#[from] rmp_serde::decode::Error),
+    #[error("unsupported anonymized record version {0}")]
+    Version(u8),
+}
+
+pub fn decode(bytes: &[u8]) -> Result<AnonRecord, AnonDecodeError> {
+    let r: AnonRecord = rmp_serde::from_slice(bytes)?;
+    if r.version != VERSION {
+        return Err(AnonDecodeError::Version(r.version));
+    }
+    Ok(r)
+}
+
+/// How the client address was classified, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressKind {
+    V4,
+    V6,
+    Invalid,
+}
+
+/// The whole stage-one transformation of one input message: decode Cap'n Proto (zero-copy),
+/// anonymize the address, encode MessagePack. Pure: the same input gives the same bytes.
+pub fn transform(
+    payload: &[u8],
+    source_partition: i32,
+    source_offset: i64,
+    ipv6_prefix_bits: u8,
+) -> Result<(Vec<u8>, AddressKind), DecodeError> {
+    crate::record::with_record(payload, |r| {
+        let anonymized = anonymize_ip(r.remote_addr, ipv6_prefix_bits);
+        let kind = match anonymized {
+            Anonymized::V4(_) => AddressKind::V4,
+            Anonymized::V6(_) => AddressKind::V6,
+            Anonymized::Invalid => AddressKind::Invalid,
+        };
+        let out = AnonRecord::<&str> {
+            version: VERSION,
+            timestamp_epoch_milli: r.timestamp_epoch_milli,
+            resource_id: r.resource_id,
+            bytes_sent: r.bytes_sent,
+            request_time_milli: r.request_time_milli,
+            response_status: r.response_status,
+            cache_status: r.cache_status,
+            method: r.method,
+            remote_addr: anonymized.as_str(),
+            url: r.url,
+            source_partition,
+            source_offset,
+        };
+        let mut buf = Vec::with_capacity(64 + r.url.len());
+        out.serialize(&mut rmp_serde::Serializer::new(&mut buf))
+            .expect("serialising to a Vec cannot fail");
+        (buf, kind)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{encode_capnp, HttpLogRecord};
+
+    fn input() -> HttpLogRecord {
+        HttpLogRecord {
+            timestamp_epoch_milli: 1_700_000_000_123,
+            resource_id: 42,
+            bytes_sent: 1234,
+            request_time_milli: 17,
+            response_status: 404,
+            cache_status: "MISS".into(),
+            method: "GET".into(),
+            remote_addr: "1.2.3.4".into(),
+            url: "/r42/assets/7.jpg".into(),
+        }
+    }
+
+    #[test]
+    fn transform_anonymizes_and_round_trips() {
+        let (bytes, kind) = transform(&encode_capnp(&input()), 3, 99, 48).unwrap();
+        assert_eq!(kind, AddressKind::V4);
+        let r = decode(&bytes).unwrap();
+        let i = input();
+        assert_eq!(r.remote_addr, "1.2.3.X");
+        assert_eq!((r.source_partition, r.source_offset), (3, 99));
+        assert_eq!(
+            (
+                r.timestamp_epoch_milli,
+                r.resource_id,
+                r.bytes_sent,
+                r.request_time_milli,
+                r.response_status
+            ),
+            (
+                i.timestamp_epoch_milli,
+                i.resource_id,
+                i.bytes_sent,
+                i.request_time_milli,
+                i.response_status
+            )
+        );
+        assert_eq!(
+            (r.cache_status.as_str(), r.method.as_str(), r.url.as_str()),
+            ("MISS", "GET", i.url.as_str())
+        );
+    }
+
+    #[test]
+    fn encoding_is_the_documented_array() {
+        let (bytes, _) = transform(&encode_capnp(&input()), 0, 0, 48).unwrap();
+        assert_eq!(bytes[0], 0x9c, "fixarray of 12");
+        assert_eq!(bytes[1], VERSION, "version first");
+    }
+
+    #[test]
+    fn invalid_addresses_are_marked_not_dropped() {
+        let mut i = input();
+        i.remote_addr = "999.1.1.1".into();
+        let (bytes, kind) = transform(&encode_capnp(&i), 0, 1, 48).unwrap();
+        assert_eq!(kind, AddressKind::Invalid);
+        assert_eq!(
+            decode(&bytes).unwrap().remote_addr,
+            crate::anonymize::INVALID_MARKER
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(transform(b"garbage:123", 0, 1, 48).is_err());
+    }
+
+    #[test]
+    fn unknown_version_is_rejected() {
+        let (mut bytes, _) = transform(&encode_capnp(&input()), 0, 0, 48).unwrap();
+        bytes[1] = 2;
+        assert!(matches!(decode(&bytes), Err(AnonDecodeError::Version(2))));
+    }
+}

@@ -1,0 +1,631 @@
+//! Stage two: land every record of `http_log_anon` in ClickHouse exactly once, through a proxy that
+//! allows one request per slot (nginx `limit_req`, 1r/m = one per 62.5 s) and 1 MiB per body.
+//!
+//! The cycle of one batch:
+//! 1. **Plan**: the first N buffered records (in arrival order, so per partition a contiguous
+//!    prefix), N as large as fits `max_body_bytes` once encoded ([`body`]) and compressed.
+//! 2. **Record**: commit, for every partition of the batch, offset = range start with the ranges
+//!    as metadata ([`batch::BatchRanges::to_metadata`]). Nothing is sent before this is durable.
+//! 3. **Send** in the next slot, with `insert_deduplication_token` derived from the ranges.
+//! 4. **Commit**: on success, offset = range end with empty metadata.
+//!
+//! A crash or rebalance anywhere leaves either nothing recorded (the records are read again) or a
+//! recorded batch that the partition's next owner rebuilds from the ranges — same records, same
+//! bytes, same token — and sends before anything new from that partition, so ClickHouse keeps
+//! exactly one copy.
+
+pub mod batch;
+pub mod body;
+pub mod insert;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+
+use crate::anon_record::{self, AnonRecord};
+use crate::config::Settings;
+use crate::kafka::{client_config, describe};
+use batch::BatchRanges;
+use insert::{insert_url, InsertClient, Outcome};
+
+/// What the rebalance callback saw; handled by the main loop right after `recv` returns.
+#[derive(Debug)]
+enum RebalanceEvent {
+    Assigned(Vec<i32>),
+    Revoked,
+}
+
+struct LoaderContext {
+    events: Arc<Mutex<Vec<RebalanceEvent>>>,
+}
+
+impl ClientContext for LoaderContext {}
+
+impl ConsumerContext for LoaderContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let event = match rebalance {
+            Rebalance::Assign(tpl) => {
+                RebalanceEvent::Assigned(tpl.elements().iter().map(|e| e.partition()).collect())
+            }
+            Rebalance::Revoke(_) => RebalanceEvent::Revoked,
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        self.events.lock().expect("not poisoned").push(event);
+    }
+}
+
+/// A batch whose ranges are recorded (or about to be). `records` is `None` until it is rebuilt.
+struct Batch {
+    ranges: BatchRanges,
+    records: Option<Vec<Buffered>>,
+    recorded: bool,
+}
+
+/// A record read from the anonymized topic, with its position there (batches are keyed by it).
+struct Buffered {
+    partition: i32,
+    offset: i64,
+    record: AnonRecord,
+    bytes: usize,
+}
+
+#[derive(Default)]
+struct State {
+    /// Records read and not yet in a batch, in arrival order.
+    queue: VecDeque<Buffered>,
+    queued_bytes: usize,
+    /// Batches to finish, oldest first. Recovered batches come before anything new.
+    batches: VecDeque<Batch>,
+    /// Per partition: offsets below this belong to a recorded batch and are not queued again.
+    skip_below: BTreeMap<i32, i64>,
+    assigned: Vec<i32>,
+    paused: bool,
+    /// Compressed bytes per row of the last body, to size the next batch in one or two tries.
+    bytes_per_row: f64,
+}
+
+/// Runs stage two until `shutdown` completes or a permanent error stops it.
+pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<()> {
+    let l = &settings.loader;
+    let topic = settings.topics.anonymized.clone();
+    let mut config = client_config(
+        &settings.kafka,
+        &l.kafka_options,
+        &[
+            ("auto.offset.reset", "earliest"),
+            ("session.timeout.ms", "30000"),
+            ("max.poll.interval.ms", "600000"),
+        ],
+    );
+    config
+        .set("group.id", &l.group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        // Eager rebalancing: every rebalance revokes everything, so state is rebuilt from Kafka.
+        .set("partition.assignment.strategy", "range");
+    tracing::info!(consumer = %describe(&config), proxy = %settings.clickhouse.url, slot_spacing = ?l.slot_spacing, max_body_bytes = l.max_body_bytes, source_address = ?l.source_address, dedup_token = l.dedup_token, "loader starting");
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let consumer: StreamConsumer<LoaderContext> = config
+        .create_with_context(LoaderContext {
+            events: events.clone(),
+        })
+        .context("creating the consumer")?;
+    consumer.subscribe(&[&topic]).context("subscribing")?;
+    let client = InsertClient::new(
+        &settings.clickhouse.user,
+        &settings.clickhouse.password,
+        l.source_address,
+        l.request_timeout,
+    );
+
+    let mut st = State {
+        bytes_per_row: 20.0,
+        ..State::default()
+    };
+    let mut next_slot = Instant::now();
+    tokio::pin!(shutdown);
+    loop {
+        let drained: Vec<RebalanceEvent> =
+            std::mem::take(&mut *events.lock().expect("not poisoned"));
+        for event in drained {
+            handle_rebalance(&consumer, &topic, &mut st, event)?;
+        }
+        update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
+
+        let work = !st.batches.is_empty() || !st.queue.is_empty();
+        if !work || Instant::now() < next_slot {
+            let wait = if work {
+                tokio::time::Instant::from_std(next_slot)
+            } else {
+                tokio::time::Instant::now() + Duration::from_millis(500)
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                message = consumer.recv() => match message {
+                    Ok(m) => {
+                        let drained: Vec<RebalanceEvent> = std::mem::take(&mut *events.lock().expect("not poisoned"));
+                        for event in drained {
+                            handle_rebalance(&consumer, &topic, &mut st, event)?;
+                        }
+                        buffer(&mut st, m.partition(), m.offset(), m.payload().unwrap_or(&[]))?;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "consumer error"),
+                },
+                _ = tokio::time::sleep_until(wait) => {}
+            }
+            continue;
+        }
+
+        // A slot is open and there is work: finish the oldest batch, or plan a new one.
+        if st.batches.is_empty() {
+            plan_batch(&mut st, l.max_body_bytes);
+        }
+        let batch = st.batches.front_mut().expect("planned or recovered");
+        if batch.records.is_none() {
+            let rebuilt = rebuild(settings, &batch.ranges).await?;
+            batch.records = Some(rebuilt);
+        }
+        if !batch.recorded {
+            record_ranges(&consumer, &topic, &batch.ranges)?;
+            batch.recorded = true;
+        }
+        let records = batch.records.as_ref().expect("rebuilt above");
+        let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
+        let body = body::encode_body(&refs);
+        let token = l.dedup_token.then(|| batch.ranges.dedup_token(&topic));
+        let url = insert_url(
+            &settings.clickhouse.url,
+            &settings.clickhouse.database,
+            token.as_deref(),
+        );
+        let (rows, size) = (records.len(), body.len());
+        let sent_at = Instant::now();
+        let outcome = client.send(&url, body).await;
+        next_slot = sent_at + l.slot_spacing;
+        let label = match &outcome {
+            Outcome::Inserted => "inserted",
+            Outcome::SlotBusy => "slot_busy",
+            Outcome::TooLarge => "too_large",
+            Outcome::Transient(_) => "transient",
+            Outcome::Permanent(_) => "permanent",
+        };
+        metrics::counter!("edgelog_loader_requests_total", "outcome" => label).increment(1);
+        match outcome {
+            Outcome::Inserted => {
+                let batch = st.batches.pop_front().expect("present");
+                commit_done(&consumer, &topic, &st.assigned, &batch.ranges)?;
+                st.bytes_per_row = size as f64 / rows.max(1) as f64;
+                metrics::counter!("edgelog_loader_rows_inserted_total").increment(rows as u64);
+                metrics::histogram!("edgelog_loader_rows_per_request").record(rows as f64);
+                metrics::histogram!("edgelog_loader_body_bytes").record(size as f64);
+                let now = crate::producer::now_epoch_ms();
+                if let Some(oldest) = batch
+                    .records
+                    .as_ref()
+                    .and_then(|r| r.iter().map(|b| b.record.timestamp_epoch_milli).min())
+                {
+                    metrics::histogram!("edgelog_loader_end_to_end_seconds")
+                        .record(now.saturating_sub(oldest) as f64 / 1000.0);
+                }
+                tracing::info!(rows, bytes = size, ranges = %batch.ranges, took_ms = sent_at.elapsed().as_millis() as u64, "batch inserted");
+            }
+            Outcome::SlotBusy => {
+                tracing::info!(ranges = %batch_ranges(&st), "proxy slot busy (503); same batch next slot")
+            }
+            Outcome::TooLarge => {
+                // nginx refused the body before ClickHouse saw it: re-plan smaller. The recorded
+                // ranges are rewritten before the smaller batch is sent.
+                let batch = st.batches.pop_front().expect("present");
+                tracing::warn!(
+                    rows,
+                    bytes = size,
+                    "body over the proxy limit (413); re-planning smaller"
+                );
+                st.bytes_per_row = (size as f64 / rows.max(1) as f64) * 1.25;
+                requeue(&mut st, batch);
+            }
+            Outcome::Transient(why) => {
+                tracing::warn!(%why, ranges = %batch_ranges(&st), "insert failed transiently; same batch next slot")
+            }
+            Outcome::Permanent(why) => {
+                bail!("ClickHouse rejected the insert permanently; nothing committed, stopping: {why}");
+            }
+        }
+    }
+    tracing::info!("loader stopped");
+    Ok(())
+}
+
+fn batch_ranges(st: &State) -> String {
+    st.batches
+        .front()
+        .map(|b| b.ranges.to_string())
+        .unwrap_or_default()
+}
+
+fn buffer(st: &mut State, partition: i32, offset: i64, payload: &[u8]) -> anyhow::Result<()> {
+    if st
+        .skip_below
+        .get(&partition)
+        .is_some_and(|&end| offset < end)
+    {
+        return Ok(());
+    }
+    // The anonymizer wrote it, so a record that does not decode is a bug or a foreign producer:
+    // stop rather than skip (skipping would lose it, committing past it would hide it).
+    let record = anon_record::decode(payload).with_context(|| {
+        format!(
+            "undecodable record at partition {partition} offset {offset} of the anonymized topic"
+        )
+    })?;
+    let bytes = payload.len() + std::mem::size_of::<Buffered>();
+    st.queued_bytes += bytes;
+    st.queue.push_back(Buffered {
+        partition,
+        offset,
+        record,
+        bytes,
+    });
+    Ok(())
+}
+
+/// Takes the longest prefix of the queue whose body fits `max_body_bytes` (within 2%) as a new
+/// batch. Bisection, starting from a guess made with the last body's bytes per row.
+fn plan_batch(st: &mut State, max_body_bytes: usize) {
+    let len = st.queue.len();
+    let fits = |n: usize| {
+        let refs: Vec<&AnonRecord> = st.queue.iter().take(n).map(|b| &b.record).collect();
+        body::encode_body(&refs).len() <= max_body_bytes
+    };
+    let guess = (max_body_bytes as f64 / st.bytes_per_row.max(1.0)) as usize;
+    let n = if guess >= len && fits(len) {
+        len
+    } else {
+        // Invariant: `lo` fits (0 trivially), `hi` does not (or is past the queue).
+        let (mut lo, mut hi) = (0, len + 1);
+        let mut n = guess.clamp(1, len);
+        while hi - lo > 1 && hi - lo > lo / 50 {
+            if fits(n) {
+                lo = n;
+            } else {
+                hi = n;
+            }
+            n = (lo + hi.min(len + 1)) / 2;
+            if n > len {
+                break;
+            }
+        }
+        // A single record over the limit still goes alone, and the proxy's 413 says so.
+        lo.max(1)
+    };
+    let records: Vec<Buffered> = st.queue.drain(..n).collect();
+    st.queued_bytes -= records.iter().map(|b| b.bytes).sum::<usize>();
+    let ranges =
+        BatchRanges::covering(records.iter().map(|b| (b.partition, b.offset))).expect("non-empty");
+    for r in ranges.ranges() {
+        st.skip_below.insert(r.partition, r.end);
+    }
+    st.batches.push_back(Batch {
+        ranges,
+        records: Some(records),
+        recorded: false,
+    });
+}
+
+/// Puts a batch's records back at the head of the queue (after a 413), to be planned again.
+fn requeue(st: &mut State, batch: Batch) {
+    for b in batch.records.into_iter().flatten().rev() {
+        st.queued_bytes += b.bytes;
+        st.queue.push_front(b);
+    }
+}
+
+/// Pauses consumption while the queue holds more than `max_bytes`; resumes below half of it.
+fn update_pause(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    max_bytes: usize,
+) -> anyhow::Result<()> {
+    let want_pause = if st.paused {
+        st.queued_bytes > max_bytes / 2
+    } else {
+        st.queued_bytes > max_bytes
+    };
+    if want_pause == st.paused || st.assigned.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for &p in &st.assigned {
+        tpl.add_partition(topic, p);
+    }
+    if want_pause {
+        consumer.pause(&tpl)?;
+        tracing::debug!(
+            queued_bytes = st.queued_bytes,
+            "buffer full; consumption paused"
+        );
+    } else {
+        consumer.resume(&tpl)?;
+    }
+    st.paused = want_pause;
+    Ok(())
+}
+
+/// Revoke: forget everything (eager rebalancing revokes all partitions; Kafka holds the truth).
+/// Assign: read committed offsets; recorded batches become the first work, and consumption
+/// resumes after them; committed offsets below the log start are data loss, reported loudly.
+fn handle_rebalance(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    event: RebalanceEvent,
+) -> anyhow::Result<()> {
+    match event {
+        RebalanceEvent::Revoked => {
+            let bytes_per_row = st.bytes_per_row;
+            *st = State {
+                bytes_per_row,
+                ..State::default()
+            };
+        }
+        RebalanceEvent::Assigned(partitions) => {
+            let mut tpl = TopicPartitionList::new();
+            for &p in &partitions {
+                tpl.add_partition(topic, p);
+            }
+            let committed = tokio::task::block_in_place(|| {
+                consumer.committed_offsets(tpl, Duration::from_secs(30))
+            })
+            .context("reading committed offsets")?;
+            for e in committed.elements() {
+                let p = e.partition();
+                let (low, _) = tokio::task::block_in_place(|| {
+                    consumer.fetch_watermarks(topic, p, Duration::from_secs(30))
+                })?;
+                if let Offset::Offset(c) = e.offset() {
+                    if c < low {
+                        metrics::counter!("edgelog_loader_lost_offsets_total")
+                            .increment((low - c) as u64);
+                        tracing::error!(
+                            partition = p,
+                            committed = c,
+                            log_start = low,
+                            lost = low - c,
+                            "DATA LOSS: retention deleted records before they were loaded"
+                        );
+                    }
+                }
+                match BatchRanges::from_metadata(e.metadata()) {
+                    Ok(Some(ranges)) => {
+                        if let Some(r) = ranges.get(p) {
+                            st.skip_below.insert(p, r.end);
+                        }
+                        if !st.batches.iter().any(|b| b.ranges == ranges) {
+                            tracing::info!(partition = p, %ranges, "recorded batch found; finishing it before anything new");
+                            st.batches.push_back(Batch {
+                                ranges,
+                                records: None,
+                                recorded: true,
+                            });
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => bail!("partition {p}: {err}"),
+                }
+            }
+            st.assigned = partitions;
+            tracing::info!(partitions = ?st.assigned, recovered_batches = st.batches.len(), "partitions assigned");
+        }
+    }
+    Ok(())
+}
+
+/// Step 2 of the cycle: make the batch's ranges durable before anything is sent.
+fn record_ranges(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    ranges: &BatchRanges,
+) -> anyhow::Result<()> {
+    let metadata = ranges.to_metadata();
+    let mut tpl = TopicPartitionList::new();
+    for r in ranges.ranges() {
+        let mut e = tpl.add_partition(topic, r.partition);
+        e.set_offset(Offset::Offset(r.start))?;
+        e.set_metadata(metadata.as_str());
+    }
+    tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
+        .context("recording the batch's ranges")?;
+    Ok(())
+}
+
+/// Step 4: the batch landed; move each partition we still own past it and clear the record.
+fn commit_done(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    assigned: &[i32],
+    ranges: &BatchRanges,
+) -> anyhow::Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for r in ranges
+        .ranges()
+        .iter()
+        .filter(|r| assigned.contains(&r.partition))
+    {
+        let mut e = tpl.add_partition(topic, r.partition);
+        e.set_offset(Offset::Offset(r.end))?;
+        e.set_metadata("");
+    }
+    if tpl.count() > 0 {
+        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
+            .context("committing a loaded batch")?;
+    }
+    Ok(())
+}
+
+/// Reads exactly the records of `ranges` again (read_committed, by assignment, outside the group).
+async fn rebuild(settings: &Settings, ranges: &BatchRanges) -> anyhow::Result<Vec<Buffered>> {
+    let settings = settings.clone();
+    let ranges = ranges.clone();
+    tokio::task::spawn_blocking(move || rebuild_blocking(&settings, &ranges)).await?
+}
+
+fn rebuild_blocking(settings: &Settings, ranges: &BatchRanges) -> anyhow::Result<Vec<Buffered>> {
+    let topic = &settings.topics.anonymized;
+    let mut config = client_config(&settings.kafka, &settings.loader.kafka_options, &[]);
+    config
+        .set("group.id", format!("{}-rebuild", settings.loader.group_id))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed");
+    let reader: BaseConsumer = config.create().context("creating the rebuild reader")?;
+    let mut tpl = TopicPartitionList::new();
+    for r in ranges.ranges() {
+        tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
+    }
+    reader.assign(&tpl)?;
+    // Each range ends at a record the batch included, so reading until offset end-1 per partition
+    // gets them all; offsets at or past the end are not part of the batch.
+    let mut remaining: BTreeMap<i32, i64> = ranges
+        .ranges()
+        .iter()
+        .map(|r| (r.partition, r.end - 1))
+        .collect();
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !remaining.is_empty() {
+        if Instant::now() > deadline {
+            bail!(
+                "rebuilding batch {ranges}: partitions {:?} not read within 300 s",
+                remaining.keys()
+            );
+        }
+        let Some(message) = reader.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = message.context("reading a recorded batch")?;
+        let (p, o) = (m.partition(), m.offset());
+        if !ranges.contains(p, o) {
+            continue;
+        }
+        let payload = m.payload().unwrap_or(&[]);
+        let record = anon_record::decode(payload).with_context(|| {
+            format!("undecodable record at partition {p} offset {o} of {topic}")
+        })?;
+        records.push(Buffered {
+            partition: p,
+            offset: o,
+            record,
+            bytes: payload.len(),
+        });
+        if remaining.get(&p) == Some(&o) {
+            remaining.remove(&p);
+        }
+    }
+    tracing::info!(%ranges, rows = records.len(), "recorded batch rebuilt");
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ProducerSettings;
+    use crate::synth::TrafficModel;
+
+    fn queue_of(n: usize, partitions: i32) -> State {
+        let mut model = TrafficModel::new(&ProducerSettings::default());
+        let mut st = State {
+            bytes_per_row: 20.0,
+            ..State::default()
+        };
+        let mut next = vec![0i64; partitions as usize];
+        for i in 0..n {
+            let p = (i as i32 * 7 + i as i32 / 3) % partitions;
+            let r = model.next_record(1_700_000_000_000 + i as u64);
+            let (bytes, _) =
+                crate::anon_record::transform(&crate::record::encode_capnp(&r), p, i as i64, 48)
+                    .unwrap();
+            // Offsets with gaps, like transaction markers leave.
+            let offset = next[p as usize];
+            next[p as usize] += 1 + (i % 3) as i64;
+            buffer(&mut st, p, offset, &bytes).unwrap();
+        }
+        st
+    }
+
+    #[test]
+    fn planning_covers_every_offset_exactly_once_within_the_limit() {
+        let mut st = queue_of(30_000, 4);
+        let all: Vec<(i32, i64)> = st.queue.iter().map(|b| (b.partition, b.offset)).collect();
+        let max = 64 * 1024;
+        let mut seen = Vec::new();
+        let mut previous_end: BTreeMap<i32, i64> = BTreeMap::new();
+        while !st.queue.is_empty() {
+            plan_batch(&mut st, max);
+            let batch = st.batches.pop_front().unwrap();
+            let records = batch.records.unwrap();
+            let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
+            let size = body::encode_body(&refs).len();
+            assert!(size <= max, "{size} > {max}");
+            if !st.queue.is_empty() {
+                assert!(size as f64 > max as f64 * 0.9, "batch well filled: {size}");
+            }
+            for r in batch.ranges.ranges() {
+                let prev = previous_end.insert(r.partition, r.end);
+                assert!(
+                    prev.is_none_or(|e| e <= r.start),
+                    "ranges of one partition never overlap"
+                );
+            }
+            for b in &records {
+                assert!(batch.ranges.contains(b.partition, b.offset));
+                seen.push((b.partition, b.offset));
+            }
+            st.bytes_per_row = size as f64 / records.len() as f64;
+        }
+        assert_eq!(seen, all, "every record once, in order");
+    }
+
+    #[test]
+    fn a_small_queue_goes_in_one_batch() {
+        let mut st = queue_of(100, 3);
+        plan_batch(&mut st, 1_000_000);
+        assert!(st.queue.is_empty());
+        assert_eq!(st.batches.len(), 1);
+        assert_eq!(st.queued_bytes, 0);
+        assert_eq!(st.batches[0].ranges.ranges().len(), 3);
+    }
+
+    #[test]
+    fn recorded_ranges_are_skipped_when_read_again() {
+        let mut st = queue_of(10, 1);
+        plan_batch(&mut st, 1_000_000);
+        let end = st.batches[0].ranges.get(0).unwrap().end;
+        let (bytes, _) = crate::anon_record::transform(
+            &crate::record::encode_capnp(
+                &TrafficModel::new(&ProducerSettings::default()).next_record(0),
+            ),
+            0,
+            0,
+            48,
+        )
+        .unwrap();
+        buffer(&mut st, 0, end - 1, &bytes).unwrap();
+        assert!(
+            st.queue.is_empty(),
+            "an offset inside a recorded batch is not queued twice"
+        );
+        buffer(&mut st, 0, end, &bytes).unwrap();
+        assert_eq!(st.queue.len(), 1);
+    }
+}
