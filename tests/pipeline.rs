@@ -1,0 +1,169 @@
+//! End to end on the real stack: producer -> anonymizer -> loader -> fast proxy -> ClickHouse.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+
+async fn count(sql: String) -> u64 {
+    admin()
+        .query(&sql, &[])
+        .await
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_record_lands_once_anonymized_and_garbage_is_dead_lettered() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.producer.rate = 0.0;
+    s.producer.count = Some(3000);
+    s.producer.garbage_share = 0.02;
+    s.producer.malformed_ip_share = 0.01;
+    s.producer.ipv6_share = 0.1;
+    s.loader.slot_spacing = Duration::from_millis(300);
+    s.loader.source_address = Some(fresh_loopback_ip());
+    s.anonymizer.txn_max_records = 500;
+    edgelog::setup::create_topics(&s).await.unwrap();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+
+    let report = edgelog::producer::run(&s, std::future::pending::<()>())
+        .await
+        .unwrap();
+    assert_eq!(report.delivered, 3000);
+    assert!(
+        report.garbage > 20,
+        "the run includes garbage: {}",
+        report.garbage
+    );
+    let good = report.sent - report.garbage;
+
+    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
+    let anonymizer = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
+    };
+    let loader = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
+    };
+
+    let db = s.clickhouse.database.clone();
+    wait_for(
+        "all good records in ClickHouse",
+        Duration::from_secs(120),
+        || {
+            let sql = format!("SELECT count() FROM {db}.http_log");
+            async move { (count(sql).await >= good).then_some(()) }
+        },
+    )
+    .await;
+    stop_anon.send(()).unwrap();
+    stop_loader.send(()).unwrap();
+    anonymizer.await.unwrap().expect("anonymizer stops cleanly");
+    loader.await.unwrap().expect("loader stops cleanly");
+
+    assert_eq!(
+        count(format!("SELECT count() FROM {db}.http_log")).await,
+        good,
+        "no duplicates"
+    );
+    assert_eq!(
+        count(format!(
+            "SELECT uniqExact(source_partition, source_offset) FROM {db}.http_log"
+        ))
+        .await,
+        good,
+        "every source offset once"
+    );
+    assert_eq!(
+        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
+        good,
+        "totals equal the raw count"
+    );
+    assert_eq!(
+        count(format!("SELECT countIf(match(remote_addr, '^[0-9]+\\\\.[0-9]+\\\\.[0-9]+\\\\.[0-9]+$')) FROM {db}.http_log")).await,
+        0,
+        "no full IPv4 address reached ClickHouse"
+    );
+    assert!(
+        count(format!(
+            "SELECT countIf(remote_addr = 'invalid') FROM {db}.http_log"
+        ))
+        .await
+            > 0
+    );
+    assert!(
+        count(format!(
+            "SELECT countIf(remote_addr LIKE '%:X') FROM {db}.http_log"
+        ))
+        .await
+            > 0,
+        "IPv6 anonymized"
+    );
+
+    // The dead-letter topic holds exactly the garbage, with headers naming its origin.
+    let dlq = s.topics.dead_letter.clone();
+    let expected = report.garbage as usize;
+    let dead = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .set("group.id", unique("dlq_reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[&dlq]).unwrap();
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut quiet = std::time::Instant::now();
+        while std::time::Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    let headers = m.headers().expect("dead letters carry headers");
+                    let names: Vec<String> = headers.iter().map(|h| h.key.to_string()).collect();
+                    assert!(
+                        m.payload().unwrap().starts_with(b"garbage:"),
+                        "original bytes kept"
+                    );
+                    seen.push(names);
+                    quiet = std::time::Instant::now();
+                }
+                Some(Err(e)) => panic!("{e}"),
+                None if seen.len() >= expected && quiet.elapsed() > Duration::from_secs(3) => break,
+                None => {}
+            }
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        dead.len(),
+        expected,
+        "every garbage message dead-lettered once"
+    );
+    for names in dead {
+        for h in [
+            "edgelog.source.topic",
+            "edgelog.source.partition",
+            "edgelog.source.offset",
+            "edgelog.error",
+        ] {
+            assert!(names.iter().any(|n| n == h), "header {h} in {names:?}");
+        }
+    }
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}
