@@ -57,9 +57,9 @@ async fn main() -> anyhow::Result<()> {
             let client = ClickHouseClient::admin(&settings.clickhouse);
             let db = &settings.clickhouse.database;
             let sql = format!(
-                "SELECT toStartOfFiveMinutes(ts) AS t, sum(requests) AS requests, \
+                "SELECT toStartOfFiveMinutes(ts) AS t, sum(requests) AS reqs, \
                  formatReadableSize(sum(bytes_sent)) AS bytes, \
-                 round(sum(request_time_milli) / sum(requests), 1) AS avg_ms \
+                 round(sum(request_time_milli) / reqs, 1) AS avg_ms \
                  FROM {db}.http_log_totals WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
                  GROUP BY t ORDER BY t FORMAT PrettyCompactMonoBlock"
             );
@@ -68,9 +68,9 @@ async fn main() -> anyhow::Result<()> {
                 client.query(&sql, &[("m", &minutes.to_string())]).await?
             );
             let sql = format!(
-                "SELECT response_status, cache_status, sum(requests) AS requests \
+                "SELECT response_status, cache_status, sum(requests) AS reqs \
                  FROM {db}.http_log_totals WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
-                 GROUP BY response_status, cache_status ORDER BY requests DESC LIMIT 10 \
+                 GROUP BY response_status, cache_status ORDER BY reqs DESC LIMIT 10 \
                  FORMAT PrettyCompactMonoBlock"
             );
             print!(

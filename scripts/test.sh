@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: installs what the tests need, starts the local stack (real Kafka, ClickHouse,
+# nginx) if it is not running, then runs formatting and lint checks and every test.
+# A stack this script started is stopped again when it exits; one that was running stays up.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+t0=$(date +%s)
+
+scripts/install-build-deps.sh
+if scripts/stack.sh status | grep -q stopped; then
+  scripts/stack.sh up
+  trap 'scripts/stack.sh down >/dev/null' EXIT
+fi
+
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+bash docker/check.sh
+cargo test --locked --all-targets
+echo "[test] all checks passed in $(( $(date +%s) - t0 )) s"
