@@ -71,8 +71,9 @@ install_kafka() {
   command -v mvn >/dev/null || apt_install maven
   log "installing Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_HOME"
   rm -rf "$KAFKA_HOME"; mkdir -p "$KAFKA_HOME/libs"
-  mvn -q -B -Dstyle.color=never -f "$HERE/kafka/pom.xml" dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/libs" >&2
+  mvn -q -B -f "$HERE/kafka/pom.xml" dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/libs" > "$OPT/kafka-mvn.log" 2>&1 \
+    || { cat "$OPT/kafka-mvn.log" >&2; die "mvn could not fetch the Kafka jars"; }
   ls "$KAFKA_HOME/libs" | grep -q "^kafka_2.13-$KAFKA_VERSION.jar$" || die "kafka jar missing after mvn"
   touch "$KAFKA_HOME/.complete"
 }

@@ -35,6 +35,33 @@ use crate::kafka::{client_config, describe};
 use batch::BatchRanges;
 use insert::{insert_url, InsertClient, Outcome};
 
+/// Crash injection for tests: `LOADER_FAILPOINT=<step>` aborts the process (as a crash would) at
+/// that step of a batch's cycle. Read once at start; unset in production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// The ranges are recorded, nothing sent.
+    AfterRecord,
+    /// ClickHouse answered (the rows may have landed), offsets not committed.
+    AfterResponse,
+}
+
+impl Failpoint {
+    fn from_env() -> Option<Failpoint> {
+        match std::env::var("LOADER_FAILPOINT").ok()?.as_str() {
+            "after_record" => Some(Failpoint::AfterRecord),
+            "after_response" => Some(Failpoint::AfterResponse),
+            other => panic!("unknown LOADER_FAILPOINT {other:?} (after_record, after_response)"),
+        }
+    }
+
+    fn hit(this: Option<Failpoint>, at: Failpoint) {
+        if this == Some(at) {
+            eprintln!("LOADER_FAILPOINT {at:?}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
 /// What the rebalance callback saw; handled by the main loop right after `recv` returns.
 #[derive(Debug)]
 enum RebalanceEvent {
@@ -129,6 +156,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
         l.request_timeout,
     );
 
+    let failpoint = Failpoint::from_env();
     let mut st = State {
         bytes_per_row: 20.0,
         ..State::default()
@@ -179,6 +207,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
         if !batch.recorded {
             record_ranges(&consumer, &topic, &batch.ranges)?;
             batch.recorded = true;
+            Failpoint::hit(failpoint, Failpoint::AfterRecord);
         }
         let records = batch.records.as_ref().expect("rebuilt above");
         let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
@@ -192,6 +221,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
         let (rows, size) = (records.len(), body.len());
         let sent_at = Instant::now();
         let outcome = client.send(&url, body).await;
+        Failpoint::hit(failpoint, Failpoint::AfterResponse);
         next_slot = sent_at + l.slot_spacing;
         let label = match &outcome {
             Outcome::Inserted => "inserted",

@@ -1,0 +1,291 @@
+//! Stage one keeps exactly-once on real Kafka through SIGKILLs, a second instance and a zombie.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgelog::config::Settings;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
+
+/// Starts the real `anonymizer` binary with `settings` passed through the environment.
+fn spawn_anonymizer(s: &Settings, instance: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_anonymizer"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
+        .env("EDGELOG_TOPICS__INPUT", &s.topics.input)
+        .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
+        .env("EDGELOG_TOPICS__DEAD_LETTER", &s.topics.dead_letter)
+        .env("EDGELOG_ANONYMIZER__GROUP_ID", &s.anonymizer.group_id)
+        .env("EDGELOG_ANONYMIZER__INSTANCE_ID", instance)
+        .env(
+            "EDGELOG_ANONYMIZER__TXN_MAX_RECORDS",
+            s.anonymizer.txn_max_records.to_string(),
+        )
+        .env("EDGELOG_ANONYMIZER__TXN_MAX_DURATION", "200ms")
+        .env("EDGELOG_ANONYMIZER__METRICS_LISTEN", "127.0.0.1:0")
+        .env("EDGELOG_LOG__LEVEL", "warn")
+        // A SIGKILLed member holds its partitions until its session times out: keep that short.
+        .env("EDGELOG_KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
+        .env("EDGELOG_KAFKA__OPTIONS__HEARTBEAT_INTERVAL_MS", "1000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting the anonymizer binary")
+}
+
+/// Reads the anonymized and dead-letter topics with read_committed until `expected` source
+/// offsets were seen and nothing more arrived for `settle`. Returns (source partition, offset) ->
+/// copies. Panics at `timeout` unless `expected` were seen.
+fn read_output(
+    s: &Settings,
+    expected: usize,
+    timeout: Duration,
+    settle: Duration,
+) -> BTreeMap<(i32, i64), usize> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka.brokers)
+        .set("group.id", unique("audit"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[&s.topics.anonymized, &s.topics.dead_letter])
+        .unwrap();
+    let mut seen: BTreeMap<(i32, i64), usize> = BTreeMap::new();
+    let deadline = Instant::now() + timeout;
+    let mut quiet = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let key = if m.topic() == s.topics.anonymized {
+                    let r = edgelog::anon_record::decode(m.payload().unwrap()).unwrap();
+                    (r.source_partition, r.source_offset)
+                } else {
+                    use rdkafka::message::Headers;
+                    let h = m.headers().unwrap();
+                    let get = |name: &str| {
+                        let v = h.iter().find(|x| x.key == name).unwrap().value.unwrap();
+                        std::str::from_utf8(v).unwrap().parse::<i64>().unwrap()
+                    };
+                    (
+                        get("edgelog.source.partition") as i32,
+                        get("edgelog.source.offset"),
+                    )
+                };
+                *seen.entry(key).or_default() += 1;
+                quiet = Instant::now();
+            }
+            Some(Err(e)) => panic!("{e}"),
+            None if seen.len() >= expected && quiet.elapsed() >= settle => break,
+            None => {}
+        }
+        if settle.is_zero() && seen.len() >= expected {
+            break;
+        }
+    }
+    assert!(
+        seen.len() >= expected,
+        "only {} of {expected} records arrived within {timeout:?}",
+        seen.len()
+    );
+    seen
+}
+
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Offsets of every record in the input topic (the ground truth), read_committed.
+fn input_offsets(s: &Settings, expected: usize) -> Vec<(i32, i64)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka.brokers)
+        .set("group.id", unique("truth"))
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&s.topics.input]).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.len() < expected && Instant::now() < deadline {
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            let m = m.unwrap();
+            out.push((m.partition(), m.offset()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn assert_exactly_once(seen: &BTreeMap<(i32, i64), usize>, truth: &[(i32, i64)]) {
+    let duplicated: Vec<_> = seen.iter().filter(|(_, &n)| n > 1).take(10).collect();
+    assert!(duplicated.is_empty(), "duplicates: {duplicated:?}");
+    let missing: Vec<_> = truth
+        .iter()
+        .filter(|k| !seen.contains_key(k))
+        .take(10)
+        .collect();
+    assert!(missing.is_empty(), "missing: {missing:?}");
+    assert_eq!(seen.len(), truth.len(), "nothing unexpected");
+}
+
+fn settings() -> Settings {
+    let mut s = isolated_settings();
+    s.topics.partitions = 4;
+    s.anonymizer.txn_max_records = 300;
+    s.producer.rate = 0.0;
+    s.producer.garbage_share = 0.01;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    require_stack();
+    let mut s = settings();
+    edgelog::setup::create_topics(&s).await.unwrap();
+    let total = 40_000u64;
+    // The producer runs while the anonymizer is killed and restarted.
+    s.producer.count = Some(total);
+    s.producer.rate = 8_000.0;
+    let producer = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::producer::run(&s, std::future::pending::<()>()).await })
+    };
+    let mut rng = uuid::Uuid::new_v4().as_u128();
+    let mut kills = 0;
+    for _ in 0..8 {
+        let mut child = spawn_anonymizer(&s, "0");
+        rng = rng.rotate_left(7) ^ 0x9e37_79b9;
+        let alive = Duration::from_millis(300 + (rng % 1700) as u64);
+        tokio::time::sleep(alive).await; // the kill moment itself is the random variable under test
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        kills += 1;
+    }
+    let report = producer.await.unwrap().unwrap();
+    assert_eq!(report.delivered, total);
+    // A final clean run drains the rest.
+    let mut child = spawn_anonymizer(&s, "0");
+    let truth = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || input_offsets(&s, total as usize)
+    })
+    .await
+    .unwrap();
+    assert_eq!(truth.len(), total as usize);
+    let seen = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || read_output(&s, total as usize, Duration::from_secs(180), SETTLE)
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(kills, 8);
+    assert_exactly_once(&seen, &truth);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_the_work_and_one_takes_over_when_the_other_dies() {
+    require_stack();
+    let mut s = settings();
+    edgelog::setup::create_topics(&s).await.unwrap();
+    let total = 20_000u64;
+    s.producer.count = Some(total);
+    s.producer.rate = 5_000.0;
+    let producer = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::producer::run(&s, std::future::pending::<()>()).await })
+    };
+    let mut a = spawn_anonymizer(&s, "a");
+    let mut b = spawn_anonymizer(&s, "b");
+    // Kill one mid-stream: once output is flowing and well before the producer is done.
+    tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || read_output(&s, 3_000, Duration::from_secs(60), Duration::ZERO)
+    })
+    .await
+    .unwrap();
+    b.kill().unwrap();
+    b.wait().unwrap();
+    producer.await.unwrap().unwrap();
+    let truth = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || input_offsets(&s, total as usize)
+    })
+    .await
+    .unwrap();
+    let seen = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || read_output(&s, total as usize, Duration::from_secs(180), SETTLE)
+    })
+    .await
+    .unwrap();
+    a.kill().unwrap();
+    a.wait().unwrap();
+    assert_exactly_once(&seen, &truth);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_with_the_same_transactional_id_is_fenced() {
+    require_stack();
+    let mut s = settings();
+    edgelog::setup::create_topics(&s).await.unwrap();
+    s.producer.count = Some(1_000);
+    edgelog::producer::run(&s, std::future::pending::<()>())
+        .await
+        .unwrap();
+    let mut zombie = spawn_anonymizer(&s, "same");
+    // Wait until the first instance has output, so it is mid-life, not starting.
+    tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || read_output(&s, 1, Duration::from_secs(60), Duration::ZERO)
+    })
+    .await
+    .unwrap();
+    let mut successor = spawn_anonymizer(&s, "same");
+    // The successor's init_transactions fences the zombie: its next transactional call fails
+    // fatally and it exits non-zero on its own.
+    s.producer.count = Some(1_000);
+    s.producer.seed = 2;
+    edgelog::producer::run(&s, std::future::pending::<()>())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = zombie.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the zombie was not fenced");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        !status.success(),
+        "a fenced instance exits non-zero: {status}"
+    );
+    let truth = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || input_offsets(&s, 2_000)
+    })
+    .await
+    .unwrap();
+    let seen = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || read_output(&s, 2_000, Duration::from_secs(120), SETTLE)
+    })
+    .await
+    .unwrap();
+    assert!(
+        successor.try_wait().unwrap().is_none(),
+        "the successor keeps running"
+    );
+    successor.kill().unwrap();
+    successor.wait().unwrap();
+    assert_exactly_once(&seen, &truth);
+}
