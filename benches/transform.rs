@@ -20,8 +20,7 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(200_000);
-    let mut settings = ProducerSettings::default();
-    settings.malformed_ip_share = 0.001;
+    let settings = ProducerSettings::default();
     let mut model = TrafficModel::new(&settings);
     let inputs: Vec<Vec<u8>> = (0..n)
         .map(|i| encode_capnp(&model.next_record(1_700_000_000_000 + i as u64)))

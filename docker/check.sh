@@ -353,10 +353,10 @@ for svc_name, svc in services.items():
         continue
     # Addresses must point at the right services.
     brokers = env.get("EDGELOG_KAFKA__BROKERS", "")
-    check(brokers and all(b in advertised.values() and b.split(":")[0] in service_hosts
-                          for b in brokers.split(",")),
+    in_network = sorted(a for a in advertised.values() if a.split(":")[0] in service_hosts)
+    check(brokers and all(b in in_network for b in brokers.split(",")),
           f"{svc_name}: EDGELOG_KAFKA__BROKERS={brokers!r} is not one of Kafka's advertised "
-          f"in-network listeners {sorted(advertised.values())}")
+          f"in-network listeners {in_network}")
     for var, want_svc in (("EDGELOG_CLICKHOUSE__URL", "ch-proxy"),
                           ("EDGELOG_CLICKHOUSE__ADMIN_URL", "clickhouse")):
         url = env.get(var)
@@ -587,6 +587,22 @@ for srcs in re.findall(r"^COPY\s+(?!--from)(.+)$", build_stage, re.M):
     for src in srcs.split()[:-1]:
         check(os.path.exists(src), f"Dockerfile: COPY source {src} does not exist")
         check(src.rstrip("/") not in ignore, f"Dockerfile: COPY source {src} is excluded by .dockerignore")
+# Cargo checks every target declared in Cargo.toml (and build.rs) exists, even for --bins.
+import tomllib
+manifest = tomllib.loads(cargo)
+declared = [manifest.get("package", {}).get("build", "build.rs")]
+if "lib" in manifest:
+    declared.append(manifest["lib"].get("path", "src/lib.rs"))
+for kind, default_dir in (("bin", "src/bin"), ("bench", "benches"), ("test", "tests"),
+                          ("example", "examples")):
+    for target in manifest.get(kind, []):
+        declared.append(target.get("path", f"{default_dir}/{target['name']}.rs"))
+copied = []
+for srcs in re.findall(r"^COPY\s+(?!--from)(.+)$", build_stage, re.M):
+    copied += [x.rstrip("/") for x in srcs.split()[:-1]]
+for path in declared:
+    check(path in copied or path.split("/")[0] in copied,
+          f"Dockerfile: {path} (declared in Cargo.toml) is not copied into the build stage")
 for inc in re.findall(r'include_str!\("\.\./([^"]+)"\)', rust_src):
     top = inc.split("/")[0]
     check(re.search(r"^COPY\s+(?!--from)[^\n]*\b%s\b" % re.escape(top), build_stage, re.M),
