@@ -98,6 +98,7 @@ impl Shared {
                         .send_offsets_to_transaction(&offsets, &group, Timeout::Never)
                 })?;
             }
+            drain_in_flight(&self.producer).map_err(|e| (crate::txn::classify(&e), e))?;
             with_retries("commit_transaction", || {
                 self.producer.commit_transaction(Timeout::Never)
             })
@@ -148,6 +149,22 @@ impl Shared {
                 Err(TxnError::Aborted(e))
             }
             TxnErrorAction::Fatal => Err(TxnError::Fatal(e)),
+        }
+    }
+}
+
+/// Waits until every produced message is acknowledged. rdkafka's `commit_transaction` flushes
+/// first, but its flush polls in 100 ms steps while the `ThreadedProducer`'s own thread consumes
+/// the delivery events, so each commit would sleep 100 ms. Zero-timeout flushes in a short loop
+/// skip that wait (see docs/BENCHMARKS.md for the before/after).
+fn drain_in_flight(producer: &ThreadedProducer<DefaultProducerContext>) -> Result<(), KafkaError> {
+    loop {
+        match producer.flush(Duration::ZERO) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => return Err(e),
         }
     }
 }
