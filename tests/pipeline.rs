@@ -167,3 +167,81 @@ async fn every_record_lands_once_anonymized_and_garbage_is_dead_lettered() {
         .await
         .unwrap();
 }
+
+/// nginx's access log of the real-rate proxy, as written by scripts/stack.sh.
+fn proxy_access_log() -> String {
+    let home = std::env::var("EDGESTACK_HOME")
+        .unwrap_or_else(|_| format!("{}/.cache/edgelog-stack", std::env::var("HOME").unwrap()));
+    std::fs::read_to_string(format!("{home}/run/proxy/access.log")).expect("the proxy's access log")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn through_the_real_one_per_minute_proxy_two_batches_land_without_a_single_503() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.clickhouse.url = PROXY.into(); // the real 1r/m proxy
+    let ip = fresh_loopback_ip();
+    s.loader.source_address = Some(ip);
+    s.producer.rate = 0.0;
+    edgelog::setup::create_topics(&s).await.unwrap();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    let db = s.clickhouse.database.clone();
+    let rows =
+        |db: String| async move { count(format!("SELECT count() FROM {db}.http_log")).await };
+
+    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
+    let anonymizer = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
+    };
+    let loader = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
+    };
+    let started = std::time::Instant::now();
+    for (batch, seed) in [(1u64, 1u64), (2, 2)] {
+        let mut p = s.clone();
+        p.producer.count = Some(1000);
+        p.producer.seed = seed;
+        edgelog::producer::run(&p, std::future::pending::<()>())
+            .await
+            .unwrap();
+        wait_for(
+            &format!("batch {batch} in ClickHouse"),
+            Duration::from_secs(150),
+            || {
+                let db = db.clone();
+                async move { (rows(db).await >= batch * 1000).then_some(()) }
+            },
+        )
+        .await;
+    }
+    let elapsed = started.elapsed();
+    stop_anon.send(()).unwrap();
+    stop_loader.send(()).unwrap();
+    anonymizer.await.unwrap().unwrap();
+    loader.await.unwrap().unwrap();
+
+    assert_eq!(rows(db.clone()).await, 2000, "exactly once");
+    assert!(
+        elapsed >= Duration::from_millis(62_500),
+        "the second insert waited for the proxy's next slot"
+    );
+    let log = proxy_access_log();
+    let ours: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with(&format!("{ip} ")))
+        .collect();
+    let ok = ours.iter().filter(|l| l.contains("\" 200 ")).count();
+    let refused = ours.iter().filter(|l| l.contains("\" 503 ")).count();
+    assert!(ok >= 2, "at least two inserts went through: {ours:?}");
+    assert_eq!(
+        refused, 0,
+        "the loader never spent a request the proxy would refuse: {ours:?}"
+    );
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}

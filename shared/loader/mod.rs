@@ -164,11 +164,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
     let mut next_slot = Instant::now();
     tokio::pin!(shutdown);
     loop {
-        let drained: Vec<RebalanceEvent> =
-            std::mem::take(&mut *events.lock().expect("not poisoned"));
-        for event in drained {
-            handle_rebalance(&consumer, &topic, &mut st, event)?;
-        }
+        absorb(&consumer, &topic, &mut st, &events, None)?;
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
 
         let work = !st.batches.is_empty() || !st.queue.is_empty();
@@ -180,23 +176,24 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
             };
             tokio::select! {
                 _ = &mut shutdown => break,
-                message = consumer.recv() => match message {
-                    Ok(m) => {
-                        let drained: Vec<RebalanceEvent> = std::mem::take(&mut *events.lock().expect("not poisoned"));
-                        for event in drained {
-                            handle_rebalance(&consumer, &topic, &mut st, event)?;
-                        }
-                        buffer(&mut st, m.partition(), m.offset(), m.payload().unwrap_or(&[]))?;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "consumer error"),
-                },
+                message = consumer.recv() => absorb(&consumer, &topic, &mut st, &events, Some(message))?,
                 _ = tokio::time::sleep_until(wait) => {}
             }
             continue;
         }
 
-        // A slot is open and there is work: finish the oldest batch, or plan a new one.
+        // A slot is open and there is work: finish the oldest batch, or plan a new one from
+        // everything already fetched (a slot is too scarce to spend on the first record alone).
         if st.batches.is_empty() {
+            while !st.paused && st.queued_bytes < l.max_buffer_bytes {
+                match tokio::time::timeout(Duration::from_millis(20), consumer.recv()).await {
+                    Ok(message) => absorb(&consumer, &topic, &mut st, &events, Some(message))?,
+                    Err(_) => break, // nothing more ready right now
+                }
+            }
+            if st.queue.is_empty() {
+                continue; // a rebalance took the work away
+            }
             plan_batch(&mut st, l.max_body_bytes);
         }
         let batch = st.batches.front_mut().expect("planned or recovered");
@@ -275,6 +272,29 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
     }
     tracing::info!("loader stopped");
     Ok(())
+}
+
+/// Applies the rebalance events the callback queued, then buffers `message` if one came. Events
+/// go first: a message returned by `recv` after a rebalance belongs to the new assignment.
+fn absorb(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    events: &Mutex<Vec<RebalanceEvent>>,
+    message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
+) -> anyhow::Result<()> {
+    let drained: Vec<RebalanceEvent> = std::mem::take(&mut *events.lock().expect("not poisoned"));
+    for event in drained {
+        handle_rebalance(consumer, topic, st, event)?;
+    }
+    match message {
+        Some(Ok(m)) => buffer(st, m.partition(), m.offset(), m.payload().unwrap_or(&[])),
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "consumer error");
+            Ok(())
+        }
+        None => Ok(()),
+    }
 }
 
 fn batch_ranges(st: &State) -> String {
