@@ -1,6 +1,10 @@
 //! librdkafka client configuration from settings.
 
-use rdkafka::ClientConfig;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::error::KafkaResult;
+use rdkafka::{ClientConfig, Offset};
 
 use crate::config::{is_secret_key, KafkaOptions, KafkaSettings};
 
@@ -38,6 +42,26 @@ pub fn describe(config: &ClientConfig) -> String {
         .collect();
     pairs.sort();
     pairs.join(" ")
+}
+
+/// Records of the assigned partitions not yet committed by the group: the sum of high watermark
+/// minus committed offset (the log start where nothing is committed). Blocking network calls.
+/// Transaction markers count, so an idle transactional topic shows a lag of one per partition.
+pub fn committed_lag<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    timeout: Duration,
+) -> KafkaResult<i64> {
+    let committed = consumer.committed(timeout)?;
+    let mut lag = 0;
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
+        let from = match e.offset() {
+            Offset::Offset(o) => o,
+            _ => low,
+        };
+        lag += (high - from).max(0);
+    }
+    Ok(lag)
 }
 
 #[cfg(test)]

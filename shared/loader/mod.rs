@@ -163,8 +163,18 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
     };
     let mut next_slot = Instant::now();
     tokio::pin!(shutdown);
+    let mut lag_measured: Option<Instant> = None;
     loop {
         absorb(&consumer, &topic, &mut st, &events, None)?;
+        if lag_measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            lag_measured = Some(Instant::now());
+            match tokio::task::block_in_place(|| {
+                crate::kafka::committed_lag(&consumer, Duration::from_secs(5))
+            }) {
+                Ok(lag) => metrics::gauge!("edgelog_loader_lag").set(lag as f64),
+                Err(e) => tracing::debug!(error = %e, "could not measure lag"),
+            }
+        }
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
 
         let work = !st.batches.is_empty() || !st.queue.is_empty();
@@ -233,6 +243,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
                 let batch = st.batches.pop_front().expect("present");
                 commit_done(&consumer, &topic, &st.assigned, &batch.ranges)?;
                 st.bytes_per_row = size as f64 / rows.max(1) as f64;
+                // What one instance can sustain at this compression: a full body per slot.
+                let capacity =
+                    l.max_body_bytes as f64 / st.bytes_per_row / l.slot_spacing.as_secs_f64();
+                metrics::gauge!("edgelog_loader_capacity_rows_per_second").set(capacity);
                 metrics::counter!("edgelog_loader_rows_inserted_total").increment(rows as u64);
                 metrics::histogram!("edgelog_loader_rows_per_request").record(rows as f64);
                 metrics::histogram!("edgelog_loader_body_bytes").record(size as f64);
