@@ -1,0 +1,294 @@
+//! Stage two under proxy faults: a scripted proxy in front of the real ClickHouse answers 503, 504
+//! after the insert landed, drops the connection, and says "bad gateway" (ClickHouse down) for
+//! several slots. The rows must still land exactly once, every retry must be the same batch (same
+//! token), and the loader must never send faster than its slot spacing.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// nginx's limit_req refusal: nothing reaches ClickHouse.
+    SlotBusy,
+    /// The insert reaches ClickHouse and lands, but the client is told 504 (proxy read timeout).
+    LandThenGatewayTimeout,
+    /// The connection closes without an answer.
+    Drop,
+    /// ClickHouse unreachable behind the proxy.
+    BadGateway,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    at: Instant,
+    query: String,
+    body_len: usize,
+}
+
+async fn read_request(stream: &mut TcpStream) -> Option<(String, Vec<(String, String)>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let header_end = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let target = lines.next()?.split(' ').nth(1)?.to_string();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| {
+            l.split_once(':')
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        })
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .map(|(_, v)| v.parse().unwrap())
+        .unwrap_or(0);
+    let mut body = buf[header_end..].to_vec();
+    while body.len() < len {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some((target, headers, body))
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, extra_headers: &str, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body).await;
+}
+
+/// Forwards one request to the real ClickHouse; returns (status, exception-code header, body).
+async fn forward(
+    target: &str,
+    headers: &[(String, String)],
+    body: Vec<u8>,
+) -> (u16, Option<String>, Vec<u8>) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{CLICKHOUSE}{target}"))
+        .body(body);
+    for (k, v) in headers {
+        if k.starts_with("x-clickhouse") || k == "content-encoding" {
+            req = req.header(k, v);
+        }
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let code = resp
+        .headers()
+        .get("x-clickhouse-exception-code")
+        .map(|v| v.to_str().unwrap().to_string());
+    (status, code, resp.bytes().await.unwrap().to_vec())
+}
+
+/// Serves the faults in order, then forwards faithfully. Records every request.
+async fn fault_proxy(listener: TcpListener, script: Vec<Fault>, seen: Arc<Mutex<Vec<Seen>>>) {
+    let mut script = script.into_iter();
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            return;
+        };
+        let Some((target, headers, body)) = read_request(&mut stream).await else {
+            continue;
+        };
+        let query = url::Url::parse(&format!("http://x{target}"))
+            .unwrap()
+            .query()
+            .unwrap_or("")
+            .to_string();
+        seen.lock().unwrap().push(Seen {
+            at: Instant::now(),
+            query,
+            body_len: body.len(),
+        });
+        match script.next() {
+            Some(Fault::SlotBusy) => {
+                respond(
+                    &mut stream,
+                    503,
+                    "",
+                    b"<html>503 Service Temporarily Unavailable</html>",
+                )
+                .await
+            }
+            Some(Fault::LandThenGatewayTimeout) => {
+                let (status, _, _) = forward(&target, &headers, body).await;
+                assert_eq!(status, 200, "the insert landed behind the 504");
+                respond(&mut stream, 504, "", b"<html>504 Gateway Time-out</html>").await;
+            }
+            Some(Fault::Drop) => drop(stream),
+            Some(Fault::BadGateway) => {
+                respond(&mut stream, 502, "", b"<html>502 Bad Gateway</html>").await
+            }
+            None => {
+                let (status, code, body) = forward(&target, &headers, body).await;
+                let extra = code
+                    .map(|c| format!("X-ClickHouse-Exception-Code: {c}\r\n"))
+                    .unwrap_or_default();
+                respond(&mut stream, status, &extra, &body).await;
+            }
+        }
+    }
+}
+
+fn token_of(query: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "insert_deduplication_token")
+        .map(|(_, v)| v.into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
+    require_stack();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let script = vec![
+        Fault::SlotBusy,
+        Fault::LandThenGatewayTimeout,
+        Fault::Drop,
+        Fault::BadGateway,
+        Fault::BadGateway,
+        Fault::BadGateway,
+    ];
+    let faults = script.len();
+    tokio::spawn(fault_proxy(listener, script, seen.clone()));
+
+    let mut s = isolated_settings();
+    s.clickhouse.url = format!("http://{addr}");
+    s.loader.slot_spacing = Duration::from_millis(400);
+    s.producer.rate = 0.0;
+    s.producer.count = Some(4000);
+    edgelog::setup::create_topics(&s).await.unwrap();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    // All records are in the anonymized topic before the loader starts, so the first batch holds
+    // them all and every fault hits that same batch.
+    edgelog::producer::run(&s, std::future::pending::<()>())
+        .await
+        .unwrap();
+    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
+    let anonymizer = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
+    };
+    let group = s.anonymizer.group_id.clone();
+    let input = s.topics.input.clone();
+    wait_for(
+        "the anonymizer to commit all input",
+        Duration::from_secs(60),
+        || {
+            let (group, input) = (group.clone(), input.clone());
+            async move {
+                tokio::task::spawn_blocking(move || committed_to_end(&group, &input))
+                    .await
+                    .unwrap()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    stop_anon.send(()).unwrap();
+    anonymizer.await.unwrap().unwrap();
+
+    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
+    let loader = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
+    };
+    let db = s.clickhouse.database.clone();
+    wait_for("all rows after the faults", Duration::from_secs(60), || {
+        let db = db.clone();
+        let seen = seen.clone();
+        async move {
+            let rows: u64 = admin()
+                .query(&format!("SELECT count() FROM {db}.http_log"), &[])
+                .await
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            (rows >= 4000 && seen.lock().unwrap().len() > faults).then_some(())
+        }
+    })
+    .await;
+    stop_loader.send(()).unwrap();
+    loader.await.unwrap().unwrap();
+
+    let q = |sql: String| async move { admin().query(&sql, &[]).await.unwrap().trim().to_string() };
+    assert_eq!(
+        q(format!("SELECT count() FROM {db}.http_log")).await,
+        "4000",
+        "exactly once"
+    );
+    assert_eq!(
+        q(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
+        "4000",
+        "totals exact"
+    );
+
+    let seen = seen.lock().unwrap().clone();
+    let first = token_of(&seen[0].query).expect("inserts carry a token");
+    for attempt in &seen[..=faults] {
+        assert_eq!(
+            token_of(&attempt.query).as_deref(),
+            Some(first.as_str()),
+            "every retry re-sends the same batch"
+        );
+        assert_eq!(attempt.body_len, seen[0].body_len, "byte-identical body");
+    }
+    for pair in seen.windows(2) {
+        let gap = pair[1].at - pair[0].at;
+        assert!(
+            gap >= Duration::from_millis(390),
+            "never faster than the slot spacing: {gap:?}"
+        );
+    }
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}
+
+fn committed_to_end(group: &str, topic: &str) -> bool {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    committed.elements().iter().all(|e| {
+        let (_, high) = c
+            .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+            .unwrap();
+        matches!(e.offset(), Offset::Offset(o) if o >= high)
+    })
+}
