@@ -292,3 +292,91 @@ fn committed_to_end(group: &str, topic: &str) -> bool {
         matches!(e.offset(), Offset::Offset(o) if o >= high)
     })
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_over_the_proxys_limit_is_re_planned_smaller_never_dropped() {
+    require_stack();
+    let mut s = isolated_settings(); // through the fast nginx proxy: real nginx, 1 MiB body limit
+    let ip = fresh_loopback_ip();
+    s.loader.source_address = Some(ip);
+    s.loader.max_body_bytes = 3_000_000; // more than nginx accepts
+    s.loader.slot_spacing = Duration::from_millis(150);
+    s.producer.rate = 0.0;
+    s.producer.count = Some(150_000); // ~2 MB of compressed body: over the limit in one batch
+    edgelog::setup::create_topics(&s).await.unwrap();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    edgelog::producer::run(&s, std::future::pending::<()>())
+        .await
+        .unwrap();
+    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
+    let anonymizer = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
+    };
+    let group = s.anonymizer.group_id.clone();
+    let input = s.topics.input.clone();
+    wait_for(
+        "the anonymizer to commit all input",
+        Duration::from_secs(120),
+        || {
+            let (group, input) = (group.clone(), input.clone());
+            async move {
+                tokio::task::spawn_blocking(move || committed_to_end(&group, &input))
+                    .await
+                    .unwrap()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    stop_anon.send(()).unwrap();
+    anonymizer.await.unwrap().unwrap();
+
+    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
+    let loader = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
+    };
+    let db = s.clickhouse.database.clone();
+    wait_for("all 150k rows", Duration::from_secs(120), || {
+        let db = db.clone();
+        async move {
+            let rows: u64 = admin()
+                .query(&format!("SELECT count() FROM {db}.http_log"), &[])
+                .await
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            (rows >= 150_000).then_some(())
+        }
+    })
+    .await;
+    stop_loader.send(()).unwrap();
+    loader.await.unwrap().unwrap();
+    let q = |sql: String| async move { admin().query(&sql, &[]).await.unwrap().trim().to_string() };
+    assert_eq!(
+        q(format!("SELECT count() FROM {db}.http_log")).await,
+        "150000"
+    );
+    assert_eq!(
+        q(format!(
+            "SELECT uniqExact(source_partition, source_offset) FROM {db}.http_log"
+        ))
+        .await,
+        "150000"
+    );
+
+    let home = std::env::var("EDGESTACK_HOME")
+        .unwrap_or_else(|_| format!("{}/.cache/edgelog-stack", std::env::var("HOME").unwrap()));
+    let log = std::fs::read_to_string(format!("{home}/run/proxy-fast/access.log")).unwrap();
+    let refused = log
+        .lines()
+        .filter(|l| l.starts_with(&format!("{ip} ")) && l.contains("\" 413 "))
+        .count();
+    assert!(refused >= 1, "nginx refused at least one body as too large");
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}

@@ -119,6 +119,8 @@ struct State {
     paused: bool,
     /// Compressed bytes per row of the last body, to size the next batch in one or two tries.
     bytes_per_row: f64,
+    /// Largest body to plan: `max_body_bytes`, lowered whenever the proxy answers 413.
+    body_limit: usize,
 }
 
 /// Runs stage two until `shutdown` completes or a permanent error stops it.
@@ -159,6 +161,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
     let failpoint = Failpoint::from_env();
     let mut st = State {
         bytes_per_row: 20.0,
+        body_limit: l.max_body_bytes,
         ..State::default()
     };
     let mut next_slot = Instant::now();
@@ -204,7 +207,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
             if st.queue.is_empty() {
                 continue; // a rebalance took the work away
             }
-            plan_batch(&mut st, l.max_body_bytes);
+            plan_batch(&mut st);
         }
         let batch = st.batches.front_mut().expect("planned or recovered");
         if batch.records.is_none() {
@@ -265,15 +268,12 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
                 tracing::info!(ranges = %batch_ranges(&st), "proxy slot busy (503); same batch next slot")
             }
             Outcome::TooLarge => {
-                // nginx refused the body before ClickHouse saw it: re-plan smaller. The recorded
-                // ranges are rewritten before the smaller batch is sent.
+                // nginx refused the body before ClickHouse saw it, so the batch never existed for
+                // ClickHouse: lower the limit and re-plan smaller (its ranges are re-recorded).
                 let batch = st.batches.pop_front().expect("present");
-                tracing::warn!(
-                    rows,
-                    bytes = size,
-                    "body over the proxy limit (413); re-planning smaller"
-                );
-                st.bytes_per_row = (size as f64 / rows.max(1) as f64) * 1.25;
+                st.body_limit = (size * 3 / 4).max(4096);
+                metrics::gauge!("edgelog_loader_body_limit_bytes").set(st.body_limit as f64);
+                tracing::warn!(rows, bytes = size, new_limit = st.body_limit, "body over the proxy's limit (413); lowering loader.max_body_bytes in effect and re-planning");
                 requeue(&mut st, batch);
             }
             Outcome::Transient(why) => {
@@ -344,9 +344,10 @@ fn buffer(st: &mut State, partition: i32, offset: i64, payload: &[u8]) -> anyhow
     Ok(())
 }
 
-/// Takes the longest prefix of the queue whose body fits `max_body_bytes` (within 2%) as a new
+/// Takes the longest prefix of the queue whose body fits the body limit (within 2%) as a new
 /// batch. Bisection, starting from a guess made with the last body's bytes per row.
-fn plan_batch(st: &mut State, max_body_bytes: usize) {
+fn plan_batch(st: &mut State) {
+    let max_body_bytes = st.body_limit;
     let len = st.queue.len();
     let fits = |n: usize| {
         let refs: Vec<&AnonRecord> = st.queue.iter().take(n).map(|b| &b.record).collect();
@@ -438,9 +439,10 @@ fn handle_rebalance(
 ) -> anyhow::Result<()> {
     match event {
         RebalanceEvent::Revoked => {
-            let bytes_per_row = st.bytes_per_row;
+            // Keep what was learned about sizes; forget everything else.
             *st = State {
-                bytes_per_row,
+                bytes_per_row: st.bytes_per_row,
+                body_limit: st.body_limit,
                 ..State::default()
             };
         }
@@ -610,6 +612,7 @@ mod tests {
         let mut model = TrafficModel::new(&ProducerSettings::default());
         let mut st = State {
             bytes_per_row: 20.0,
+            body_limit: 1_000_000,
             ..State::default()
         };
         let mut next = vec![0i64; partitions as usize];
@@ -632,10 +635,11 @@ mod tests {
         let mut st = queue_of(30_000, 4);
         let all: Vec<(i32, i64)> = st.queue.iter().map(|b| (b.partition, b.offset)).collect();
         let max = 64 * 1024;
+        st.body_limit = max;
         let mut seen = Vec::new();
         let mut previous_end: BTreeMap<i32, i64> = BTreeMap::new();
         while !st.queue.is_empty() {
-            plan_batch(&mut st, max);
+            plan_batch(&mut st);
             let batch = st.batches.pop_front().unwrap();
             let records = batch.records.unwrap();
             let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
@@ -663,7 +667,7 @@ mod tests {
     #[test]
     fn a_small_queue_goes_in_one_batch() {
         let mut st = queue_of(100, 3);
-        plan_batch(&mut st, 1_000_000);
+        plan_batch(&mut st);
         assert!(st.queue.is_empty());
         assert_eq!(st.batches.len(), 1);
         assert_eq!(st.queued_bytes, 0);
@@ -673,7 +677,7 @@ mod tests {
     #[test]
     fn recorded_ranges_are_skipped_when_read_again() {
         let mut st = queue_of(10, 1);
-        plan_batch(&mut st, 1_000_000);
+        plan_batch(&mut st);
         let end = st.batches[0].ranges.get(0).unwrap().end;
         let (bytes, _) = crate::anon_record::transform(
             &crate::record::encode_capnp(
