@@ -41,85 +41,6 @@ fn loader_command(s: &Settings) -> Command {
     cmd
 }
 
-async fn count(sql: String) -> u64 {
-    admin()
-        .query(&sql, &[])
-        .await
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Fills the anonymized topic with `n` records (producer + in-process anonymizer) and returns
-/// how many good (non-garbage) records it holds.
-async fn anonymized_topic_with(s: &mut Settings, n: u64) -> u64 {
-    edgelog::setup::create_topics(s).await.unwrap();
-    edgelog::setup::apply_schema(s).await.unwrap();
-    s.producer.rate = 0.0;
-    s.producer.count = Some(n);
-    let report = edgelog::producer::run(s, std::future::pending::<()>())
-        .await
-        .unwrap();
-    let good = report.sent - report.garbage;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let anonymizer = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::anonymizer::run(&s, stopped).await })
-    };
-    let topic = s.topics.anonymized.clone();
-    let brokers = s.kafka.brokers.clone();
-    wait_for(
-        "the anonymized topic to hold every record",
-        Duration::from_secs(120),
-        || {
-            let (topic, brokers) = (topic.clone(), brokers.clone());
-            async move {
-                let total =
-                    tokio::task::spawn_blocking(move || committed_records(&brokers, &topic))
-                        .await
-                        .unwrap();
-                (total >= good).then_some(())
-            }
-        },
-    )
-    .await;
-    stop.send(()).unwrap();
-    anonymizer.await.unwrap().unwrap();
-    good
-}
-
-/// Records readable with read_committed in `topic` (counted by reading them).
-fn committed_records(brokers: &str, topic: &str) -> u64 {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("count"))
-        .set("auto.offset.reset", "earliest")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[topic]).unwrap();
-    let mut n = 0;
-    let mut eofs = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(_)) => n += 1,
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
-                eofs += 1;
-                if eofs >= 3 {
-                    break;
-                }
-            }
-            Some(Err(e)) => panic!("{e}"),
-            None => {}
-        }
-    }
-    n
-}
-
 async fn assert_exactly_once(s: &Settings, good: u64) {
     let db = &s.clickhouse.database;
     assert_eq!(
@@ -148,7 +69,7 @@ async fn crash_then_recover(dedup_token: bool, failpoint: &str) -> u64 {
     let mut s = isolated_settings();
     s.loader.dedup_token = dedup_token;
     s.loader.source_address = Some(fresh_loopback_ip());
-    let good = anonymized_topic_with(&mut s, 5_000).await;
+    let good = fill_anonymized_topic(&s, 5_000).await.sent;
 
     let status = loader_command(&s)
         .env("LOADER_FAILPOINT", failpoint)
@@ -195,33 +116,15 @@ async fn crash_then_recover(dedup_token: bool, failpoint: &str) -> u64 {
     after_crash
 }
 
-/// True when the group's committed offsets reach the end of every partition with no recorded batch.
+/// True when the group's committed offsets reach the end of every partition with no recorded
+/// batch left. The topic is transactional: a commit marker follows the last record, so the loader's
+/// committed offset (last record + 1) sits one below the high watermark.
 fn no_pending_batch(group: &str, topic: &str) -> bool {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", KAFKA)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        tpl.add_partition(topic, p.id());
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    committed.elements().iter().all(|e| {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
-            .unwrap();
-        // Transaction markers sit after the last record: committed may be just below `high`.
-        let near_end = matches!(e.offset(), Offset::Offset(o) if o >= high - 1) || high == 0;
-        near_end && e.metadata().is_empty()
-    })
+    committed_vs_end(group, topic)
+        .iter()
+        .all(|(c, high, metadata)| {
+            metadata.is_empty() && (*high == 0 || c.is_some_and(|c| c >= high - 1))
+        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -177,72 +177,30 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
     let mut s = isolated_settings();
     s.clickhouse.url = format!("http://{addr}");
     s.loader.slot_spacing = Duration::from_millis(400);
-    s.producer.rate = 0.0;
-    s.producer.count = Some(4000);
-    edgelog::setup::create_topics(&s).await.unwrap();
-    edgelog::setup::apply_schema(&s).await.unwrap();
     // All records are in the anonymized topic before the loader starts, so the first batch holds
     // them all and every fault hits that same batch.
-    edgelog::producer::run(&s, std::future::pending::<()>())
-        .await
-        .unwrap();
-    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
-    let anonymizer = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
-    };
-    let group = s.anonymizer.group_id.clone();
-    let input = s.topics.input.clone();
-    wait_for(
-        "the anonymizer to commit all input",
-        Duration::from_secs(60),
-        || {
-            let (group, input) = (group.clone(), input.clone());
-            async move {
-                tokio::task::spawn_blocking(move || committed_to_end(&group, &input))
-                    .await
-                    .unwrap()
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-    stop_anon.send(()).unwrap();
-    anonymizer.await.unwrap().unwrap();
-
-    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
-    let loader = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
-    };
+    fill_anonymized_topic(&s, 4000).await;
+    let loader = start_loader(&s);
     let db = s.clickhouse.database.clone();
     wait_for("all rows after the faults", Duration::from_secs(60), || {
         let db = db.clone();
         let seen = seen.clone();
         async move {
-            let rows: u64 = admin()
-                .query(&format!("SELECT count() FROM {db}.http_log"), &[])
-                .await
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
+            let rows = count(format!("SELECT count() FROM {db}.http_log")).await;
             (rows >= 4000 && seen.lock().unwrap().len() > faults).then_some(())
         }
     })
     .await;
-    stop_loader.send(()).unwrap();
-    loader.await.unwrap().unwrap();
+    loader.stop().await.unwrap();
 
-    let q = |sql: String| async move { admin().query(&sql, &[]).await.unwrap().trim().to_string() };
     assert_eq!(
-        q(format!("SELECT count() FROM {db}.http_log")).await,
-        "4000",
+        count(format!("SELECT count() FROM {db}.http_log")).await,
+        4000,
         "exactly once"
     );
     assert_eq!(
-        q(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
-        "4000",
+        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
+        4000,
         "totals exact"
     );
 
@@ -269,30 +227,6 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
         .unwrap();
 }
 
-fn committed_to_end(group: &str, topic: &str) -> bool {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::{Offset, TopicPartitionList};
-    let c: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", KAFKA)
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in md.topics()[0].partitions() {
-        tpl.add_partition(topic, p.id());
-    }
-    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    committed.elements().iter().all(|e| {
-        let (_, high) = c
-            .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
-            .unwrap();
-        matches!(e.offset(), Offset::Offset(o) if o >= high)
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_over_the_proxys_limit_is_re_planned_smaller_never_dropped() {
     require_stack();
@@ -301,70 +235,27 @@ async fn a_body_over_the_proxys_limit_is_re_planned_smaller_never_dropped() {
     s.loader.source_address = Some(ip);
     s.loader.max_body_bytes = 3_000_000; // more than nginx accepts
     s.loader.slot_spacing = Duration::from_millis(150);
-    s.producer.rate = 0.0;
-    s.producer.count = Some(150_000); // ~2 MB of compressed body: over the limit in one batch
-    edgelog::setup::create_topics(&s).await.unwrap();
-    edgelog::setup::apply_schema(&s).await.unwrap();
-    edgelog::producer::run(&s, std::future::pending::<()>())
-        .await
-        .unwrap();
-    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
-    let anonymizer = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
-    };
-    let group = s.anonymizer.group_id.clone();
-    let input = s.topics.input.clone();
-    wait_for(
-        "the anonymizer to commit all input",
-        Duration::from_secs(120),
-        || {
-            let (group, input) = (group.clone(), input.clone());
-            async move {
-                tokio::task::spawn_blocking(move || committed_to_end(&group, &input))
-                    .await
-                    .unwrap()
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-    stop_anon.send(()).unwrap();
-    anonymizer.await.unwrap().unwrap();
-
-    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
-    let loader = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
-    };
+    fill_anonymized_topic(&s, 150_000).await; // ~2 MB of compressed body: over the limit in one batch
+    let loader = start_loader(&s);
     let db = s.clickhouse.database.clone();
     wait_for("all 150k rows", Duration::from_secs(120), || {
         let db = db.clone();
         async move {
-            let rows: u64 = admin()
-                .query(&format!("SELECT count() FROM {db}.http_log"), &[])
-                .await
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap();
-            (rows >= 150_000).then_some(())
+            (count(format!("SELECT count() FROM {db}.http_log")).await >= 150_000).then_some(())
         }
     })
     .await;
-    stop_loader.send(()).unwrap();
-    loader.await.unwrap().unwrap();
-    let q = |sql: String| async move { admin().query(&sql, &[]).await.unwrap().trim().to_string() };
+    loader.stop().await.unwrap();
     assert_eq!(
-        q(format!("SELECT count() FROM {db}.http_log")).await,
-        "150000"
+        count(format!("SELECT count() FROM {db}.http_log")).await,
+        150_000
     );
     assert_eq!(
-        q(format!(
+        count(format!(
             "SELECT uniqExact(source_partition, source_offset) FROM {db}.http_log"
         ))
         .await,
-        "150000"
+        150_000
     );
 
     let home = std::env::var("EDGESTACK_HOME")

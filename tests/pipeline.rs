@@ -46,16 +46,8 @@ async fn every_record_lands_once_anonymized_and_garbage_is_dead_lettered() {
     );
     let good = report.sent - report.garbage;
 
-    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
-    let anonymizer = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
-    };
-    let loader = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
-    };
+    let anonymizer = start_anonymizer(&s);
+    let loader = start_loader(&s);
 
     let db = s.clickhouse.database.clone();
     wait_for(
@@ -67,10 +59,8 @@ async fn every_record_lands_once_anonymized_and_garbage_is_dead_lettered() {
         },
     )
     .await;
-    stop_anon.send(()).unwrap();
-    stop_loader.send(()).unwrap();
-    anonymizer.await.unwrap().expect("anonymizer stops cleanly");
-    loader.await.unwrap().expect("loader stops cleanly");
+    anonymizer.stop().await.expect("anonymizer stops cleanly");
+    loader.stop().await.expect("loader stops cleanly");
 
     assert_eq!(
         count(format!("SELECT count() FROM {db}.http_log")).await,
@@ -189,16 +179,8 @@ async fn through_the_real_one_per_minute_proxy_two_batches_land_without_a_single
     let rows =
         |db: String| async move { count(format!("SELECT count() FROM {db}.http_log")).await };
 
-    let (stop_anon, anon_stopped) = tokio::sync::oneshot::channel::<()>();
-    let (stop_loader, loader_stopped) = tokio::sync::oneshot::channel::<()>();
-    let anonymizer = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::anonymizer::run(&s, anon_stopped).await })
-    };
-    let loader = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::loader::run(&s, loader_stopped).await })
-    };
+    let anonymizer = start_anonymizer(&s);
+    let loader = start_loader(&s);
     let started = std::time::Instant::now();
     for (batch, seed) in [(1u64, 1u64), (2, 2)] {
         let mut p = s.clone();
@@ -218,10 +200,8 @@ async fn through_the_real_one_per_minute_proxy_two_batches_land_without_a_single
         .await;
     }
     let elapsed = started.elapsed();
-    stop_anon.send(()).unwrap();
-    stop_loader.send(()).unwrap();
-    anonymizer.await.unwrap().unwrap();
-    loader.await.unwrap().unwrap();
+    anonymizer.stop().await.unwrap();
+    loader.stop().await.unwrap();
 
     assert_eq!(rows(db.clone()).await, 2000, "exactly once");
     assert!(

@@ -95,3 +95,118 @@ pub fn fresh_loopback_ip() -> std::net::IpAddr {
         (n as u8).max(1),
     ))
 }
+
+/// Runs a one-number `SELECT` on the admin endpoint.
+pub async fn count(sql: impl AsRef<str>) -> u64 {
+    let text = admin().query(sql.as_ref(), &[]).await.unwrap();
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("not a number: {text:?} from {}", sql.as_ref()))
+}
+
+/// Per partition of `topic`: (`group`'s committed offset, high watermark, commit metadata).
+pub fn committed_vs_end(group: &str, topic: &str) -> Vec<(Option<i64>, i64, String)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let (_, high) = c
+                .fetch_watermarks(topic, e.partition(), Duration::from_secs(10))
+                .unwrap();
+            let offset = match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            (offset, high, e.metadata().to_string())
+        })
+        .collect()
+}
+
+/// `group` has committed to the end of `topic` (a topic written without transactions).
+pub fn committed_to_end(group: &str, topic: &str) -> bool {
+    committed_vs_end(group, topic)
+        .iter()
+        .all(|(c, high, _)| c.is_some_and(|c| c >= *high))
+}
+
+/// A stage running in-process until [`Running::stop`].
+pub struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Asks the stage to shut down and returns how it ended.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+pub fn start_anonymizer(s: &Settings) -> Running {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s = s.clone();
+    Running {
+        stop,
+        task: tokio::spawn(async move { edgelog::anonymizer::run(&s, stopped).await }),
+    }
+}
+
+pub fn start_loader(s: &Settings) -> Running {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let s = s.clone();
+    Running {
+        stop,
+        task: tokio::spawn(async move { edgelog::loader::run(&s, stopped).await }),
+    }
+}
+
+/// Creates the topics and schema, produces `n` records as fast as possible and anonymizes them
+/// all (the anonymizer has committed to the end of the input when this returns).
+pub async fn fill_anonymized_topic(s: &Settings, n: u64) -> edgelog::producer::ProducerReport {
+    edgelog::setup::create_topics(s).await.unwrap();
+    edgelog::setup::apply_schema(s).await.unwrap();
+    let mut p = s.clone();
+    p.producer.rate = 0.0;
+    p.producer.count = Some(n);
+    let report = edgelog::producer::run(&p, std::future::pending::<()>())
+        .await
+        .unwrap();
+    assert_eq!(report.delivered, n);
+    let anonymizer = start_anonymizer(s);
+    let (group, input) = (s.anonymizer.group_id.clone(), s.topics.input.clone());
+    wait_for(
+        "the anonymizer to commit all input",
+        Duration::from_secs(120),
+        || {
+            let (group, input) = (group.clone(), input.clone());
+            async move {
+                tokio::task::spawn_blocking(move || committed_to_end(&group, &input))
+                    .await
+                    .unwrap()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    anonymizer
+        .stop()
+        .await
+        .expect("the anonymizer stops cleanly");
+    report
+}
