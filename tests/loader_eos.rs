@@ -149,3 +149,55 @@ async fn crash_after_clickhouse_answered_without_dedup_token() {
     let rows_after_crash = crash_then_recover(false, "after_response").await;
     assert!(rows_after_crash > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_batch_is_finished_by_whoever_gets_its_partitions() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.topics.partitions = 4;
+    s.loader.source_address = Some(fresh_loopback_ip());
+    let good = fill_anonymized_topic(&s, 6_000).await.sent;
+    // The first loader records one batch over all four partitions, then dies.
+    let status = loader_command(&s)
+        .env("LOADER_FAILPOINT", "after_record")
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    let pending = committed_vs_end(&s.loader.group_id, &s.topics.anonymized);
+    assert!(
+        pending
+            .iter()
+            .all(|(_, _, m)| m.starts_with("edgelog.batch.v1;")),
+        "recorded on every partition: {pending:?}"
+    );
+
+    // Two loaders (two client IPs, two proxy budgets) split the partitions between them.
+    let mut a = loader_command(&s).spawn().unwrap();
+    s.loader.source_address = Some(fresh_loopback_ip());
+    let mut b = loader_command(&s).spawn().unwrap();
+    let db = s.clickhouse.database.clone();
+    let (group, topic) = (s.loader.group_id.clone(), s.topics.anonymized.clone());
+    wait_for(
+        "both loaders to finish the recorded batch",
+        Duration::from_secs(120),
+        || {
+            let (group, topic) = (group.clone(), topic.clone());
+            async move {
+                tokio::task::spawn_blocking(move || no_pending_batch(&group, &topic))
+                    .await
+                    .unwrap()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    a.kill().unwrap();
+    b.kill().unwrap();
+    a.wait().unwrap();
+    b.wait().unwrap();
+    assert_exactly_once(&s, good).await;
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}
