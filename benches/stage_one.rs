@@ -2,7 +2,7 @@
 //! several transaction sizes, against a plain non-transactional passthrough (consume + produce the
 //! same bytes, auto-commit) on the same broker in the same run. Needs the local stack.
 //!
-//!   scripts/stack.sh up && cargo bench --bench stage_one [-- RECORDS]
+//!   scripts/stack.sh up && cargo bench --bench stage_one [-- RECORDS]   (default 1,000,000)
 //!
 //! CPU is this process's user+system time (/proc/self/stat) per record: the anonymizer or the
 //! passthrough run in-process, so librdkafka's threads are included.
@@ -155,7 +155,7 @@ async fn main() {
     let n: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(300_000);
+        .unwrap_or(1_000_000);
     println!("stage one on Kafka 127.0.0.1:9092, {n} records, 4 partitions");
     let plain = settings("plain");
     fill(&plain, n).await;

@@ -398,8 +398,8 @@ impl Default for AnonymizerSettings {
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9102))),
             group_id: "edgelog-anonymizer".into(),
             instance_id: "0".into(),
-            // Measured (docs/BENCHMARKS.md): 50k-record transactions reach 60% of a plain
-            // passthrough, 10k 43%, 1k 20%. A 1 s bound is invisible behind the loader's 64 s slots.
+            // Measured (docs/BENCHMARKS.md): 50k-record transactions reach 87-102% of a plain
+            // passthrough, 10k 71-90%, 1k 25%. A 1 s bound is invisible behind the 64 s slots.
             txn_max_records: 50_000,
             txn_max_duration: Duration::from_secs(1),
             txn_timeout: Duration::from_secs(60),
