@@ -28,9 +28,6 @@ use crate::config::Settings;
 use crate::kafka::{client_config, describe};
 use crate::txn::{with_retries, TxnError, TxnErrorAction};
 
-/// How often consumer lag is measured for the metric.
-const LAG_INTERVAL: Duration = Duration::from_secs(10);
-
 /// Dead-letter headers naming where a message came from and why it was rejected.
 pub const DLQ_HEADER_TOPIC: &str = "edgelog.source.topic";
 pub const DLQ_HEADER_PARTITION: &str = "edgelog.source.partition";
@@ -184,7 +181,13 @@ struct AnonContext {
     shared: Arc<Shared>,
 }
 
-impl ClientContext for AnonContext {}
+impl ClientContext for AnonContext {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        if let Some(lag) = crate::kafka::lag_from_statistics(&statistics) {
+            metrics::gauge!("edgelog_anonymizer_lag").set(lag as f64);
+        }
+    }
+}
 
 impl ConsumerContext for AnonContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -271,7 +274,11 @@ fn process(settings: &Settings, stop: &AtomicBool) -> anyhow::Result<()> {
         .set("group.id", &a.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        .set(
+            "statistics.interval.ms",
+            crate::kafka::STATISTICS_INTERVAL_MS,
+        );
     tracing::info!(producer = %describe(&producer_config), consumer = %describe(&consumer_config), "anonymizer starting");
 
     let producer: ThreadedProducer<DefaultProducerContext> = producer_config
@@ -298,16 +305,8 @@ fn process(settings: &Settings, stop: &AtomicBool) -> anyhow::Result<()> {
         .context("subscribing")?;
     tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, "anonymizer running");
 
-    let mut lag_measured: Option<Instant> = None;
     let result = (|| -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
-            if lag_measured.is_none_or(|t| t.elapsed() >= LAG_INTERVAL) {
-                lag_measured = Some(Instant::now());
-                match crate::kafka::committed_lag(&consumer, Duration::from_secs(5)) {
-                    Ok(lag) => metrics::gauge!("edgelog_anonymizer_lag").set(lag as f64),
-                    Err(e) => tracing::debug!(error = %e, "could not measure lag"),
-                }
-            }
             let polled = consumer.poll(Duration::from_millis(100));
             let mut state = shared.state.lock().expect("not poisoned");
             if let Some(e) = state.fatal.take() {

@@ -1,10 +1,7 @@
 //! librdkafka client configuration from settings.
 
-use std::time::Duration;
-
-use rdkafka::consumer::{Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
-use rdkafka::{ClientConfig, Offset};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientConfig;
 
 use crate::config::{is_secret_key, KafkaOptions, KafkaSettings};
 
@@ -44,24 +41,30 @@ pub fn describe(config: &ClientConfig) -> String {
     pairs.join(" ")
 }
 
-/// Records of the assigned partitions not yet committed by the group: the sum of high watermark
-/// minus committed offset (the log start where nothing is committed). Blocking network calls.
-/// Transaction markers count, so an idle transactional topic shows a lag of one per partition.
-pub fn committed_lag<X: ConsumerContext, C: Consumer<X>>(
-    consumer: &C,
-    timeout: Duration,
-) -> KafkaResult<i64> {
-    let committed = consumer.committed(timeout)?;
-    let mut lag = 0;
-    for e in committed.elements() {
-        let (low, high) = consumer.fetch_watermarks(e.topic(), e.partition(), timeout)?;
-        let from = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => low,
-        };
-        lag += (high - from).max(0);
-    }
-    Ok(lag)
+/// Statistics interval of the consumers: how often the lag gauges are refreshed.
+pub const STATISTICS_INTERVAL_MS: &str = "10000";
+
+/// Consumer lag from librdkafka's statistics, summed over the assigned partitions; `None` until
+/// known. Per partition: librdkafka's `consumer_lag` (end of the log, the last stable offset for
+/// read_committed, minus the committed offset) where it knows it; otherwise the last stable offset
+/// minus the application's position. The anonymizer needs the fallback: it commits offsets through
+/// its producer's transactions, which the consumer's statistics never see.
+///
+/// Taken from the statistics callback because a watermark query from the processing loop is a
+/// blocking network call (it once stalled the anonymizer for as long as its timeouts added up).
+pub fn lag_from_statistics(stats: &Statistics) -> Option<i64> {
+    let known: Vec<i64> = stats
+        .topics
+        .values()
+        .flat_map(|t| t.partitions.values())
+        .filter(|p| p.partition >= 0 && p.desired)
+        .filter_map(|p| match (p.consumer_lag, p.ls_offset, p.app_offset) {
+            (lag, _, _) if lag >= 0 => Some(lag),
+            (_, end, position) if end >= 0 && position >= 0 => Some((end - position).max(0)),
+            _ => None,
+        })
+        .collect();
+    (!known.is_empty()).then(|| known.iter().sum())
 }
 
 #[cfg(test)]

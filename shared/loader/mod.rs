@@ -73,7 +73,13 @@ struct LoaderContext {
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
 }
 
-impl ClientContext for LoaderContext {}
+impl ClientContext for LoaderContext {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        if let Some(lag) = crate::kafka::lag_from_statistics(&statistics) {
+            metrics::gauge!("edgelog_loader_lag").set(lag as f64);
+        }
+    }
+}
 
 impl ConsumerContext for LoaderContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -141,6 +147,10 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
+        .set(
+            "statistics.interval.ms",
+            crate::kafka::STATISTICS_INTERVAL_MS,
+        )
         // Eager rebalancing: every rebalance revokes everything, so state is rebuilt from Kafka.
         .set("partition.assignment.strategy", "range");
     tracing::info!(consumer = %describe(&config), proxy = %settings.clickhouse.url, slot_spacing = ?l.slot_spacing, max_body_bytes = l.max_body_bytes, source_address = ?l.source_address, dedup_token = l.dedup_token, "loader starting");
@@ -166,18 +176,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
     };
     let mut next_slot = Instant::now();
     tokio::pin!(shutdown);
-    let mut lag_measured: Option<Instant> = None;
     loop {
         absorb(&consumer, &topic, &mut st, &events, None)?;
-        if lag_measured.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            lag_measured = Some(Instant::now());
-            match tokio::task::block_in_place(|| {
-                crate::kafka::committed_lag(&consumer, Duration::from_secs(5))
-            }) {
-                Ok(lag) => metrics::gauge!("edgelog_loader_lag").set(lag as f64),
-                Err(e) => tracing::debug!(error = %e, "could not measure lag"),
-            }
-        }
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
 
         let work = !st.batches.is_empty() || !st.queue.is_empty();
