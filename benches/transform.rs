@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use edgelog::anon_record::{decode, transform, AnonRecord};
 use edgelog::config::ProducerSettings;
-use edgelog::loader::body::encode_body;
+use edgelog::loader::body::encode_body_at;
 use edgelog::record::encode_capnp;
 use edgelog::synth::TrafficModel;
 
@@ -51,32 +51,39 @@ fn main() {
         .enumerate()
         .map(|(i, p)| transform(p, 0, i as i64, 48).unwrap().0.len())
         .sum();
-    // Rows that fit one 1,000,000-byte body (the loader's default limit), by bisection.
-    let fits = |k: usize| encode_body(&records[..k].iter().collect::<Vec<_>>()).len() <= 1_000_000;
-    let (mut lo, mut hi) = (1usize, records.len().min(400_000));
-    if fits(hi) {
-        lo = hi;
-    }
-    while hi - lo > 100 {
-        let mid = (lo + hi) / 2;
-        if fits(mid) {
-            lo = mid
-        } else {
-            hi = mid
+    println!("stage two body (Native, rows ordered by resource/url/client) per zstd level, 1,000,000-byte body:");
+    println!("| zstd level | rows per body | B/row | × uncompressed RowBinary (95 B/row) | encode ms per body |");
+    println!("|---:|---:|---:|---:|---:|");
+    for level in [1, 3, 6, 9, 12, 15, 19] {
+        // Rows that fit one body at this level, by bisection.
+        let fits = |k: usize| {
+            encode_body_at(&records[..k].iter().collect::<Vec<_>>(), level).len() <= 1_000_000
+        };
+        let (mut lo, mut hi) = (1usize, records.len());
+        if fits(hi) {
+            lo = hi;
         }
+        while hi - lo > 200 {
+            let mid = (lo + hi) / 2;
+            if fits(mid) {
+                lo = mid
+            } else {
+                hi = mid
+            }
+        }
+        let refs: Vec<&AnonRecord> = records[..lo].iter().collect();
+        let started = Instant::now();
+        let body = encode_body_at(&refs, level);
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let per_row = body.len() as f64 / lo as f64;
+        println!(
+            "| {level} | {lo} | {per_row:.1} | {:.1}× | {ms:.0} |",
+            95.0 / per_row
+        );
     }
-    let refs: Vec<&AnonRecord> = records[..lo].iter().collect();
-    let started = Instant::now();
-    let body = encode_body(&refs);
-    let encode_ns = started.elapsed().as_nanos() as f64 / lo as f64;
     println!(
-        "stage two body (Native + zstd level {}):",
-        edgelog::loader::body::ZSTD_LEVEL
-    );
-    println!(
-        "  {lo} rows per 1 MB body ({:.1} B/row; MessagePack on the topic: {:.1} B/row); encode {:.0} ns/row",
-        body.len() as f64 / lo as f64,
+        "(MessagePack on the topic: {:.1} B/row; the loader uses level {})",
         msgpack_bytes as f64 / n as f64,
-        encode_ns
+        edgelog::loader::body::ZSTD_LEVEL
     );
 }

@@ -100,8 +100,13 @@ pub fn encode_native(records: &[&AnonRecord]) -> Vec<u8> {
 
 /// The request body for `records`: Native, zstd at [`ZSTD_LEVEL`] (`Content-Encoding: zstd`).
 pub fn encode_body(records: &[&AnonRecord]) -> Vec<u8> {
+    encode_body_at(records, ZSTD_LEVEL)
+}
+
+/// [`encode_body`] at another zstd level (benchmarks compare levels with it).
+pub fn encode_body_at(records: &[&AnonRecord], level: i32) -> Vec<u8> {
     let native = encode_native(records);
-    let mut encoder = zstd::Encoder::new(Vec::with_capacity(native.len() / 4), ZSTD_LEVEL)
+    let mut encoder = zstd::Encoder::new(Vec::with_capacity(native.len() / 4), level)
         .expect("zstd encoder with a valid level");
     // Single-threaded, no checksum/dictionary: output depends only on input and level.
     encoder
