@@ -1,7 +1,9 @@
 //! librdkafka client configuration from settings.
 
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
-use rdkafka::ClientConfig;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::config::{is_secret_key, KafkaOptions, KafkaSettings};
 
@@ -65,6 +67,60 @@ pub fn lag_from_statistics(stats: &Statistics) -> Option<i64> {
         })
         .collect();
     (!known.is_empty()).then(|| known.iter().sum())
+}
+
+/// Where a consumer group stands on one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPosition {
+    pub partition: i32,
+    /// The next offset the group will read; `None` if it never committed.
+    pub committed: Option<i64>,
+    /// Commit metadata (the loader records its pending batch here).
+    pub metadata: String,
+    /// Log start and high watermark.
+    pub low: i64,
+    pub high: i64,
+}
+
+/// The committed offsets of `group` on every partition of `topic`, with the watermarks. Blocking:
+/// call it from `spawn_blocking`, never from a processing loop.
+pub fn group_positions(
+    kafka: &KafkaSettings,
+    group: &str,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> KafkaResult<Vec<GroupPosition>> {
+    let consumer: BaseConsumer = client_config(kafka, &KafkaOptions::default(), &[])
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut partitions = TopicPartitionList::new();
+    for t in metadata.topics() {
+        if let Some(e) = t.error() {
+            return Err(KafkaError::MetadataFetch(e.into()));
+        }
+        for p in t.partitions() {
+            partitions.add_partition(topic, p.id());
+        }
+    }
+    let committed = consumer.committed_offsets(partitions, timeout)?;
+    let mut positions = Vec::new();
+    for e in committed.elements() {
+        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+        positions.push(GroupPosition {
+            partition: e.partition(),
+            committed: match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            },
+            metadata: e.metadata().to_string(),
+            low,
+            high,
+        });
+    }
+    positions.sort_by_key(|p| p.partition);
+    Ok(positions)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `edgelog`: the operator CLI (set-up, effective configuration, traffic totals).
+//! `edgelog`: the operator CLI (set-up, effective configuration, traffic totals, audit).
 
 use clap::{Parser, Subcommand};
 use edgelog::cli::{self, CommonArgs};
@@ -31,6 +31,14 @@ enum Command {
         /// How far back to look, in minutes.
         #[arg(long, default_value_t = 60)]
         minutes: u32,
+    },
+    /// Audit exactly-once: input offsets versus rows in ClickHouse, plus the dead-letter topic and
+    /// what is in flight; and the totals table versus a recount. Exits 1 on any discrepancy.
+    Verify {
+        /// First wait up to this long (e.g. `5m`) for the pipeline to drain, then audit; exits 1
+        /// if it has not drained by then.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait_drained: Option<std::time::Duration>,
     },
 }
 
@@ -77,6 +85,20 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 client.query(&sql, &[("m", &minutes.to_string())]).await?
             );
+        }
+        Command::Verify { wait_drained } => {
+            let report = match wait_drained {
+                Some(timeout) => edgelog::verify::audit_when_drained(&settings, timeout).await?,
+                None => edgelog::verify::audit(&settings).await?,
+            };
+            println!("{report}");
+            let undrained = wait_drained.is_some() && !report.is_drained();
+            if undrained {
+                println!("FAILED: the pipeline did not drain in time");
+            }
+            if !report.is_clean() || undrained {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())

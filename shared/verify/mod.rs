@@ -1,0 +1,661 @@
+//! `edgelog verify`: the audit that proves exactly-once on a real deployment.
+//!
+//! For each partition of the input topic it compares the offsets that entered (data records below
+//! the anonymizer's committed position) with the `source_offset`s in ClickHouse's raw table, net
+//! of the dead-letter topic and of what is still in flight (anonymized records the loader has not
+//! confirmed). It reports missing, duplicated and unexpected offsets as ranges, and checks that
+//! the totals table equals a recount of the raw table.
+//!
+//! Why no false alarm on a running pipeline: positions are read first (input committed, then the
+//! loader's committed position on the anonymized topic), then ClickHouse, then the in-flight tail.
+//! A record below the input snapshot was anonymized before it; it is either below the loader's
+//! snapshot, hence durably in ClickHouse, or in the tail read afterwards.
+//!
+//! The heavy lifting runs in ClickHouse (offset runs with a window function, duplicates with a
+//! GROUP BY); Kafka is read sequentially once, keeping only runs of offsets.
+
+pub mod ranges;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::anonymizer::{DLQ_HEADER_OFFSET, DLQ_HEADER_PARTITION, DLQ_HEADER_TOPIC};
+use crate::clickhouse::ClickHouseClient;
+use crate::config::{KafkaOptions, Settings};
+use crate::kafka::{client_config, group_positions, GroupPosition};
+use crate::loader::batch::BatchRanges;
+pub use ranges::OffsetSet;
+
+const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the audit found on one partition of the input topic.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartitionAudit {
+    pub partition: i32,
+    /// Input log start (older offsets were deleted by retention and cannot be audited).
+    pub log_start: i64,
+    /// The anonymizer's committed position: offsets below it must be accounted for.
+    pub committed: i64,
+    /// Data records of the input topic in `[log_start, committed)`.
+    pub input: OffsetSet,
+    /// Data records at or above `committed`: not yet anonymized.
+    pub not_yet_anonymized: u64,
+    /// Offsets named by the dead-letter topic.
+    pub dead_lettered: OffsetSet,
+    /// Anonymized, not yet confirmed by the loader.
+    pub in_flight: OffsetSet,
+    /// Distinct offsets present in ClickHouse.
+    pub landed: OffsetSet,
+    /// Offsets present more than once, and how many extra rows they make.
+    pub duplicated: OffsetSet,
+    pub duplicate_rows: u64,
+}
+
+impl PartitionAudit {
+    fn auditable(&self) -> OffsetSet {
+        OffsetSet::span(self.log_start, self.committed)
+    }
+
+    /// What must be in ClickHouse: every input record that was not dead-lettered.
+    pub fn expected(&self) -> OffsetSet {
+        self.input.difference(&self.dead_lettered)
+    }
+
+    pub fn missing(&self) -> OffsetSet {
+        self.expected()
+            .difference(&self.landed)
+            .difference(&self.in_flight)
+    }
+
+    /// Rows whose offset is no input record, or a dead-lettered one.
+    pub fn unexpected(&self) -> OffsetSet {
+        self.landed
+            .intersection(&self.auditable())
+            .difference(&self.expected())
+    }
+
+    /// Rows below the log start: loaded before retention deleted their input; not auditable.
+    pub fn below_log_start(&self) -> u64 {
+        self.landed
+            .intersection(&OffsetSet::span(i64::MIN, self.log_start))
+            .len()
+    }
+
+    pub fn is_clean(&self) -> bool {
+        self.missing().is_empty() && self.unexpected().is_empty() && self.duplicated.is_empty()
+    }
+}
+
+/// The totals table against a recount from the raw table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TotalsCheck {
+    pub raw_rows: u64,
+    pub totals_requests: u64,
+    pub raw_bytes: u64,
+    pub totals_bytes: u64,
+    /// Groups (minute, resource, status, cache status, address) whose sums differ.
+    pub groups_differing: u64,
+}
+
+impl TotalsCheck {
+    pub fn is_clean(&self) -> bool {
+        self.groups_differing == 0
+            && self.raw_rows == self.totals_requests
+            && self.raw_bytes == self.totals_bytes
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub partitions: Vec<PartitionAudit>,
+    /// Source partitions found in ClickHouse that the input topic does not have.
+    pub foreign_partitions: Vec<(i32, u64)>,
+    pub totals: TotalsCheck,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.partitions.iter().all(PartitionAudit::is_clean)
+            && self.foreign_partitions.is_empty()
+            && self.totals.is_clean()
+    }
+
+    /// Nothing waiting: every input record anonymized and every anonymized record confirmed.
+    pub fn is_drained(&self) -> bool {
+        self.partitions
+            .iter()
+            .all(|p| p.not_yet_anonymized == 0 && p.in_flight.is_empty())
+    }
+
+    fn sum(&self, f: impl Fn(&PartitionAudit) -> u64) -> u64 {
+        self.partitions.iter().map(f).sum()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:>9} {:>12} {:>12} {:>10} {:>12} {:>10} {:>9} {:>10} {:>10}",
+            "partition",
+            "input",
+            "landed",
+            "dead",
+            "in flight",
+            "waiting",
+            "missing",
+            "duplicate",
+            "unexpected"
+        )?;
+        for p in &self.partitions {
+            writeln!(
+                f,
+                "{:>9} {:>12} {:>12} {:>10} {:>12} {:>10} {:>9} {:>10} {:>10}",
+                p.partition,
+                p.input.len(),
+                p.landed.len(),
+                p.dead_lettered.len(),
+                p.in_flight.len(),
+                p.not_yet_anonymized,
+                p.missing().len(),
+                p.duplicate_rows,
+                p.unexpected().len()
+            )?;
+        }
+        for p in &self.partitions {
+            let part = p.partition;
+            if !p.missing().is_empty() {
+                writeln!(f, "MISSING     partition {part}: {}", p.missing())?;
+            }
+            if !p.duplicated.is_empty() {
+                writeln!(f, "DUPLICATED  partition {part}: {}", p.duplicated)?;
+            }
+            if !p.unexpected().is_empty() {
+                writeln!(f, "UNEXPECTED  partition {part}: {}", p.unexpected())?;
+            }
+            if p.log_start > 0 {
+                writeln!(
+                    f,
+                    "note        partition {part}: offsets below {} were deleted by retention; \
+                     {} rows loaded from them are not auditable",
+                    p.log_start,
+                    p.below_log_start()
+                )?;
+            }
+        }
+        for (partition, rows) in &self.foreign_partitions {
+            writeln!(
+                f,
+                "UNEXPECTED  {rows} rows from source partition {partition}, which the input \
+                 topic does not have"
+            )?;
+        }
+        let t = &self.totals;
+        writeln!(
+            f,
+            "totals table: {} requests, {} bytes; recount of raw table: {} rows, {} bytes; {} \
+             groups differ",
+            t.totals_requests, t.totals_bytes, t.raw_rows, t.raw_bytes, t.groups_differing
+        )?;
+        let verdict = if self.is_clean() { "OK" } else { "FAILED" };
+        write!(
+            f,
+            "{verdict}: {} missing, {} duplicated, {} unexpected; totals {}; {} dead-lettered, \
+             {} in flight, {} waiting{}",
+            self.sum(|p| p.missing().len()),
+            self.sum(|p| p.duplicate_rows),
+            self.sum(|p| p.unexpected().len())
+                + self.foreign_partitions.iter().map(|p| p.1).sum::<u64>(),
+            if t.is_clean() {
+                "equal the recount"
+            } else {
+                "DIFFER from the recount"
+            },
+            self.sum(|p| p.dead_lettered.len()),
+            self.sum(|p| p.in_flight.len()),
+            self.sum(|p| p.not_yet_anonymized),
+            if self.is_drained() { " (drained)" } else { "" }
+        )
+    }
+}
+
+/// Runs the audit once.
+pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
+    let s = settings.clone();
+    let (input_positions, loader_positions) = tokio::task::spawn_blocking(move || {
+        let input = group_positions(
+            &s.kafka,
+            &s.anonymizer.group_id,
+            &s.topics.input,
+            KAFKA_TIMEOUT,
+        )?;
+        let loader = group_positions(
+            &s.kafka,
+            &s.loader.group_id,
+            &s.topics.anonymized,
+            KAFKA_TIMEOUT,
+        )?;
+        anyhow::Ok((input, loader))
+    })
+    .await??;
+    if input_positions.is_empty() {
+        bail!("input topic {} has no partitions", settings.topics.input);
+    }
+
+    let client = ClickHouseClient::admin(&settings.clickhouse);
+    let db = &settings.clickhouse.database;
+    let landed = offset_runs(&client, db, false).await?;
+    let duplicated = offset_runs(&client, db, true).await?;
+    let totals = check_totals(&client, db).await?;
+
+    let s = settings.clone();
+    let mut partitions = tokio::task::spawn_blocking(move || {
+        read_kafka_side(&s, &input_positions, &loader_positions)
+    })
+    .await??;
+
+    let mut foreign_partitions = Vec::new();
+    for (partition, (offsets, _)) in landed {
+        match partitions.iter_mut().find(|p| p.partition == partition) {
+            Some(p) => p.landed = offsets,
+            None => foreign_partitions.push((partition, offsets.len())),
+        }
+    }
+    for (partition, (offsets, extra_rows)) in duplicated {
+        if let Some(p) = partitions.iter_mut().find(|p| p.partition == partition) {
+            p.duplicated = offsets;
+            p.duplicate_rows = extra_rows;
+        }
+    }
+    Ok(Report {
+        partitions,
+        foreign_partitions,
+        totals,
+    })
+}
+
+/// Waits until the pipeline has drained (polling the cheap Kafka side only), then audits. Gives up
+/// waiting at `timeout` and audits anyway: the report then shows what is still waiting.
+pub async fn audit_when_drained(settings: &Settings, timeout: Duration) -> anyhow::Result<Report> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = settings.clone();
+        let drained = tokio::task::spawn_blocking(move || pipeline_drained(&s)).await??;
+        if drained || Instant::now() >= deadline {
+            return audit(settings).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// True when the anonymizer has committed every input record and the loader every anonymized one.
+pub fn pipeline_drained(s: &Settings) -> anyhow::Result<bool> {
+    let input = group_positions(
+        &s.kafka,
+        &s.anonymizer.group_id,
+        &s.topics.input,
+        KAFKA_TIMEOUT,
+    )?;
+    let loader = group_positions(
+        &s.kafka,
+        &s.loader.group_id,
+        &s.topics.anonymized,
+        KAFKA_TIMEOUT,
+    )?;
+    // Positions can stop short of the high watermark by a transaction marker, so the tails are
+    // read to see whether they hold records.
+    let mut waiting = 0;
+    read_topic(s, &s.topics.input, &tails(&input), |_| waiting += 1)?;
+    read_topic(s, &s.topics.anonymized, &tails(&loader), |_| waiting += 1)?;
+    Ok(waiting == 0)
+}
+
+/// `[committed, high)` of each partition (from the log start if the group never committed).
+fn tails(positions: &[GroupPosition]) -> Vec<(i32, i64, i64)> {
+    positions
+        .iter()
+        .map(|p| (p.partition, p.committed.unwrap_or(p.low).max(p.low), p.high))
+        .collect()
+}
+
+/// Reads the input topic, the dead-letter topic and the loader's unconfirmed tail.
+fn read_kafka_side(
+    s: &Settings,
+    input_positions: &[GroupPosition],
+    loader_positions: &[GroupPosition],
+) -> anyhow::Result<Vec<PartitionAudit>> {
+    let mut audits: BTreeMap<i32, PartitionAudit> = input_positions
+        .iter()
+        .map(|p| {
+            let audit = PartitionAudit {
+                partition: p.partition,
+                log_start: p.low,
+                committed: p.committed.unwrap_or(p.low).max(p.low),
+                ..PartitionAudit::default()
+            };
+            (p.partition, audit)
+        })
+        .collect();
+
+    let whole: Vec<(i32, i64, i64)> = input_positions
+        .iter()
+        .map(|p| (p.partition, p.low, p.high))
+        .collect();
+    read_topic(s, &s.topics.input, &whole, |m| {
+        let a = audits.get_mut(&m.partition()).expect("assigned partition");
+        if m.offset() < a.committed {
+            a.input.insert(m.offset());
+        } else {
+            a.not_yet_anonymized += 1;
+        }
+    })?;
+
+    let dlq = group_positions(
+        &s.kafka,
+        "edgelog-verify",
+        &s.topics.dead_letter,
+        KAFKA_TIMEOUT,
+    )?;
+    let dlq_spans: Vec<(i32, i64, i64)> =
+        dlq.iter().map(|p| (p.partition, p.low, p.high)).collect();
+    let mut foreign_dead_letters = 0u64;
+    read_topic(
+        s,
+        &s.topics.dead_letter,
+        &dlq_spans,
+        |m| match dead_letter_source(m) {
+            Some((topic, partition, offset)) if topic == s.topics.input => {
+                if let Some(a) = audits.get_mut(&partition) {
+                    a.dead_lettered.insert(offset);
+                }
+            }
+            _ => foreign_dead_letters += 1,
+        },
+    )?;
+    if foreign_dead_letters > 0 {
+        tracing::warn!(
+            foreign_dead_letters,
+            "dead-letter entries without a source in the input topic were ignored"
+        );
+    }
+
+    let mut undecodable = 0u64;
+    read_topic(
+        s,
+        &s.topics.anonymized,
+        &tails(loader_positions),
+        |m| match m.payload().map(crate::anon_record::decode) {
+            Some(Ok(r)) => {
+                if let Some(a) = audits.get_mut(&r.source_partition) {
+                    a.in_flight.insert(r.source_offset);
+                }
+            }
+            _ => undecodable += 1,
+        },
+    )?;
+    if undecodable > 0 {
+        bail!(
+            "{undecodable} records in the unconfirmed tail of {} do not decode as anonymized \
+             records; the loader stops on them too",
+            s.topics.anonymized
+        );
+    }
+    for a in audits.values_mut() {
+        a.dead_lettered = a.dead_lettered.intersection(&a.auditable());
+        a.in_flight = a.in_flight.intersection(&a.auditable());
+    }
+    // The loader's pending batch, if any, is part of the tail read above; parsing it here only
+    // catches a corrupt record of it early, with a clear message.
+    for p in loader_positions {
+        BatchRanges::from_metadata(&p.metadata).with_context(|| {
+            format!(
+                "commit metadata of the loader on partition {} of {}",
+                p.partition, s.topics.anonymized
+            )
+        })?;
+    }
+    Ok(audits.into_values().collect())
+}
+
+fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<(String, i32, i64)> {
+    let headers = m.headers()?;
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(str::to_string)
+    };
+    Some((
+        get(DLQ_HEADER_TOPIC)?,
+        get(DLQ_HEADER_PARTITION)?.parse().ok()?,
+        get(DLQ_HEADER_OFFSET)?.parse().ok()?,
+    ))
+}
+
+/// Reads `[from, to)` of each `(partition, from, to)` with read_committed, calling `each` for
+/// every record. A partition is done at `to - 1` or at its end (aborted records and transaction
+/// markers make the last offsets invisible).
+fn read_topic(
+    s: &Settings,
+    topic: &str,
+    spans: &[(i32, i64, i64)],
+    mut each: impl FnMut(&BorrowedMessage<'_>),
+) -> anyhow::Result<()> {
+    let mut open: BTreeMap<i32, i64> = spans
+        .iter()
+        .filter(|(_, from, to)| from < to)
+        .map(|&(p, _, to)| (p, to))
+        .collect();
+    if open.is_empty() {
+        return Ok(());
+    }
+    let consumer: BaseConsumer = client_config(
+        &s.kafka,
+        &KafkaOptions::default(),
+        &[
+            ("group.id", "edgelog-verify"),
+            ("enable.auto.commit", "false"),
+            ("enable.auto.offset.store", "false"),
+            ("isolation.level", "read_committed"),
+            ("enable.partition.eof", "true"),
+            ("fetch.max.bytes", "52428800"),
+        ],
+    )
+    .create()?;
+    let mut assignment = TopicPartitionList::new();
+    for &(p, from, to) in spans {
+        if from < to {
+            assignment.add_partition_offset(topic, p, Offset::Offset(from))?;
+        }
+    }
+    consumer.assign(&assignment)?;
+    let mut last_progress = Instant::now();
+    while !open.is_empty() {
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {
+                if last_progress.elapsed() > KAFKA_TIMEOUT {
+                    bail!("no progress reading {topic} for {KAFKA_TIMEOUT:?}; partitions left: {open:?}");
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                open.remove(&p);
+            }
+            Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic}")),
+            Some(Ok(m)) => {
+                last_progress = Instant::now();
+                let Some(&to) = open.get(&m.partition()) else {
+                    continue;
+                };
+                if m.offset() < to {
+                    each(&m);
+                }
+                if m.offset() >= to - 1 {
+                    open.remove(&m.partition());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs of distinct `source_offset`s per source partition (`duplicates`: only offsets present more
+/// than once, with the number of extra rows).
+async fn offset_runs(
+    client: &ClickHouseClient,
+    db: &str,
+    duplicates: bool,
+) -> anyhow::Result<BTreeMap<i32, (OffsetSet, u64)>> {
+    let having = if duplicates { "HAVING copies > 1" } else { "" };
+    // Consecutive offsets minus their rank are constant, so each run is one group.
+    let sql = format!(
+        "SELECT source_partition, min(source_offset), max(source_offset), sum(copies - 1) \
+         FROM ( \
+           SELECT source_partition, source_offset, copies, \
+                  source_offset - row_number() OVER (PARTITION BY source_partition ORDER BY source_offset) AS run \
+           FROM (SELECT source_partition, source_offset, count() AS copies FROM {db}.http_log \
+                 GROUP BY source_partition, source_offset {having}) \
+         ) GROUP BY source_partition, run ORDER BY source_partition, run FORMAT TSV"
+    );
+    let text = client.query(&sql, &[]).await?;
+    let mut out: BTreeMap<i32, (OffsetSet, u64)> = BTreeMap::new();
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [p, first, last, extra] = fields[..] else {
+            bail!("unexpected line from ClickHouse: {line:?}");
+        };
+        let entry = out.entry(p.parse()?).or_default();
+        entry.0 = entry
+            .0
+            .union(&OffsetSet::from_runs([(first.parse()?, last.parse()?)]));
+        entry.1 += extra.parse::<u64>()?;
+    }
+    Ok(out)
+}
+
+async fn check_totals(client: &ClickHouseClient, db: &str) -> anyhow::Result<TotalsCheck> {
+    // The recount groups the raw table exactly as the materialized view does; the comparison is
+    // a full join on the group keys, so a group missing on either side counts as differing.
+    let sql = format!(
+        "WITH \
+           t AS (SELECT ts, resource_id, response_status, cache_status, remote_addr, \
+                        sum(requests) AS r, sum(bytes_sent) AS b, sum(request_time_milli) AS m \
+                 FROM {db}.http_log_totals GROUP BY ALL), \
+           raw AS (SELECT toStartOfMinute(timestamp) AS ts, resource_id, response_status, \
+                        cache_status, remote_addr, toUInt64(count()) AS r, sum(bytes_sent) AS b, \
+                        sum(request_time_milli) AS m \
+                 FROM {db}.http_log GROUP BY ALL) \
+         SELECT \
+           (SELECT count() FROM {db}.http_log), (SELECT sum(requests) FROM {db}.http_log_totals), \
+           (SELECT sum(bytes_sent) FROM {db}.http_log), (SELECT sum(bytes_sent) FROM {db}.http_log_totals), \
+           (SELECT count() FROM t FULL OUTER JOIN raw \
+              USING (ts, resource_id, response_status, cache_status, remote_addr) \
+            WHERE t.r != raw.r OR t.b != raw.b OR t.m != raw.m) \
+         SETTINGS join_use_nulls = 1 FORMAT TSV"
+    );
+    let text = client.query(&sql, &[]).await?;
+    let fields: Vec<u64> = text
+        .trim()
+        .split('\t')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("unexpected totals check answer {text:?}"))?;
+    let [raw_rows, totals_requests, raw_bytes, totals_bytes, groups_differing] = fields[..] else {
+        bail!("unexpected totals check answer {text:?}");
+    };
+    Ok(TotalsCheck {
+        raw_rows,
+        totals_requests,
+        raw_bytes,
+        totals_bytes,
+        groups_differing,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(runs: &[(i64, i64)]) -> OffsetSet {
+        OffsetSet::from_runs(runs.iter().copied())
+    }
+
+    fn audit() -> PartitionAudit {
+        PartitionAudit {
+            partition: 0,
+            log_start: 10,
+            committed: 110,
+            input: set(&[(10, 109)]),
+            dead_lettered: set(&[(50, 50)]),
+            in_flight: set(&[(100, 109)]),
+            landed: set(&[(0, 49), (51, 99)]),
+            ..PartitionAudit::default()
+        }
+    }
+
+    #[test]
+    fn a_complete_partition_is_clean() {
+        let a = audit();
+        assert!(a.is_clean(), "{:?} {:?}", a.missing(), a.unexpected());
+        assert_eq!(a.below_log_start(), 10);
+        assert_eq!(a.expected().len(), 99);
+    }
+
+    #[test]
+    fn a_gap_is_missing_unless_in_flight() {
+        let mut a = audit();
+        a.landed = set(&[(10, 49), (51, 59), (70, 99)]);
+        assert_eq!(a.missing(), set(&[(60, 69)]));
+        a.in_flight = set(&[(60, 69), (100, 109)]);
+        assert!(a.is_clean());
+    }
+
+    #[test]
+    fn a_dead_lettered_or_foreign_offset_in_clickhouse_is_unexpected() {
+        let mut a = audit();
+        a.landed = set(&[(10, 99)]);
+        assert_eq!(a.unexpected(), set(&[(50, 50)]));
+        // A transaction marker's offset is no input record: a row claiming it is unexpected.
+        a.input = set(&[(10, 104), (106, 109)]);
+        a.landed = set(&[(10, 49), (51, 109)]);
+        a.in_flight = OffsetSet::new();
+        assert_eq!(a.unexpected(), set(&[(105, 105)]));
+        // Rows above the snapshot are not judged: they were anonymized after it.
+        a.landed = set(&[(10, 49), (51, 104), (106, 200)]);
+        assert!(a.is_clean());
+    }
+
+    #[test]
+    fn the_verdict_names_every_kind_of_discrepancy() {
+        let mut a = audit();
+        a.landed = set(&[(10, 49), (51, 59), (70, 99)]);
+        a.duplicated = set(&[(20, 21)]);
+        a.duplicate_rows = 2;
+        let report = Report {
+            partitions: vec![a],
+            foreign_partitions: vec![(7, 3)],
+            totals: TotalsCheck {
+                raw_rows: 5,
+                totals_requests: 6,
+                ..TotalsCheck::default()
+            },
+        };
+        assert!(!report.is_clean());
+        let text = report.to_string();
+        for needle in [
+            "MISSING     partition 0: 60-69",
+            "DUPLICATED  partition 0: 20-21",
+            "3 rows from source partition 7",
+            "FAILED: 10 missing, 2 duplicated, 3 unexpected; totals DIFFER",
+        ] {
+            assert!(text.contains(needle), "{needle:?} not in\n{text}");
+        }
+    }
+}
