@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, starts the local stack (real Kafka, ClickHouse,
-# nginx) if it is not running, then runs formatting and lint checks and every test.
+# nginx) if it is not running, then runs formatting and lint checks, every test, and a short
+# fault-injection run (scripts/chaos.sh; CHAOS_SECONDS, default 90).
 # A stack this script started is stopped again when it exits; one that was running stays up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -17,4 +18,7 @@ cargo clippy --locked --all-targets -- -D warnings
 bash docker/check.sh
 # --all-targets would also run the benches (harness = false); clippy above compiles them.
 cargo test --locked --lib --bins --tests
+# Fault injection on the real stack (kills, proxy faults, ClickHouse and Kafka restarts), then the
+# exactly-once audit; exits non-zero on any missing, duplicated or unexpected record.
+scripts/chaos.sh --duration "${CHAOS_SECONDS:-90}" --rate 300
 echo "[test] all checks passed in $(( $(date +%s) - t0 )) s"

@@ -21,8 +21,10 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::ClientContext;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::anonymizer::{DLQ_HEADER_OFFSET, DLQ_HEADER_PARTITION, DLQ_HEADER_TOPIC};
@@ -33,6 +35,7 @@ use crate::loader::batch::BatchRanges;
 pub use ranges::OffsetSet;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
+const KAFKA_RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// What the audit found on one partition of the input topic.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -229,18 +232,8 @@ impl fmt::Display for Report {
 pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
     let s = settings.clone();
     let (input_positions, loader_positions) = tokio::task::spawn_blocking(move || {
-        let input = group_positions(
-            &s.kafka,
-            &s.anonymizer.group_id,
-            &s.topics.input,
-            KAFKA_TIMEOUT,
-        )?;
-        let loader = group_positions(
-            &s.kafka,
-            &s.loader.group_id,
-            &s.topics.anonymized,
-            KAFKA_TIMEOUT,
-        )?;
+        let input = positions(&s, &s.anonymizer.group_id, &s.topics.input)?;
+        let loader = positions(&s, &s.loader.group_id, &s.topics.anonymized)?;
         anyhow::Ok((input, loader))
     })
     .await??;
@@ -296,18 +289,8 @@ pub async fn audit_when_drained(settings: &Settings, timeout: Duration) -> anyho
 
 /// True when the anonymizer has committed every input record and the loader every anonymized one.
 pub fn pipeline_drained(s: &Settings) -> anyhow::Result<bool> {
-    let input = group_positions(
-        &s.kafka,
-        &s.anonymizer.group_id,
-        &s.topics.input,
-        KAFKA_TIMEOUT,
-    )?;
-    let loader = group_positions(
-        &s.kafka,
-        &s.loader.group_id,
-        &s.topics.anonymized,
-        KAFKA_TIMEOUT,
-    )?;
+    let input = positions(s, &s.anonymizer.group_id, &s.topics.input)?;
+    let loader = positions(s, &s.loader.group_id, &s.topics.anonymized)?;
     // Positions can stop short of the high watermark by a transaction marker, so the tails are
     // read to see whether they hold records.
     let mut waiting = 0;
@@ -322,6 +305,24 @@ fn tails(positions: &[GroupPosition]) -> Vec<(i32, i64, i64)> {
         .iter()
         .map(|p| (p.partition, p.committed.unwrap_or(p.low).max(p.low), p.high))
         .collect()
+}
+
+/// `group_positions`, retried for a while: right after a broker restart the group coordinator
+/// answers "not coordinator" or "loading" until it has read its log.
+fn positions(s: &Settings, group: &str, topic: &str) -> anyhow::Result<Vec<GroupPosition>> {
+    let deadline = Instant::now() + KAFKA_RETRY_FOR;
+    loop {
+        match group_positions(&s.kafka, group, topic, KAFKA_TIMEOUT) {
+            Ok(p) => return Ok(p),
+            Err(e) if Instant::now() < deadline => {
+                tracing::info!(%e, group, topic, "reading committed offsets failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("committed offsets of {group} on {topic}"))
+            }
+        }
+    }
 }
 
 /// Reads the input topic, the dead-letter topic and the loader's unconfirmed tail.
@@ -356,12 +357,7 @@ fn read_kafka_side(
         }
     })?;
 
-    let dlq = group_positions(
-        &s.kafka,
-        "edgelog-verify",
-        &s.topics.dead_letter,
-        KAFKA_TIMEOUT,
-    )?;
+    let dlq = positions(s, "edgelog-verify", &s.topics.dead_letter)?;
     let dlq_spans: Vec<(i32, i64, i64)> =
         dlq.iter().map(|p| (p.partition, p.low, p.high)).collect();
     let mut foreign_dead_letters = 0u64;
@@ -423,6 +419,20 @@ fn read_kafka_side(
     Ok(audits.into_values().collect())
 }
 
+/// librdkafka also reports partition ends as client errors; here they are the expected way a read
+/// ends, not something to log.
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::warn!(%error, reason, "Kafka client error while auditing");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
+
 fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<(String, i32, i64)> {
     let headers = m.headers()?;
     let get = |name: &str| {
@@ -457,7 +467,7 @@ fn read_topic(
     if open.is_empty() {
         return Ok(());
     }
-    let consumer: BaseConsumer = client_config(
+    let consumer: BaseConsumer<QuietEof> = client_config(
         &s.kafka,
         &KafkaOptions::default(),
         &[
@@ -469,7 +479,7 @@ fn read_topic(
             ("fetch.max.bytes", "52428800"),
         ],
     )
-    .create()?;
+    .create_with_context(QuietEof)?;
     let mut assignment = TopicPartitionList::new();
     for &(p, from, to) in spans {
         if from < to {
@@ -485,7 +495,7 @@ fn read_topic(
                     bail!("no progress reading {topic} for {KAFKA_TIMEOUT:?}; partitions left: {open:?}");
                 }
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+            Some(Err(KafkaError::PartitionEOF(p))) => {
                 open.remove(&p);
             }
             Some(Err(e)) => return Err(e).with_context(|| format!("reading {topic}")),
