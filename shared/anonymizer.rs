@@ -25,6 +25,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{transform, AddressKind};
 use crate::config::Settings;
+use crate::health::Health;
 use crate::kafka::{client_config, describe};
 use crate::txn::{with_retries, TxnError, TxnErrorAction};
 
@@ -56,6 +57,8 @@ struct Shared {
     producer: ThreadedProducer<DefaultProducerContext>,
     input_topic: String,
     state: Mutex<TxnState>,
+    health: Arc<Health>,
+    txn_id: String,
 }
 
 impl Shared {
@@ -110,6 +113,18 @@ impl Shared {
                 metrics::histogram!("edgelog_anonymizer_transaction_seconds")
                     .record(elapsed.as_secs_f64());
                 tracing::debug!(records = state.records, ?elapsed, "transaction committed");
+                self.health.success();
+                self.health.details(vec![
+                    ("transactional id", self.txn_id.clone()),
+                    (
+                        "last transaction",
+                        format!(
+                            "{} records in {:.0} ms",
+                            state.records,
+                            elapsed.as_secs_f64() * 1e3
+                        ),
+                    ),
+                ]);
                 *state = TxnState {
                     fatal: state.fatal.take(),
                     ..TxnState::default()
@@ -224,11 +239,26 @@ impl ConsumerContext for AnonContext {
 /// Runs stage one until `shutdown` completes (then commits the open transaction and leaves the
 /// group) or a fatal error occurs.
 pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<()> {
+    run_with_health(settings, Health::new(stall_limit(settings)), shutdown).await
+}
+
+/// Work waiting this long without a committed transaction makes the anonymizer unready: several
+/// transaction periods, plus time for a rebalance.
+pub fn stall_limit(settings: &Settings) -> Duration {
+    settings.anonymizer.txn_max_duration * 3 + Duration::from_secs(30)
+}
+
+/// [`run`], reporting to `health` (served by [`crate::telemetry::start_http`]).
+pub async fn run_with_health(
+    settings: &Settings,
+    health: Arc<Health>,
+    shutdown: impl Future,
+) -> anyhow::Result<()> {
     let settings = settings.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let stop = stop.clone();
-        tokio::task::spawn_blocking(move || process(&settings, &stop))
+        tokio::task::spawn_blocking(move || process(&settings, &stop, health))
     };
     tokio::pin!(worker);
     tokio::select! {
@@ -240,7 +270,7 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
     }
 }
 
-fn process(settings: &Settings, stop: &AtomicBool) -> anyhow::Result<()> {
+fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyhow::Result<()> {
     let a = &settings.anonymizer;
     let topics = &settings.topics;
     let txn_id = transactional_id(&a.group_id, &a.instance_id);
@@ -293,7 +323,10 @@ fn process(settings: &Settings, stop: &AtomicBool) -> anyhow::Result<()> {
         producer,
         input_topic: topics.input.clone(),
         state: Mutex::new(TxnState::default()),
+        health: health.clone(),
+        txn_id: txn_id.clone(),
     });
+    health.details(vec![("transactional id", txn_id.clone())]);
     let consumer: BaseConsumer<AnonContext> = consumer_config
         .create_with_context(AnonContext {
             shared: shared.clone(),
@@ -308,17 +341,30 @@ fn process(settings: &Settings, stop: &AtomicBool) -> anyhow::Result<()> {
     let result = (|| -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
             let polled = consumer.poll(Duration::from_millis(100));
+            health.beat();
             let mut state = shared.state.lock().expect("not poisoned");
             if let Some(e) = state.fatal.take() {
                 bail!("fatal transactional error during a rebalance: {e}");
             }
             let outcome = match polled {
-                None => Ok(()),
+                None => {
+                    // Idle moments are cheap enough for the assignment's size (a local call).
+                    health.assigned(consumer.assignment().map(|a| a.count()).unwrap_or(0));
+                    if !state.open {
+                        health.idle();
+                    }
+                    Ok(())
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
                     Ok(())
                 }
-                Some(Ok(msg)) => handle(settings, &shared, &mut state, &msg, out_partitions),
+                Some(Ok(msg)) => {
+                    if !state.open {
+                        health.work_pending();
+                    }
+                    handle(settings, &shared, &mut state, &msg, out_partitions)
+                }
             };
             let outcome = outcome.and_then(|()| {
                 let due = state.records >= a.txn_max_records

@@ -13,7 +13,8 @@
 //! Layout, one module per concern:
 //! - [`cli`]: flags shared by every binary and the start-up sequence (settings, then logging).
 //! - [`config`]: figment settings (defaults < TOML file < `EDGELOG_` environment), validation.
-//! - [`telemetry`]: tracing subscriber (human or JSON) and the Prometheus `/metrics` listener.
+//! - [`telemetry`]: tracing subscriber (human or JSON); the HTTP listener for `/metrics` and health.
+//! - [`health`]: liveness, readiness and status of a stage (pure decisions, shared state).
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `run` function takes.
 //! - [`record`]: the log record, its Cap'n Proto wire form (input topic).
 //! - [`anonymize`]: the IP anonymization, a pure function.
@@ -26,6 +27,7 @@
 //! - [`producer`]: the synthetic producer's run loop.
 //! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
+//! - [`status`]: `edgelog status`: positions, lag, pending batch, each stage's `/status`.
 //! - [`verify`]: the exactly-once audit: input offsets versus ClickHouse rows, totals recount.
 
 pub mod anon_record;
@@ -34,12 +36,14 @@ pub mod anonymizer;
 pub mod cli;
 pub mod clickhouse;
 pub mod config;
+pub mod health;
 pub mod kafka;
 pub mod loader;
 pub mod producer;
 pub mod record;
 pub mod setup;
 pub mod shutdown;
+pub mod status;
 pub mod synth;
 pub mod telemetry;
 pub mod txn;

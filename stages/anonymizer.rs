@@ -24,11 +24,16 @@ async fn main() {
         overrides.push(("anonymizer.instance_id", id.as_str().into()));
     }
     let settings = cli::init(&args.common, &overrides);
-    if let Err(e) = edgelog::telemetry::start_metrics(settings.anonymizer.metrics_listen) {
+    let health = edgelog::health::Health::new(edgelog::anonymizer::stall_limit(&settings));
+    if let Err(e) =
+        edgelog::telemetry::start_http(settings.anonymizer.metrics_listen, Some(health.clone()))
+    {
         tracing::error!("{e:#}");
         std::process::exit(2);
     }
-    if let Err(e) = edgelog::anonymizer::run(&settings, edgelog::shutdown::signal()).await {
+    if let Err(e) =
+        edgelog::anonymizer::run_with_health(&settings, health, edgelog::shutdown::signal()).await
+    {
         // A fatal error (fenced, broken producer): exit non-zero so the orchestrator restarts us.
         tracing::error!("anonymizer stopped: {e:#}");
         std::process::exit(1);

@@ -32,6 +32,15 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         minutes: u32,
     },
+    /// Where each stage stands: committed offsets, lag, the loader's pending batch, what
+    /// ClickHouse holds, and the `/status` page of each stage instance (next proxy slot, last
+    /// insert or transaction).
+    Status {
+        /// Base URL of a stage instance's HTTP listener; repeatable. Default: the
+        /// `metrics_listen` addresses in the configuration.
+        #[arg(long = "endpoint")]
+        endpoints: Vec<String>,
+    },
     /// Audit exactly-once: input offsets versus rows in ClickHouse, plus the dead-letter topic and
     /// what is in flight; and the totals table versus a recount. Exits 1 on any discrepancy.
     Verify {
@@ -85,6 +94,14 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 client.query(&sql, &[("m", &minutes.to_string())]).await?
             );
+        }
+        Command::Status { endpoints } => {
+            let endpoints = if endpoints.is_empty() {
+                edgelog::status::configured_endpoints(&settings)
+            } else {
+                endpoints
+            };
+            print!("{}", edgelog::status::report(&settings, &endpoints).await);
         }
         Command::Verify { wait_drained } => {
             let report = match wait_drained {

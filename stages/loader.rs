@@ -17,11 +17,16 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     let settings = cli::init(&args.common, &[]);
-    if let Err(e) = edgelog::telemetry::start_metrics(settings.loader.metrics_listen) {
+    let health = edgelog::health::Health::new(edgelog::loader::stall_limit(&settings));
+    if let Err(e) =
+        edgelog::telemetry::start_http(settings.loader.metrics_listen, Some(health.clone()))
+    {
         tracing::error!("{e:#}");
         std::process::exit(2);
     }
-    if let Err(e) = edgelog::loader::run(&settings, edgelog::shutdown::signal()).await {
+    if let Err(e) =
+        edgelog::loader::run_with_health(&settings, health, edgelog::shutdown::signal()).await
+    {
         tracing::error!("loader stopped: {e:#}");
         std::process::exit(1);
     }

@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         overrides.push(("producer.garbage_share", v.into()));
     }
     let settings = cli::init(&args.common, &overrides);
-    edgelog::telemetry::start_metrics(settings.producer.metrics_listen)?;
+    edgelog::telemetry::start_http(settings.producer.metrics_listen, None)?;
     let report = edgelog::producer::run(&settings, edgelog::shutdown::signal()).await?;
     println!(
         "produced {} messages ({} garbage) to {}: {} delivered, {} failed in {:.1} s = {:.0} records/s",

@@ -31,6 +31,7 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
 use crate::config::Settings;
+use crate::health::Health;
 use crate::kafka::{client_config, describe};
 use batch::BatchRanges;
 use insert::{insert_url, InsertClient, Outcome};
@@ -131,6 +132,21 @@ struct State {
 
 /// Runs stage two until `shutdown` completes or a permanent error stops it.
 pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<()> {
+    run_with_health(settings, Health::new(stall_limit(settings)), shutdown).await
+}
+
+/// Work waiting this long without a confirmed insert makes the loader unready: three slots in a
+/// row failed or were taken by someone else.
+pub fn stall_limit(settings: &Settings) -> Duration {
+    (settings.loader.slot_spacing + settings.loader.request_timeout) * 3
+}
+
+/// [`run`], reporting to `health` (served by [`crate::telemetry::start_http`]).
+pub async fn run_with_health(
+    settings: &Settings,
+    health: Arc<Health>,
+    shutdown: impl Future,
+) -> anyhow::Result<()> {
     let l = &settings.loader;
     let topic = settings.topics.anonymized.clone();
     let mut config = client_config(
@@ -175,12 +191,26 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
         ..State::default()
     };
     let mut next_slot = Instant::now();
+    let mut last_insert: Option<(Instant, usize)> = None;
+    let mut last_outcome = "none yet";
+    let mut details_at = Instant::now();
     tokio::pin!(shutdown);
     loop {
         absorb(&consumer, &topic, &mut st, &events, None)?;
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
 
         let work = !st.batches.is_empty() || !st.queue.is_empty();
+        health.beat();
+        health.assigned(st.assigned.len());
+        if work {
+            health.work_pending();
+        } else {
+            health.idle();
+        }
+        if details_at.elapsed() >= Duration::from_millis(500) {
+            details_at = Instant::now();
+            health.details(status_details(&st, next_slot, last_insert, last_outcome));
+        }
         if !work || Instant::now() < next_slot {
             let wait = if work {
                 tokio::time::Instant::from_std(next_slot)
@@ -241,10 +271,13 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
             Outcome::Permanent(_) => "permanent",
         };
         metrics::counter!("edgelog_loader_requests_total", "outcome" => label).increment(1);
+        last_outcome = label;
         match outcome {
             Outcome::Inserted => {
                 let batch = st.batches.pop_front().expect("present");
                 commit_done(&consumer, &topic, &st.assigned, &batch.ranges)?;
+                health.success();
+                last_insert = Some((Instant::now(), rows));
                 st.bytes_per_row = size as f64 / rows.max(1) as f64;
                 // What one instance can sustain at this compression: a full body per slot.
                 let capacity =
@@ -286,6 +319,57 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
     }
     tracing::info!("loader stopped");
     Ok(())
+}
+
+/// The loader's lines of `/status`.
+fn status_details(
+    st: &State,
+    next_slot: Instant,
+    last_insert: Option<(Instant, usize)>,
+    last_outcome: &str,
+) -> Vec<(&'static str, String)> {
+    let now = Instant::now();
+    vec![
+        (
+            "next proxy slot",
+            match next_slot.checked_duration_since(now) {
+                Some(wait) => format!("in {:.1} s", wait.as_secs_f64()),
+                None => "open".to_string(),
+            },
+        ),
+        (
+            "last insert",
+            match last_insert {
+                Some((at, rows)) => format!(
+                    "{rows} rows, {:.1} s ago",
+                    now.duration_since(at).as_secs_f64()
+                ),
+                None => "none yet".to_string(),
+            },
+        ),
+        ("last request outcome", last_outcome.to_string()),
+        (
+            "pending batch",
+            st.batches
+                .front()
+                .map(|b| b.ranges.to_string())
+                .unwrap_or_else(|| "none".into()),
+        ),
+        (
+            "buffered",
+            format!(
+                "{} records, {} bytes{}",
+                st.queue.len(),
+                st.queued_bytes,
+                if st.paused {
+                    " (consumption paused)"
+                } else {
+                    ""
+                }
+            ),
+        ),
+        ("body limit", format!("{} bytes", st.body_limit)),
+    ]
 }
 
 /// Applies the rebalance events the callback queued, then buffers `message` if one came. Events

@@ -552,7 +552,8 @@ async fn offset_runs(
 
 async fn check_totals(client: &ClickHouseClient, db: &str) -> anyhow::Result<TotalsCheck> {
     // The recount groups the raw table exactly as the materialized view does; the comparison is
-    // a full join on the group keys, so a group missing on either side counts as differing.
+    // a full join on the group keys. Without join_use_nulls a group missing on one side gets
+    // zero sums there, so it counts as differing (no real group has zero requests).
     let sql = format!(
         "WITH \
            t AS (SELECT ts, resource_id, response_status, cache_status, remote_addr, \
@@ -568,7 +569,7 @@ async fn check_totals(client: &ClickHouseClient, db: &str) -> anyhow::Result<Tot
            (SELECT count() FROM t FULL OUTER JOIN raw \
               USING (ts, resource_id, response_status, cache_status, remote_addr) \
             WHERE t.r != raw.r OR t.b != raw.b OR t.m != raw.m) \
-         SETTINGS join_use_nulls = 1 FORMAT TSV"
+         FORMAT TSV"
     );
     let text = client.query(&sql, &[]).await?;
     let fields: Vec<u64> = text

@@ -168,11 +168,20 @@ pub fn start_anonymizer(s: &Settings) -> Running {
 }
 
 pub fn start_loader(s: &Settings) -> Running {
+    start_loader_with_health(s, edgelog::health::Health::new(Duration::from_secs(3600)))
+}
+
+pub fn start_loader_with_health(
+    s: &Settings,
+    health: std::sync::Arc<edgelog::health::Health>,
+) -> Running {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let s = s.clone();
     Running {
         stop,
-        task: tokio::spawn(async move { edgelog::loader::run(&s, stopped).await }),
+        task: tokio::spawn(
+            async move { edgelog::loader::run_with_health(&s, health, stopped).await },
+        ),
     }
 }
 

@@ -1,0 +1,103 @@
+//! Operating a stage: `/healthz`, `/readyz`, `/status` and `edgelog status` on the real stack.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use edgelog::health::Health;
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_working_loader_is_ready_and_reports_where_it_stands() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.loader.slot_spacing = Duration::from_millis(300);
+    s.loader.source_address = Some(fresh_loopback_ip());
+    fill_anonymized_topic(&s, 500).await;
+    let health = Health::new(edgelog::loader::stall_limit(&s));
+    let addr =
+        edgelog::telemetry::start_http(Some("127.0.0.1:0".parse().unwrap()), Some(health.clone()))
+            .unwrap()
+            .unwrap();
+    let loader = start_loader_with_health(&s, health);
+    wait_for("the pipeline to drain", Duration::from_secs(60), || {
+        let s = s.clone();
+        async move {
+            tokio::task::spawn_blocking(move || edgelog::verify::pipeline_drained(&s).unwrap())
+                .await
+                .unwrap()
+                .then_some(())
+        }
+    })
+    .await;
+    wait_for(
+        "a status page naming the last insert",
+        Duration::from_secs(10),
+        || async move {
+            let (_, page) = get(addr, "/status").await;
+            page.contains("rows, ").then_some(())
+        },
+    )
+    .await;
+
+    let (code, body) = get(addr, "/healthz").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = get(addr, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("3 partitions"), "{body}");
+    let (code, metrics) = get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("edgelog_loader_rows_inserted_total"),
+        "{metrics}"
+    );
+
+    let report = edgelog::status::report(&s, &[format!("http://{addr}")]).await;
+    for needle in [
+        "anonymizer: group",
+        "loader: group",
+        "total lag: 0",
+        "holds 500 rows",
+        "next proxy slot:",
+        "last insert: ",
+        "pending batch: none",
+    ] {
+        assert!(report.contains(needle), "{needle:?} not in\n{report}");
+    }
+    loader.stop().await.expect("the loader stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loader_that_cannot_insert_becomes_unready_but_stays_live() {
+    require_stack();
+    let mut s = isolated_settings();
+    // Nothing listens on the discard port: every insert fails with connection refused.
+    s.clickhouse.url = "http://127.0.0.1:9".into();
+    s.loader.slot_spacing = Duration::from_millis(100);
+    s.loader.request_timeout = Duration::from_millis(200);
+    fill_anonymized_topic(&s, 100).await;
+    let health = Health::new(edgelog::loader::stall_limit(&s));
+    let addr =
+        edgelog::telemetry::start_http(Some("127.0.0.1:0".parse().unwrap()), Some(health.clone()))
+            .unwrap()
+            .unwrap();
+    let loader = start_loader_with_health(&s, health);
+    let body = wait_for("/readyz to fail", Duration::from_secs(30), || async move {
+        let (code, body) = get(addr, "/readyz").await;
+        // Unready first for want of partitions, then for want of a successful insert.
+        (code == 503 && body.contains("without a success")).then_some(body)
+    })
+    .await;
+    assert!(body.starts_with("not ok"), "{body}");
+    let (code, body) = get(addr, "/healthz").await;
+    assert_eq!(code, 200, "still live: {body}");
+    let (_, page) = get(addr, "/status").await;
+    assert!(page.contains("last request outcome: transient"), "{page}");
+    loader.stop().await.expect("the loader stops cleanly");
+}
