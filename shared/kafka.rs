@@ -80,6 +80,10 @@ pub struct GroupPosition {
     /// Log start and high watermark.
     pub low: i64,
     pub high: i64,
+    /// Last stable offset: below it every transaction is decided. Below `high` while a
+    /// transaction is open (a dead producer's stays open until its transaction timeout), and
+    /// read_committed consumers see nothing past it.
+    pub stable: i64,
 }
 
 /// The committed offsets of `group` on every partition of `topic`, with the watermarks. Blocking:
@@ -93,6 +97,14 @@ pub fn group_positions(
     let consumer: BaseConsumer = client_config(kafka, &KafkaOptions::default(), &[])
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    // librdkafka asks for watermarks at the client's isolation level: read_uncommitted gives the
+    // high watermark, read_committed the last stable offset.
+    let uncommitted: BaseConsumer = client_config(kafka, &KafkaOptions::default(), &[])
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_uncommitted")
         .create()?;
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
     let mut partitions = TopicPartitionList::new();
@@ -107,7 +119,8 @@ pub fn group_positions(
     let committed = consumer.committed_offsets(partitions, timeout)?;
     let mut positions = Vec::new();
     for e in committed.elements() {
-        let (low, high) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+        let (low, stable) = consumer.fetch_watermarks(topic, e.partition(), timeout)?;
+        let (_, high) = uncommitted.fetch_watermarks(topic, e.partition(), timeout)?;
         positions.push(GroupPosition {
             partition: e.partition(),
             committed: match e.offset() {
@@ -117,6 +130,7 @@ pub fn group_positions(
             metadata: e.metadata().to_string(),
             low,
             high,
+            stable,
         });
     }
     positions.sort_by_key(|p| p.partition);

@@ -19,6 +19,16 @@ pub fn positions_table(title: &str, positions: &[GroupPosition]) -> String {
         "  {:>9} {:>12} {:>12} {:>10}  pending batch",
         "partition", "committed", "end", "lag"
     );
+    let open: Vec<String> = positions
+        .iter()
+        .filter(|p| p.stable < p.high)
+        .map(|p| {
+            format!(
+                "{} (stable up to {}, end {})",
+                p.partition, p.stable, p.high
+            )
+        })
+        .collect();
     let mut total = 0;
     for p in positions {
         let lag = p.high - p.committed.unwrap_or(p.low).max(p.low);
@@ -38,6 +48,14 @@ pub fn positions_table(title: &str, positions: &[GroupPosition]) -> String {
         );
     }
     let _ = writeln!(out, "  total lag: {total}");
+    if !open.is_empty() {
+        let _ = writeln!(
+            out,
+            "  open transactions on partitions {}: nothing past them is readable until they \
+             commit or time out",
+            open.join(", ")
+        );
+    }
     out
 }
 
@@ -146,6 +164,7 @@ mod tests {
                 metadata: "edgelog.batch.v1;0:90-100".into(),
                 low: 0,
                 high: 120,
+                stable: 120,
             },
             GroupPosition {
                 partition: 1,
@@ -153,11 +172,16 @@ mod tests {
                 metadata: String::new(),
                 low: 5,
                 high: 10,
+                stable: 8,
             },
         ];
         let text = positions_table("loader", &positions);
         assert!(text.contains("0:90-100"), "{text}");
         assert!(text.contains("none"), "{text}");
         assert!(text.contains("total lag: 35"), "{text}");
+        assert!(
+            text.contains("open transactions on partitions 1 (stable up to 8, end 10)"),
+            "{text}"
+        );
     }
 }

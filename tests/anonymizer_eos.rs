@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,27 +14,7 @@ use rdkafka::Message;
 
 /// Starts the real `anonymizer` binary with `settings` passed through the environment.
 fn spawn_anonymizer(s: &Settings, instance: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_anonymizer"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
-        .env("EDGELOG_TOPICS__INPUT", &s.topics.input)
-        .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
-        .env("EDGELOG_TOPICS__DEAD_LETTER", &s.topics.dead_letter)
-        .env("EDGELOG_ANONYMIZER__GROUP_ID", &s.anonymizer.group_id)
-        .env("EDGELOG_ANONYMIZER__INSTANCE_ID", instance)
-        .env(
-            "EDGELOG_ANONYMIZER__TXN_MAX_RECORDS",
-            s.anonymizer.txn_max_records.to_string(),
-        )
-        .env("EDGELOG_ANONYMIZER__TXN_MAX_DURATION", "200ms")
-        .env("EDGELOG_ANONYMIZER__METRICS_LISTEN", "127.0.0.1:0")
-        .env("EDGELOG_LOG__LEVEL", "warn")
-        // A SIGKILLed member holds its partitions until its session times out: keep that short.
-        .env("EDGELOG_KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
-        .env("EDGELOG_KAFKA__OPTIONS__HEARTBEAT_INTERVAL_MS", "1000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+    anonymizer_command(s, instance)
         .spawn()
         .expect("starting the anonymizer binary")
 }

@@ -3,43 +3,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use edgelog::config::Settings;
-
-fn loader_command(s: &Settings) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_loader"));
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
-        .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
-        .env("EDGELOG_LOADER__GROUP_ID", &s.loader.group_id)
-        .env("EDGELOG_LOADER__SLOT_SPACING", "300ms")
-        .env("EDGELOG_LOADER__METRICS_LISTEN", "127.0.0.1:0")
-        .env(
-            "EDGELOG_LOADER__DEDUP_TOKEN",
-            s.loader.dedup_token.to_string(),
-        )
-        .env(
-            "EDGELOG_LOADER__SOURCE_ADDRESS",
-            s.loader.source_address.unwrap().to_string(),
-        )
-        .env("EDGELOG_CLICKHOUSE__URL", &s.clickhouse.url)
-        .env("EDGELOG_CLICKHOUSE__DATABASE", &s.clickhouse.database)
-        .env(
-            "EDGELOG_CLICKHOUSE__PASSWORD",
-            s.clickhouse.password.expose(),
-        )
-        .env("EDGELOG_LOG__LEVEL", "warn")
-        // A SIGKILLed member holds its partitions until its session times out: keep that short.
-        .env("EDGELOG_KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
-        .env("EDGELOG_KAFKA__OPTIONS__HEARTBEAT_INTERVAL_MS", "1000")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    cmd
-}
 
 async fn assert_exactly_once(s: &Settings, good: u64) {
     let db = &s.clickhouse.database;
@@ -90,20 +57,10 @@ async fn crash_then_recover(dedup_token: bool, failpoint: &str) -> u64 {
     .await;
     // Give a wrongly re-sent batch the chance to land: wait until the loader has committed past
     // everything (it commits only after ClickHouse confirmed), then check.
-    let group = s.loader.group_id.clone();
-    let topic = s.topics.anonymized.clone();
-    wait_for(
+    wait_no_pending_batch(
+        &s,
         "the loader to commit past every batch",
         Duration::from_secs(60),
-        || {
-            let (group, topic) = (group.clone(), topic.clone());
-            async move {
-                tokio::task::spawn_blocking(move || no_pending_batch(&group, &topic))
-                    .await
-                    .unwrap()
-                    .then_some(())
-            }
-        },
     )
     .await;
     child.kill().unwrap();
@@ -114,17 +71,6 @@ async fn crash_then_recover(dedup_token: bool, failpoint: &str) -> u64 {
         .await
         .unwrap();
     after_crash
-}
-
-/// True when the group's committed offsets reach the end of every partition with no recorded
-/// batch left. The topic is transactional: a commit marker follows the last record, so the loader's
-/// committed offset (last record + 1) sits one below the high watermark.
-fn no_pending_batch(group: &str, topic: &str) -> bool {
-    committed_vs_end(group, topic)
-        .iter()
-        .all(|(c, high, metadata)| {
-            metadata.is_empty() && (*high == 0 || c.is_some_and(|c| c >= high - 1))
-        })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,19 +122,10 @@ async fn a_recorded_batch_is_finished_by_whoever_gets_its_partitions() {
     s.loader.source_address = Some(fresh_loopback_ip());
     let mut b = loader_command(&s).spawn().unwrap();
     let db = s.clickhouse.database.clone();
-    let (group, topic) = (s.loader.group_id.clone(), s.topics.anonymized.clone());
-    wait_for(
+    wait_no_pending_batch(
+        &s,
         "both loaders to finish the recorded batch",
         Duration::from_secs(120),
-        || {
-            let (group, topic) = (group.clone(), topic.clone());
-            async move {
-                tokio::task::spawn_blocking(move || no_pending_batch(&group, &topic))
-                    .await
-                    .unwrap()
-                    .then_some(())
-            }
-        },
     )
     .await;
     a.kill().unwrap();

@@ -120,6 +120,9 @@ pub struct Report {
     /// Source partitions found in ClickHouse that the input topic does not have.
     pub foreign_partitions: Vec<(i32, u64)>,
     pub totals: TotalsCheck,
+    /// `topic:partition` with an open transaction: records behind it are invisible until it
+    /// commits or times out, so the audit cannot call the pipeline drained.
+    pub open_transactions: Vec<String>,
 }
 
 impl Report {
@@ -131,9 +134,11 @@ impl Report {
 
     /// Nothing waiting: every input record anonymized and every anonymized record confirmed.
     pub fn is_drained(&self) -> bool {
-        self.partitions
-            .iter()
-            .all(|p| p.not_yet_anonymized == 0 && p.in_flight.is_empty())
+        self.open_transactions.is_empty()
+            && self
+                .partitions
+                .iter()
+                .all(|p| p.not_yet_anonymized == 0 && p.in_flight.is_empty())
     }
 
     fn sum(&self, f: impl Fn(&PartitionAudit) -> u64) -> u64 {
@@ -199,6 +204,13 @@ impl fmt::Display for Report {
                  topic does not have"
             )?;
         }
+        if !self.open_transactions.is_empty() {
+            writeln!(
+                f,
+                "note        open transactions on {}: what follows them is not visible yet",
+                self.open_transactions.join(", ")
+            )?;
+        }
         let t = &self.totals;
         writeln!(
             f,
@@ -247,6 +259,7 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
     let duplicated = offset_runs(&client, db, true).await?;
     let totals = check_totals(&client, db).await?;
 
+    let open_transactions = open_transactions(settings, &input_positions, &loader_positions);
     let s = settings.clone();
     let mut partitions = tokio::task::spawn_blocking(move || {
         read_kafka_side(&s, &input_positions, &loader_positions)
@@ -270,6 +283,7 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
         partitions,
         foreign_partitions,
         totals,
+        open_transactions,
     })
 }
 
@@ -293,10 +307,27 @@ pub fn pipeline_drained(s: &Settings) -> anyhow::Result<bool> {
     let loader = positions(s, &s.loader.group_id, &s.topics.anonymized)?;
     // Positions can stop short of the high watermark by a transaction marker, so the tails are
     // read to see whether they hold records.
+    if !open_transactions(s, &input, &loader).is_empty() {
+        return Ok(false);
+    }
     let mut waiting = 0;
     read_topic(s, &s.topics.input, &tails(&input), |_| waiting += 1)?;
     read_topic(s, &s.topics.anonymized, &tails(&loader), |_| waiting += 1)?;
     Ok(waiting == 0)
+}
+
+fn open_transactions(
+    s: &Settings,
+    input: &[GroupPosition],
+    anonymized: &[GroupPosition],
+) -> Vec<String> {
+    let input = input.iter().map(|p| (&s.topics.input, p));
+    let anonymized = anonymized.iter().map(|p| (&s.topics.anonymized, p));
+    input
+        .chain(anonymized)
+        .filter(|(_, p)| p.stable < p.high)
+        .map(|(topic, p)| format!("{topic}:{}", p.partition))
+        .collect()
 }
 
 /// `[committed, high)` of each partition (from the log start if the group never committed).
@@ -652,6 +683,7 @@ mod tests {
         let report = Report {
             partitions: vec![a],
             foreign_partitions: vec![(7, 3)],
+            open_transactions: vec![],
             totals: TotalsCheck {
                 raw_rows: 5,
                 totals_requests: 6,

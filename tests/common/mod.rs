@@ -219,3 +219,100 @@ pub async fn fill_anonymized_topic(s: &Settings, n: u64) -> edgelog::producer::P
         .expect("the anonymizer stops cleanly");
     report
 }
+
+/// The real `anonymizer` binary configured through the environment, as an orchestrator runs it.
+pub fn anonymizer_command(s: &Settings, instance: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_anonymizer"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
+        .env("EDGELOG_TOPICS__INPUT", &s.topics.input)
+        .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
+        .env("EDGELOG_TOPICS__DEAD_LETTER", &s.topics.dead_letter)
+        .env("EDGELOG_ANONYMIZER__GROUP_ID", &s.anonymizer.group_id)
+        .env("EDGELOG_ANONYMIZER__INSTANCE_ID", instance)
+        .env(
+            "EDGELOG_ANONYMIZER__TXN_MAX_RECORDS",
+            s.anonymizer.txn_max_records.to_string(),
+        )
+        .env("EDGELOG_ANONYMIZER__TXN_MAX_DURATION", "200ms")
+        // A SIGKILLed instance's open transaction hides everything after it on its partitions
+        // until it times out (when the instance does not come back to fence it): keep it short.
+        .env("EDGELOG_ANONYMIZER__TXN_TIMEOUT", "10s")
+        .env("EDGELOG_ANONYMIZER__METRICS_LISTEN", "127.0.0.1:0")
+        .env("EDGELOG_LOG__LEVEL", "warn");
+    short_sessions(&mut cmd);
+    cmd
+}
+
+/// The real `loader` binary configured through the environment (slots every 300 ms).
+pub fn loader_command(s: &Settings) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loader"));
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
+        .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
+        .env("EDGELOG_LOADER__GROUP_ID", &s.loader.group_id)
+        .env("EDGELOG_LOADER__SLOT_SPACING", "300ms")
+        .env("EDGELOG_LOADER__METRICS_LISTEN", "127.0.0.1:0")
+        .env(
+            "EDGELOG_LOADER__DEDUP_TOKEN",
+            s.loader.dedup_token.to_string(),
+        )
+        .env(
+            "EDGELOG_LOADER__SOURCE_ADDRESS",
+            s.loader.source_address.unwrap().to_string(),
+        )
+        .env("EDGELOG_CLICKHOUSE__URL", &s.clickhouse.url)
+        .env("EDGELOG_CLICKHOUSE__DATABASE", &s.clickhouse.database)
+        .env(
+            "EDGELOG_CLICKHOUSE__PASSWORD",
+            s.clickhouse.password.expose(),
+        )
+        .env("EDGELOG_LOG__LEVEL", "warn");
+    short_sessions(&mut cmd);
+    cmd
+}
+
+/// A SIGKILLed member holds its partitions until its session times out: keep that short.
+fn short_sessions(cmd: &mut std::process::Command) {
+    cmd.env("EDGELOG_KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
+        .env("EDGELOG_KAFKA__OPTIONS__HEARTBEAT_INTERVAL_MS", "1000")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit());
+}
+
+/// True when the group's committed offsets reach the end of every partition with no recorded
+/// batch left. The topic is transactional: a commit marker follows the last record, so the loader's
+/// committed offset (last record + 1) sits one below the high watermark.
+pub fn no_pending_batch(group: &str, topic: &str) -> bool {
+    committed_vs_end(group, topic)
+        .iter()
+        .all(|(c, high, metadata)| {
+            metadata.is_empty() && (*high == 0 || c.is_some_and(|c| c >= high - 1))
+        })
+}
+
+/// Waits until the loader group has no recorded batch left and has committed to the end.
+pub async fn wait_no_pending_batch(s: &Settings, what: &str, timeout: Duration) {
+    let (group, topic) = (s.loader.group_id.clone(), s.topics.anonymized.clone());
+    wait_for(what, timeout, || {
+        let (group, topic) = (group.clone(), topic.clone());
+        async move {
+            tokio::task::spawn_blocking(move || no_pending_batch(&group, &topic))
+                .await
+                .unwrap()
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+/// Sends SIGTERM (a clean stop: the stage finishes its work and leaves the group).
+pub fn terminate(child: &std::process::Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

@@ -1,0 +1,111 @@
+//! Scale-out on the real stack: instances join and leave under load, and the audit (`verify`)
+//! stays clean end to end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use edgelog::config::Settings;
+
+/// Sum of the anonymizer group's committed input offsets.
+async fn anonymized_so_far(s: &Settings) -> i64 {
+    let (group, input) = (s.anonymizer.group_id.clone(), s.topics.input.clone());
+    tokio::task::spawn_blocking(move || {
+        committed_vs_end(&group, &input)
+            .iter()
+            .map(|(c, _, _)| c.unwrap_or(0))
+            .sum()
+    })
+    .await
+    .unwrap()
+}
+
+async fn wait_anonymized(s: &Settings, at_least: i64) {
+    wait_for(
+        &format!("{at_least} input records anonymized"),
+        Duration::from_secs(120),
+        || async move { (anonymized_so_far(s).await >= at_least).then_some(()) },
+    )
+    .await;
+}
+
+async fn assert_verify_clean(s: &Settings, expected_rows: u64) {
+    let report = edgelog::verify::audit_when_drained(s, Duration::from_secs(180))
+        .await
+        .unwrap();
+    assert!(report.is_clean() && report.is_drained(), "{report}");
+    let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
+    assert_eq!(landed, expected_rows, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anonymizer_instances_join_and_leave_under_load() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.topics.partitions = 4;
+    s.anonymizer.txn_max_records = 300;
+    s.producer.rate = 2_000.0;
+    s.producer.count = Some(24_000);
+    s.producer.garbage_share = 0.01;
+    s.loader.slot_spacing = Duration::from_millis(300);
+    s.loader.source_address = Some(fresh_loopback_ip());
+    edgelog::setup::create_topics(&s).await.unwrap();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    let producer = {
+        let s = s.clone();
+        tokio::spawn(async move { edgelog::producer::run(&s, std::future::pending::<()>()).await })
+    };
+    let loader = start_loader(&s);
+
+    let mut a = anonymizer_command(&s, "a").spawn().unwrap();
+    wait_anonymized(&s, 2_000).await;
+    let mut b = anonymizer_command(&s, "b").spawn().unwrap(); // joins: rebalance under load
+    wait_anonymized(&s, 6_000).await;
+    let mut c = anonymizer_command(&s, "c").spawn().unwrap(); // a third joins
+    wait_anonymized(&s, 10_000).await;
+    terminate(&b); // leaves cleanly: its open transaction commits in the revoke callback
+    assert!(b.wait().unwrap().success(), "a clean stop exits 0");
+    wait_anonymized(&s, 14_000).await;
+    c.kill().unwrap(); // dies: its partitions move once its session times out
+    c.wait().unwrap();
+
+    let report = producer.await.unwrap().unwrap();
+    assert_verify_clean(&s, report.sent - report.garbage).await;
+    a.kill().unwrap();
+    a.wait().unwrap();
+    loader.stop().await.expect("the loader stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_loaders_split_the_partitions_and_one_dies_between_insert_and_commit() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.topics.partitions = 4;
+    s.producer.garbage_share = 0.0;
+    let good = fill_anonymized_topic(&s, 8_000).await.sent;
+
+    // Two client IPs: two proxy budgets. B is in the group before A crashes, so A's partitions
+    // (and its recorded, already inserted but uncommitted batch) move to B.
+    s.loader.source_address = Some(fresh_loopback_ip());
+    let mut b = loader_command(&s).spawn().unwrap();
+    s.loader.source_address = Some(fresh_loopback_ip());
+    let crashed = loader_command(&s)
+        .env("LOADER_FAILPOINT", "after_response")
+        .status()
+        .unwrap();
+    assert!(
+        !crashed.success(),
+        "loader A crashed after ClickHouse answered"
+    );
+
+    wait_no_pending_batch(
+        &s,
+        "loader B to finish A's batch and everything else",
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_verify_clean(&s, good).await;
+    b.kill().unwrap();
+    b.wait().unwrap();
+}
