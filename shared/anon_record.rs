@@ -180,6 +180,41 @@ mod tests {
         assert!(transform(b"garbage:123", 0, 1, 48).is_err());
     }
 
+    /// Starting corpora for the fuzz targets in `fuzz/` (libFuzzer alone takes long to find Cap'n
+    /// Proto's segment table). Ignored: run with `cargo test --lib write_fuzz_seeds -- --ignored`.
+    #[test]
+    #[ignore = "writes files under fuzz/corpus"]
+    fn write_fuzz_seeds() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus");
+        let (decode_anonymize, anon_decode) =
+            (root.join("decode_anonymize"), root.join("anon_decode"));
+        std::fs::create_dir_all(&decode_anonymize).unwrap();
+        std::fs::create_dir_all(&anon_decode).unwrap();
+        let addrs = [
+            "1.2.3.4",
+            "::ffff:10.0.0.1",
+            "2001:db8:85a3:8d3:1319:8a2e:370:7348",
+            "fe80::1%eth0",
+            crate::anonymize::INVALID_MARKER,
+            "",
+            " 010.1.1.1 ",
+        ];
+        for (i, addr) in addrs.into_iter().enumerate() {
+            let capnp = encode_capnp(&HttpLogRecord {
+                remote_addr: addr.into(),
+                ..input()
+            });
+            // decode_anonymize: byte 0 is the IPv6 prefix length, the rest the payload.
+            for bits in [0u8, 48, 56, 128] {
+                let mut seed = vec![bits];
+                seed.extend_from_slice(&capnp);
+                std::fs::write(decode_anonymize.join(format!("seed-{i}-{bits}")), seed).unwrap();
+            }
+            let (anon, _) = transform(&capnp, 1, i as i64, 48).unwrap();
+            std::fs::write(anon_decode.join(format!("seed-{i}")), anon).unwrap();
+        }
+    }
+
     #[test]
     fn unknown_version_is_rejected() {
         let (mut bytes, _) = transform(&encode_capnp(&input()), 0, 0, 48).unwrap();
