@@ -295,6 +295,38 @@ mod props {
             prop_assert!(decode(&bytes[..cut.index(bytes.len())]).is_err());
         }
 
+        /// The fuzz target `decode_anonymize`'s invariant, cheaply on every `cargo test`: any
+        /// payload becomes a decodable record or a dead letter with a reason, never a panic.
+        #[test]
+        fn any_payload_is_a_record_or_a_reason(
+            payload in prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..200),
+                (any_record(), prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4))
+                    .prop_map(|(r, flips)| {
+                        let mut bytes = encode_capnp(&r);
+                        for (i, b) in flips {
+                            let i = i.index(bytes.len());
+                            bytes[i] ^= b;
+                        }
+                        bytes
+                    }),
+            ],
+        ) {
+            match transform(&payload, 0, 0, 48) {
+                Ok((bytes, _)) => {
+                    let out = decode(&bytes).unwrap();
+                    let input = crate::record::decode_capnp(&payload).unwrap();
+                    let expected = anonymize_ip(&input.remote_addr, 48);
+                    prop_assert_eq!(out.remote_addr.as_str(), expected.as_str());
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    let detail = reason.strip_prefix("not a Cap'n Proto HttpLogRecord: ").unwrap();
+                    prop_assert!(!detail.trim().is_empty(), "{:?}", reason);
+                }
+            }
+        }
+
         #[test]
         fn transform_keeps_every_field_but_the_address(
             input in any_record(),
