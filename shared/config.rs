@@ -257,10 +257,11 @@ pub struct TopicSettings {
     /// Undecodable input, with the original bytes and headers naming where it came from.
     #[serde(deserialize_with = "lenient_string")]
     pub dead_letter: String,
-    /// Partitions used by `edgelog setup` when it creates the topics.
+    /// Partitions used by `edgelog setup` when it creates the topics (1 to [`MAX_PARTITIONS`]).
     pub partitions: i32,
     pub replication_factor: i32,
-    /// `retention.ms` set on created topics. Must exceed the longest outage you want to survive.
+    /// `retention.ms` set on created topics (at least 1 minute). Must exceed the longest outage
+    /// you want to survive.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
 }
@@ -295,9 +296,9 @@ pub struct ClickHouseSettings {
     pub admin_password: Secret,
     #[serde(deserialize_with = "lenient_string")]
     pub database: String,
-    /// TTL of raw rows in `http_log`, in days (0 = keep forever).
+    /// TTL of raw rows in `http_log`, in days (0 = keep forever, at most [`MAX_TTL_DAYS`]).
     pub raw_ttl_days: u32,
-    /// TTL of the totals table, in days (0 = keep forever).
+    /// TTL of the totals table, in days (0 = keep forever, at most [`MAX_TTL_DAYS`]).
     pub totals_ttl_days: u32,
 }
 
@@ -418,7 +419,8 @@ pub struct LoaderSettings {
     /// Time between two requests to the proxy. nginx's `1r/m` really means one per 62.5 s.
     #[serde(with = "humantime_serde")]
     pub slot_spacing: Duration,
-    /// Largest request body sent to the proxy (nginx's default limit is 1 MiB = 1048576).
+    /// Largest request body sent to the proxy (nginx's default limit is 1 MiB = 1048576); 4096 to
+    /// [`MAX_BODY_BYTES`].
     pub max_body_bytes: usize,
     /// Local address the loader's HTTP client binds to. The proxy budgets per client IP, so two
     /// loaders need two source addresses to get two budgets.
@@ -428,7 +430,8 @@ pub struct LoaderSettings {
     pub request_timeout: Duration,
     /// Send `insert_deduplication_token` (ClickHouse >= 22.2). Off = rely on the block hash.
     pub dedup_token: bool,
-    /// Consumption pauses while this many bytes of records wait for a slot (bounds memory).
+    /// Consumption pauses while this many bytes of records wait for a slot (bounds memory); at
+    /// least `max_body_bytes`.
     pub max_buffer_bytes: usize,
     pub kafka_options: KafkaOptions,
 }
