@@ -198,3 +198,146 @@ mod tests {
         }
     }
 }
+
+/// Property tests: what the anonymizer may reveal, checked on generated addresses and text.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Parses a V6 output back into its network part, checking the documented form on the way:
+    /// `h:h:...:X`, lowercase hex hextets without leading zeros.
+    fn parse_v6_output(out: &str) -> Result<Vec<u16>, String> {
+        let network = out.strip_suffix('X').ok_or("does not end in X")?;
+        if network.is_empty() {
+            return Ok(Vec::new());
+        }
+        let network = network.strip_suffix(':').ok_or("no ':' before X")?;
+        network
+            .split(':')
+            .map(|h| {
+                let ok = !h.is_empty()
+                    && h.len() <= 4
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                    && (h == "0" || !h.starts_with('0'));
+                if ok {
+                    Ok(u16::from_str_radix(h, 16).expect("checked hex"))
+                } else {
+                    Err(format!("bad hextet {h:?}"))
+                }
+            })
+            .collect()
+    }
+
+    fn mask(prefix: u8) -> u128 {
+        if prefix == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(prefix))
+        }
+    }
+
+    /// IPv6 addresses that are not IPv4-mapped (those are IPv4 clients, tested separately).
+    fn plain_v6() -> impl Strategy<Value = Ipv6Addr> {
+        prop_oneof![
+            any::<u128>(),
+            // Few set bits: exercise `::` compression in the input text.
+            (any::<u64>(), 0u32..128).prop_map(|(x, shift)| u128::from(x) << shift),
+        ]
+        .prop_map(Ipv6Addr::from)
+        .prop_filter("IPv4-mapped", |a| a.to_ipv4_mapped().is_none())
+    }
+
+    /// Text forms one address can arrive in: canonical, fully expanded, uppercase, padded.
+    fn v6_text_forms(a: Ipv6Addr) -> Vec<String> {
+        let s = a.segments();
+        let expanded = s.map(|h| format!("{h:04X}")).join(":");
+        vec![
+            a.to_string(),
+            expanded,
+            format!(" {}\t", a.to_string().to_uppercase()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn ipv4_output_is_exactly_the_first_three_octets(
+            octets in any::<[u8; 4]>(),
+            prefix in any::<u8>(),
+            pad in "[ \t\n\r]{0,2}",
+        ) {
+            let [a, b, c, _] = octets;
+            let text = format!("{pad}{}{pad}", Ipv4Addr::from(octets));
+            prop_assert_eq!(
+                anonymize_ip(&text, prefix),
+                Anonymized::V4(format!("{a}.{b}.{c}.X"))
+            );
+        }
+
+        #[test]
+        fn ipv4_mapped_ipv6_is_anonymized_as_ipv4(octets in any::<[u8; 4]>(), prefix in any::<u8>()) {
+            let [a, b, c, _] = octets;
+            let mapped = Ipv4Addr::from(octets).to_ipv6_mapped();
+            let s = mapped.segments();
+            // Dotted tail, hex tail and fully expanded all name the same IPv4 client.
+            for text in [
+                mapped.to_string(),
+                format!("::ffff:{:x}:{:x}", s[6], s[7]),
+                format!("0:0:0:0:0:FFFF:{}", Ipv4Addr::from(octets)),
+            ] {
+                prop_assert_eq!(
+                    anonymize_ip(&text, prefix),
+                    Anonymized::V4(format!("{a}.{b}.{c}.X")),
+                    "{}", text
+                );
+            }
+        }
+
+        /// Every prefix length the function accepts (any `u8`; above 64 it is clamped): the
+        /// output's network part is exactly the input's first `min(prefix, 64)` bits, so nothing
+        /// past the prefix can be present.
+        #[test]
+        fn ipv6_output_holds_only_the_prefix(addr in plain_v6(), prefix in any::<u8>()) {
+            let kept = prefix.min(MAX_IPV6_PREFIX_BITS);
+            for text in v6_text_forms(addr) {
+                let out = anonymize_ip(&text, prefix);
+                let Anonymized::V6(out) = out else {
+                    return Err(TestCaseError::fail(format!("{text:?} gave {out:?}")));
+                };
+                let hextets = parse_v6_output(&out).map_err(|e| TestCaseError::fail(format!("{out:?}: {e}")))?;
+                prop_assert_eq!(hextets.len(), usize::from(kept).div_ceil(16), "{}", out);
+                let mut network = [0u16; 8];
+                network[..hextets.len()].copy_from_slice(&hextets);
+                let network = u128::from(Ipv6Addr::from(network));
+                prop_assert_eq!(network & !mask(kept), 0, "bits past /{} in {}", kept, out);
+                prop_assert_eq!(network, u128::from(addr) & mask(kept), "{}", out);
+            }
+        }
+
+        /// Arbitrary text: the output is the marker or an anonymized form ending in `X`, and text
+        /// comes out unchanged only if it is the marker itself.
+        #[test]
+        fn arbitrary_text_never_passes_through(
+            text in prop_oneof![
+                any::<String>(),
+                "[0-9a-fA-F:.%\\[\\] \t]{0,48}",
+                Just(INVALID_MARKER.to_string()),
+            ],
+            prefix in any::<u8>(),
+        ) {
+            let out = anonymize_ip(&text, prefix);
+            let s = out.as_str();
+            match &out {
+                Anonymized::Invalid => prop_assert_eq!(s, INVALID_MARKER),
+                Anonymized::V4(_) | Anonymized::V6(_) => {
+                    prop_assert!(s.ends_with('X'), "{:?} -> {:?}", text, s);
+                    prop_assert!(text.trim().parse::<IpAddr>().is_ok(), "{:?} -> {:?}", text, s);
+                }
+            }
+            prop_assert!(s != text || text == INVALID_MARKER, "{:?} passed through", text);
+        }
+    }
+}

@@ -257,10 +257,11 @@ pub struct TopicSettings {
     /// Undecodable input, with the original bytes and headers naming where it came from.
     #[serde(deserialize_with = "lenient_string")]
     pub dead_letter: String,
-    /// Partitions used by `edgelog setup` when it creates the topics.
+    /// Partitions used by `edgelog setup` when it creates the topics (1 to [`MAX_PARTITIONS`]).
     pub partitions: i32,
     pub replication_factor: i32,
-    /// `retention.ms` set on created topics. Must exceed the longest outage you want to survive.
+    /// `retention.ms` set on created topics (at least 1 minute). Must exceed the longest outage
+    /// you want to survive.
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
 }
@@ -295,9 +296,9 @@ pub struct ClickHouseSettings {
     pub admin_password: Secret,
     #[serde(deserialize_with = "lenient_string")]
     pub database: String,
-    /// TTL of raw rows in `http_log`, in days (0 = keep forever).
+    /// TTL of raw rows in `http_log`, in days (0 = keep forever, at most [`MAX_TTL_DAYS`]).
     pub raw_ttl_days: u32,
-    /// TTL of the totals table, in days (0 = keep forever).
+    /// TTL of the totals table, in days (0 = keep forever, at most [`MAX_TTL_DAYS`]).
     pub totals_ttl_days: u32,
 }
 
@@ -418,7 +419,8 @@ pub struct LoaderSettings {
     /// Time between two requests to the proxy. nginx's `1r/m` really means one per 62.5 s.
     #[serde(with = "humantime_serde")]
     pub slot_spacing: Duration,
-    /// Largest request body sent to the proxy (nginx's default limit is 1 MiB = 1048576).
+    /// Largest request body sent to the proxy (nginx's default limit is 1 MiB = 1048576); 4096 to
+    /// [`MAX_BODY_BYTES`].
     pub max_body_bytes: usize,
     /// Local address the loader's HTTP client binds to. The proxy budgets per client IP, so two
     /// loaders need two source addresses to get two budgets.
@@ -428,7 +430,8 @@ pub struct LoaderSettings {
     pub request_timeout: Duration,
     /// Send `insert_deduplication_token` (ClickHouse >= 22.2). Off = rely on the block hash.
     pub dedup_token: bool,
-    /// Consumption pauses while this many bytes of records wait for a slot (bounds memory).
+    /// Consumption pauses while this many bytes of records wait for a slot (bounds memory); at
+    /// least `max_body_bytes`.
     pub max_buffer_bytes: usize,
     pub kafka_options: KafkaOptions,
 }
@@ -501,20 +504,66 @@ impl Settings {
         if self.kafka.brokers.trim().is_empty() {
             return Err(invalid("kafka.brokers", "must not be empty"));
         }
+        let t = &self.topics;
         for (key, topic) in [
-            ("topics.input", &self.topics.input),
-            ("topics.anonymized", &self.topics.anonymized),
-            ("topics.dead_letter", &self.topics.dead_letter),
+            ("topics.input", &t.input),
+            ("topics.anonymized", &t.anonymized),
+            ("topics.dead_letter", &t.dead_letter),
         ] {
             check_topic_name(key, topic)?;
         }
-        if self.topics.partitions < 1 {
-            return Err(invalid("topics.partitions", "must be at least 1"));
+        // The anonymizer would read its own output (or dead letters) back as input, forever.
+        if t.anonymized == t.input {
+            return Err(invalid(
+                "topics.anonymized",
+                "must differ from topics.input",
+            ));
         }
-        if self.topics.replication_factor < 1 {
-            return Err(invalid("topics.replication_factor", "must be at least 1"));
+        if t.dead_letter == t.input || t.dead_letter == t.anonymized {
+            return Err(invalid(
+                "topics.dead_letter",
+                "must differ from topics.input and topics.anonymized",
+            ));
         }
+        // A batch's ranges (every partition it spans) go into each partition's commit metadata,
+        // which Kafka caps at 4096 bytes by default; 100 partitions fit (see loader::batch tests).
+        check_range("topics.partitions", t.partitions, 1, MAX_PARTITIONS)?;
+        // CreateTopics carries the replication factor as a 16-bit integer.
+        check_range(
+            "topics.replication_factor",
+            t.replication_factor,
+            1,
+            i32::from(i16::MAX),
+        )?;
+        // retention.ms = 0 deletes records before anyone reads them; Kafka takes a signed 64-bit
+        // number of milliseconds.
+        check_duration(
+            "topics.retention",
+            t.retention,
+            Duration::from_secs(60),
+            Duration::from_millis(i64::MAX as u64),
+        )?;
         check_identifier("clickhouse.database", &self.clickhouse.database)?;
+        let ch = &self.clickhouse;
+        // Credentials travel as HTTP header values: a character a header cannot hold fails every
+        // request, which the loader would retry forever as a transient error.
+        check_header_value("clickhouse.user", &ch.user, false)?;
+        check_header_value("clickhouse.admin_user", &ch.admin_user, false)?;
+        check_header_value("clickhouse.password", ch.password.expose(), true)?;
+        check_header_value(
+            "clickhouse.admin_password",
+            ch.admin_password.expose(),
+            true,
+        )?;
+        // TTLs are written into the table DDL; DateTime ends in 2106, and a TTL reaching past it
+        // would overflow.
+        check_range("clickhouse.raw_ttl_days", ch.raw_ttl_days, 0, MAX_TTL_DAYS)?;
+        check_range(
+            "clickhouse.totals_ttl_days",
+            ch.totals_ttl_days,
+            0,
+            MAX_TTL_DAYS,
+        )?;
         for (key, url) in [
             ("clickhouse.url", &self.clickhouse.url),
             ("clickhouse.admin_url", &self.clickhouse.admin_url),
@@ -567,6 +616,20 @@ impl Settings {
         if a.txn_max_records == 0 {
             return Err(invalid("anonymizer.txn_max_records", "must be at least 1"));
         }
+        // librdkafka's transaction.timeout.ms (and message.timeout.ms, set to the same) is a
+        // 32-bit number of milliseconds, at least 1000.
+        check_duration(
+            "anonymizer.txn_timeout",
+            a.txn_timeout,
+            Duration::from_secs(1),
+            Duration::from_millis(i32::MAX as u64),
+        )?;
+        if a.txn_max_duration.is_zero() {
+            return Err(invalid(
+                "anonymizer.txn_max_duration",
+                "must be greater than 0",
+            ));
+        }
         if a.txn_max_duration >= a.txn_timeout {
             return Err(invalid(
                 "anonymizer.txn_max_duration",
@@ -583,12 +646,35 @@ impl Settings {
         if l.group_id.is_empty() {
             return Err(invalid("loader.group_id", "must not be empty"));
         }
-        if l.max_body_bytes < 4096 {
-            return Err(invalid("loader.max_body_bytes", "must be at least 4096"));
+        // Bodies are built whole in memory, twice (Native, then zstd); far beyond any proxy's
+        // limit a value is a typo, not a plan.
+        check_range(
+            "loader.max_body_bytes",
+            l.max_body_bytes,
+            4096,
+            MAX_BODY_BYTES,
+        )?;
+        if l.max_buffer_bytes < l.max_body_bytes {
+            return Err(invalid(
+                "loader.max_buffer_bytes",
+                "must be at least loader.max_body_bytes (a full body must fit the buffer)",
+            ));
         }
-        if l.slot_spacing.is_zero() {
-            return Err(invalid("loader.slot_spacing", "must be greater than 0"));
-        }
+        // Slot times are `Instant + slot_spacing`, which panics on overflow; a day is already
+        // far past any proxy budget.
+        check_duration(
+            "loader.slot_spacing",
+            l.slot_spacing,
+            Duration::from_millis(1),
+            Duration::from_secs(24 * 3600),
+        )?;
+        // A zero timeout fails every insert before it is sent.
+        check_duration(
+            "loader.request_timeout",
+            l.request_timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        )?;
         Ok(self)
     }
 
@@ -610,6 +696,66 @@ impl Settings {
             copy.clickhouse.admin_password = Secret::new("***");
         }
         toml::to_string(&copy).expect("settings serialise to TOML")
+    }
+}
+
+/// Most partitions `topics.partitions` may ask for (see the check).
+pub const MAX_PARTITIONS: i32 = 100;
+
+/// Longest TTL in days: about 68 years, so `timestamp + TTL` stays inside DateTime (2106).
+pub const MAX_TTL_DAYS: u32 = 25_000;
+
+/// Largest `loader.max_body_bytes`: 256 MiB.
+pub const MAX_BODY_BYTES: usize = 256 << 20;
+
+fn check_range<T: PartialOrd + fmt::Display>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), ConfigError> {
+    if min <= value && value <= max {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between {min} and {max}, got {value}"),
+        ))
+    }
+}
+
+fn check_duration(
+    key: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), ConfigError> {
+    if min <= value && value <= max {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("must be between {min:?} and {max:?}, got {value:?}"),
+        ))
+    }
+}
+
+/// Visible ASCII only (and spaces inside secrets): what an HTTP client accepts in a header value.
+/// The value itself is not echoed, since it may be a password.
+fn check_header_value(key: &str, value: &str, secret: bool) -> Result<(), ConfigError> {
+    let allowed = |c: char| c.is_ascii_graphic() || (secret && c == ' ');
+    if !secret && value.is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    match value.chars().position(|c| !allowed(c)) {
+        None => Ok(()),
+        Some(i) => Err(invalid(
+            key,
+            format!(
+                "has a character an HTTP header cannot carry at position {i} (visible ASCII{} only)",
+                if secret { " and spaces" } else { "" }
+            ),
+        )),
     }
 }
 
@@ -637,10 +783,11 @@ fn check_topic_name(key: &str, name: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// ClickHouse identifiers from configuration end up in SQL text, so only plain names pass.
+/// ClickHouse identifiers from configuration end up in SQL text, so only plain names pass:
+/// `^[A-Za-z_][A-Za-z0-9_]{0,62}$`, nothing that needs quoting.
 pub fn check_identifier(key: &str, name: &str) -> Result<(), ConfigError> {
     let mut chars = name.chars();
-    let ok = name.len() <= 64
+    let ok = name.len() <= 63
         && chars
             .next()
             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
@@ -651,7 +798,7 @@ pub fn check_identifier(key: &str, name: &str) -> Result<(), ConfigError> {
         Err(invalid(
             key,
             format!(
-                "{name:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 64 chars)"
+                "{name:?} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*, at most 63 chars)"
             ),
         ))
     }
@@ -848,6 +995,205 @@ mod tests {
                     .to_string();
                 assert!(err.contains(named), "{key}: {err}");
             }
+            Ok(())
+        });
+    }
+
+    /// Hostile values, given the three ways an operator can (TOML file, environment, override),
+    /// all go through `Settings::load` as `cli::init` does at start-up; each error names the key.
+    #[test]
+    fn hostile_values_are_rejected_naming_the_key() {
+        let names: &[&str] = &[
+            "",
+            " ",
+            "edgelog db",
+            "edgelog`",
+            "`edgelog`",
+            "edge'log",
+            "edge\"log",
+            "edgelog; DROP DATABASE system",
+            "edgelog;",
+            "edgelog\nx",
+            "edgelog\r",
+            "edgelog\t",
+            "edgelog.http_log",
+            "edgelog--",
+            "edgelog/*",
+            "1edgelog",
+            "édgelog",
+            "edgelog\u{0}",
+            "${database}",
+        ];
+        let long_identifier = "a".repeat(64);
+        let topics: &[&str] = &[
+            "",
+            ".",
+            "..",
+            "http log",
+            "http_log;",
+            "http/log",
+            "http:log",
+            "http_log\n",
+            "'http_log'",
+            "http*",
+            "héllo",
+        ];
+        let long_topic = "t".repeat(250);
+        let mut cases: Vec<(&str, toml::Value)> = Vec::new();
+        for name in names.iter().copied().chain([long_identifier.as_str()]) {
+            cases.push(("clickhouse.database", name.into()));
+        }
+        for key in ["topics.input", "topics.anonymized", "topics.dead_letter"] {
+            for name in topics.iter().copied().chain([long_topic.as_str()]) {
+                cases.push((key, name.into()));
+            }
+        }
+        let numbers: &[(&str, toml::Value)] = &[
+            ("loader.max_body_bytes", 0.into()),
+            ("loader.max_body_bytes", (-1).into()),
+            ("loader.max_body_bytes", 4095.into()),
+            ("loader.max_body_bytes", i64::MAX.into()),
+            ("loader.max_body_bytes", 1e20.into()),
+            ("loader.max_buffer_bytes", 0.into()),
+            ("loader.max_buffer_bytes", (-5).into()),
+            ("topics.partitions", 0.into()),
+            ("topics.partitions", (-3).into()),
+            ("topics.partitions", 101.into()),
+            ("topics.partitions", i64::MAX.into()),
+            ("topics.replication_factor", 0.into()),
+            ("topics.replication_factor", 40_000.into()),
+            ("topics.retention", "0s".into()),
+            ("topics.retention", "1ms".into()),
+            ("topics.retention", "999999999999years".into()),
+            ("clickhouse.raw_ttl_days", 25_001.into()),
+            ("clickhouse.raw_ttl_days", (-1).into()),
+            ("clickhouse.totals_ttl_days", 4_000_000_000i64.into()),
+            ("clickhouse.totals_ttl_days", 1e20.into()),
+            ("anonymizer.txn_max_records", 0.into()),
+            ("anonymizer.txn_max_records", (-1).into()),
+            ("anonymizer.txn_max_duration", "0s".into()),
+            ("anonymizer.txn_timeout", "100ms".into()),
+            ("anonymizer.txn_timeout", "30days".into()),
+            ("anonymizer.ipv6_prefix_bits", 129.into()),
+            ("anonymizer.ipv6_prefix_bits", 256.into()),
+            ("anonymizer.ipv6_prefix_bits", (-1).into()),
+            ("loader.slot_spacing", "0s".into()),
+            ("loader.slot_spacing", "1000years".into()),
+            ("loader.request_timeout", "0s".into()),
+            ("loader.request_timeout", "2days".into()),
+            ("producer.rate", (-1.0).into()),
+            ("producer.rate", f64::NAN.into()),
+            ("producer.clients", 0.into()),
+            ("clickhouse.user", "".into()),
+            ("clickhouse.user", "edgelog loader".into()),
+            ("clickhouse.user", "edgelog\r\nX-Injected: 1".into()),
+            ("clickhouse.admin_user", "adm\nin".into()),
+        ];
+        cases.extend(numbers.iter().cloned());
+        Jail::expect_with(|jail| {
+            for (key, value) in &cases {
+                let (section, field) = key.split_once('.').unwrap();
+                let mut table = toml::Table::new();
+                table.insert(field.to_string(), value.clone());
+                let mut file = toml::Table::new();
+                file.insert(section.to_string(), toml::Value::Table(table));
+                jail.create_file("hostile.toml", &toml::to_string(&file).unwrap())?;
+                let err = Settings::load(Some(Path::new("hostile.toml")), &[])
+                    .expect_err(&format!("{key} = {value} was accepted"))
+                    .to_string();
+                assert!(err.contains(&format!("`{key}`")), "{key} = {value}: {err}");
+            }
+            Ok(())
+        });
+        // The environment is where most deployments set values; it reaches the same checks.
+        Jail::expect_with(|jail| {
+            for (var, value, key) in [
+                (
+                    "EDGELOG_CLICKHOUSE__DATABASE",
+                    "x;DROP TABLE y",
+                    "clickhouse.database",
+                ),
+                ("EDGELOG_TOPICS__INPUT", "in put", "topics.input"),
+                (
+                    "EDGELOG_LOADER__MAX_BODY_BYTES",
+                    "100000000000000000000",
+                    "loader.max_body_bytes",
+                ),
+                (
+                    "EDGELOG_LOADER__MAX_BODY_BYTES",
+                    "-1",
+                    "loader.max_body_bytes",
+                ),
+                ("EDGELOG_TOPICS__PARTITIONS", "0", "topics.partitions"),
+            ] {
+                jail.clear_env();
+                jail.set_env(var, value);
+                let err = Settings::load(None, &[])
+                    .expect_err(&format!("{var}={value} was accepted"))
+                    .to_string();
+                assert!(err.contains(&format!("`{key}`")), "{var}={value}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn topics_must_be_distinct() {
+        Jail::expect_with(|_| {
+            for (key, value, named) in [
+                ("topics.anonymized", "http_log", "topics.anonymized"),
+                ("topics.dead_letter", "http_log", "topics.dead_letter"),
+                ("topics.dead_letter", "http_log_anon", "topics.dead_letter"),
+            ] {
+                let err = Settings::load(None, &[(key, value.into())])
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(&format!("`{named}`")), "{err}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn credentials_a_header_cannot_carry_are_rejected_without_echoing_them() {
+        Jail::expect_with(|_| {
+            for (key, value) in [
+                ("clickhouse.password", "pässword"),
+                ("clickhouse.password", "line\nbreak"),
+                ("clickhouse.admin_password", "tab\there"),
+            ] {
+                let err = Settings::load(None, &[(key, value.into())])
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(&format!("`{key}`")), "{err}");
+                assert!(!err.contains(value), "the secret is echoed: {err}");
+            }
+            let s = Settings::load(None, &[("clickhouse.password", "a b!~".into())]).unwrap();
+            assert_eq!(s.clickhouse.password.expose(), "a b!~");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn edges_of_the_accepted_ranges_load() {
+        Jail::expect_with(|_| {
+            let max_identifier = format!("_{}", "a".repeat(62));
+            let max_topic = "a.b-c_".repeat(41) + "abc";
+            assert_eq!(max_topic.len(), 249);
+            let s = Settings::load(
+                None,
+                &[
+                    ("clickhouse.database", max_identifier.as_str().into()),
+                    ("topics.input", max_topic.as_str().into()),
+                    ("topics.partitions", MAX_PARTITIONS.into()),
+                    ("clickhouse.raw_ttl_days", MAX_TTL_DAYS.into()),
+                    ("clickhouse.totals_ttl_days", 0.into()),
+                    ("loader.max_body_bytes", 4096.into()),
+                    ("loader.slot_spacing", "24h".into()),
+                ],
+            )
+            .unwrap();
+            assert_eq!(s.clickhouse.database, max_identifier);
             Ok(())
         });
     }

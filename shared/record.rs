@@ -180,3 +180,55 @@ mod tests {
         assert!(decode_capnp(&trailing).is_err(), "trailing bytes");
     }
 }
+
+/// Property tests of the Cap'n Proto round trip.
+#[cfg(test)]
+pub(crate) mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Any record, text fields any Unicode (NUL included: Cap'n Proto text is length-prefixed).
+    pub(crate) fn any_record() -> impl Strategy<Value = HttpLogRecord> {
+        (
+            any::<(u64, u64, u64, u64, u16)>(),
+            any::<(String, String, String, String)>(),
+        )
+            .prop_map(
+                |(
+                    (timestamp_epoch_milli, resource_id, bytes_sent, request_time_milli, status),
+                    (cache_status, method, remote_addr, url),
+                )| HttpLogRecord {
+                    timestamp_epoch_milli,
+                    resource_id,
+                    bytes_sent,
+                    request_time_milli,
+                    response_status: status,
+                    cache_status,
+                    method,
+                    remote_addr,
+                    url,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn capnp_round_trips(r in any_record(), shift in 0usize..8) {
+            let bytes = encode_capnp(&r);
+            prop_assert_eq!(bytes.len() % 8, 0);
+            let words = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+            prop_assert_eq!(words, single_segment_words(&r), "one segment, no slack");
+            // Kafka payloads start at any address.
+            let mut shifted = vec![0u8; shift];
+            shifted.extend_from_slice(&bytes);
+            prop_assert_eq!(decode_capnp(&shifted[shift..]).unwrap(), r);
+        }
+
+        #[test]
+        fn capnp_rejects_every_truncation(r in any_record(), cut in any::<prop::sample::Index>()) {
+            let bytes = encode_capnp(&r);
+            let cut = cut.index(bytes.len());
+            prop_assert!(decode_capnp(&bytes[..cut]).is_err(), "cut at {}", cut);
+        }
+    }
+}

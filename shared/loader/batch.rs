@@ -210,3 +210,97 @@ mod tests {
         );
     }
 }
+
+/// Property tests: planning by ranges covers every offset, the metadata text round-trips and the
+/// token is a function of the ranges alone.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeSet;
+
+    /// Records as `(partition, offset)`: few partitions so they share ranges, offsets anywhere a
+    /// Kafka offset can be (Kafka never reaches `i64::MAX`: `end` = last + 1 must fit).
+    fn any_records() -> impl Strategy<Value = Vec<(i32, i64)>> {
+        let partition = prop_oneof![0i32..4, any::<i32>()];
+        let offset = prop_oneof![0i64..50, 0..i64::MAX - 1];
+        prop::collection::vec((partition, offset), 1..60)
+    }
+
+    fn any_ranges() -> impl Strategy<Value = BatchRanges> {
+        any_records().prop_map(|r| BatchRanges::covering(r).expect("non-empty, valid offsets"))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn covering_contains_every_record_and_is_the_tightest(records in any_records()) {
+            let b = BatchRanges::covering(records.iter().copied()).unwrap();
+            for &(p, o) in &records {
+                prop_assert!(b.contains(p, o), "{}:{} not in {}", p, o, b);
+            }
+            let partitions: BTreeSet<i32> = records.iter().map(|r| r.0).collect();
+            prop_assert_eq!(b.ranges().len(), partitions.len());
+            for r in b.ranges() {
+                let offsets = records.iter().filter(|x| x.0 == r.partition).map(|x| x.1);
+                prop_assert_eq!(r.start, offsets.clone().min().unwrap());
+                prop_assert_eq!(r.end, offsets.max().unwrap() + 1);
+            }
+            // Order of arrival does not matter.
+            let mut reversed = records.clone();
+            reversed.reverse();
+            prop_assert_eq!(BatchRanges::covering(reversed).unwrap(), b);
+        }
+
+        #[test]
+        fn metadata_round_trips(b in any_ranges()) {
+            let text = b.to_metadata();
+            prop_assert!(text.starts_with(METADATA_PREFIX));
+            prop_assert_eq!(BatchRanges::from_metadata(&text).unwrap(), Some(b));
+        }
+
+        /// Whatever the committed metadata holds (another tool's note, a corrupted text), parsing
+        /// does not panic, and anything accepted describes valid ranges.
+        #[test]
+        fn arbitrary_metadata_parses_or_errs(
+            tail in prop_oneof![any::<String>(), "[0-9:,+-]{0,40}"],
+            prefixed in any::<bool>(),
+        ) {
+            let text = if prefixed { format!("{METADATA_PREFIX}{tail}") } else { tail };
+            if let Ok(Some(b)) = BatchRanges::from_metadata(&text) {
+                prop_assert!(b.ranges().iter().all(|r| 0 <= r.start && r.start < r.end));
+                prop_assert_eq!(BatchRanges::from_metadata(&b.to_metadata()).unwrap(), Some(b));
+            }
+        }
+
+        #[test]
+        fn dedup_token_is_a_function_of_the_ranges(
+            a in any_records(),
+            b in any_records(),
+            topic in "[a-z_]{1,12}",
+        ) {
+            let ra = BatchRanges::covering(a.iter().copied()).unwrap();
+            let rb = BatchRanges::covering(b.iter().copied()).unwrap();
+            // Same ranges built another way (shuffled ranges through `new`) give the same token.
+            let mut shuffled = ra.ranges().to_vec();
+            shuffled.reverse();
+            let same = BatchRanges::new(shuffled).unwrap();
+            prop_assert_eq!(ra.dedup_token(&topic), same.dedup_token(&topic));
+            prop_assert_eq!(ra == rb, ra.dedup_token(&topic) == rb.dedup_token(&topic));
+        }
+
+        /// Neighbouring ranges (one offset more or less on one partition) get different tokens:
+        /// random pairs of range sets almost never collide, so test the near misses directly.
+        #[test]
+        fn dedup_token_changes_with_any_bound(b in any_ranges(), which in any::<prop::sample::Index>(), grow in any::<bool>()) {
+            let mut ranges = b.ranges().to_vec();
+            let i = which.index(ranges.len());
+            let r = &mut ranges[i];
+            if grow { r.end += 1 } else if r.end - r.start > 1 { r.end -= 1 } else { r.start += 1; r.end += 1 }
+            let changed = BatchRanges::new(ranges).unwrap();
+            prop_assert_ne!(&changed, &b);
+            prop_assert_ne!(changed.dedup_token("t"), b.dedup_token("t"));
+        }
+    }
+}

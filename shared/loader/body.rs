@@ -175,3 +175,259 @@ mod tests {
         }
     }
 }
+
+/// Property tests: a test-only Native decoder reads every body back to the records it was made of.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    enum Column {
+        DateTime(Vec<u32>),
+        UInt64(Vec<u64>),
+        UInt16(Vec<u16>),
+        Int32(Vec<i32>),
+        Int64(Vec<i64>),
+        String(Vec<String>),
+    }
+
+    /// One decoded Native block: `(name, type, values)` per column.
+    type Block = Vec<(String, String, Column)>;
+
+    struct Reader<'a>(&'a [u8]);
+
+    impl Reader<'_> {
+        fn take(&mut self, n: usize) -> Result<&[u8], String> {
+            if self.0.len() < n {
+                return Err(format!("{n} bytes wanted, {} left", self.0.len()));
+            }
+            let (head, rest) = self.0.split_at(n);
+            self.0 = rest;
+            Ok(head)
+        }
+        fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+            Ok(self.take(N)?.try_into().expect("took N"))
+        }
+        /// LEB128, as ClickHouse's `readVarUInt` (at most 10 bytes).
+        fn varint(&mut self) -> Result<u64, String> {
+            let mut v = 0u64;
+            for i in 0..10 {
+                let b = self.take(1)?[0];
+                v |= u64::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    return Ok(v);
+                }
+            }
+            Err("varint longer than 10 bytes".into())
+        }
+        fn string(&mut self) -> Result<String, String> {
+            let n = usize::try_from(self.varint()?).map_err(|e| e.to_string())?;
+            String::from_utf8(self.take(n)?.to_vec()).map_err(|e| e.to_string())
+        }
+    }
+
+    /// Decompresses a body and decodes its one Native block, for the types the loader sends.
+    fn decode_body(body: &[u8]) -> Result<Block, String> {
+        let native = zstd::decode_all(body).map_err(|e| e.to_string())?;
+        let mut r = Reader(&native);
+        let columns = r.varint()?;
+        let rows = usize::try_from(r.varint()?).map_err(|e| e.to_string())?;
+        let mut block = Vec::new();
+        for _ in 0..columns {
+            let name = r.string()?;
+            let ty = r.string()?;
+            let values = match ty.as_str() {
+                "DateTime" => Column::DateTime(
+                    (0..rows)
+                        .map(|_| r.array().map(u32::from_le_bytes))
+                        .collect::<Result<_, _>>()?,
+                ),
+                "UInt64" => Column::UInt64(
+                    (0..rows)
+                        .map(|_| r.array().map(u64::from_le_bytes))
+                        .collect::<Result<_, _>>()?,
+                ),
+                "UInt16" => Column::UInt16(
+                    (0..rows)
+                        .map(|_| r.array().map(u16::from_le_bytes))
+                        .collect::<Result<_, _>>()?,
+                ),
+                "Int32" => Column::Int32(
+                    (0..rows)
+                        .map(|_| r.array().map(i32::from_le_bytes))
+                        .collect::<Result<_, _>>()?,
+                ),
+                "Int64" => Column::Int64(
+                    (0..rows)
+                        .map(|_| r.array().map(i64::from_le_bytes))
+                        .collect::<Result<_, _>>()?,
+                ),
+                "String" => {
+                    Column::String((0..rows).map(|_| r.string()).collect::<Result<_, _>>()?)
+                }
+                other => return Err(format!("column {name}: type {other} not decoded here")),
+            };
+            block.push((name, ty, values));
+        }
+        if !r.0.is_empty() {
+            return Err(format!("{} bytes after the block", r.0.len()));
+        }
+        Ok(block)
+    }
+
+    /// The block's rows turned back into records (`version` is not sent; timestamps are seconds).
+    fn rows(block: &Block) -> Vec<AnonRecord> {
+        let col = |name: &str| {
+            &block
+                .iter()
+                .find(|c| c.0 == name)
+                .expect("column present")
+                .2
+        };
+        let n = match col("url") {
+            Column::String(v) => v.len(),
+            other => panic!("url is {other:?}"),
+        };
+        (0..n)
+            .map(|i| {
+                let u64_at = |name| match col(name) {
+                    Column::UInt64(v) => v[i],
+                    other => panic!("{name} is {other:?}"),
+                };
+                let str_at = |name| match col(name) {
+                    Column::String(v) => v[i].clone(),
+                    other => panic!("{name} is {other:?}"),
+                };
+                AnonRecord {
+                    version: 1,
+                    timestamp_epoch_milli: match col("timestamp") {
+                        Column::DateTime(v) => u64::from(v[i]) * 1000,
+                        other => panic!("timestamp is {other:?}"),
+                    },
+                    resource_id: u64_at("resource_id"),
+                    bytes_sent: u64_at("bytes_sent"),
+                    request_time_milli: u64_at("request_time_milli"),
+                    response_status: match col("response_status") {
+                        Column::UInt16(v) => v[i],
+                        other => panic!("response_status is {other:?}"),
+                    },
+                    cache_status: str_at("cache_status"),
+                    method: str_at("method"),
+                    remote_addr: str_at("remote_addr"),
+                    url: str_at("url"),
+                    source_partition: match col("source_partition") {
+                        Column::Int32(v) => v[i],
+                        other => panic!("source_partition is {other:?}"),
+                    },
+                    source_offset: match col("source_offset") {
+                        Column::Int64(v) => v[i],
+                        other => panic!("source_offset is {other:?}"),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// What a record looks like after the trip: DateTime holds whole seconds, saturated at the
+    /// type's end (2106) rather than wrapped.
+    fn as_sent(r: &AnonRecord) -> AnonRecord {
+        let secs = (r.timestamp_epoch_milli / 1000).min(u64::from(u32::MAX));
+        AnonRecord {
+            timestamp_epoch_milli: secs * 1000,
+            ..r.clone()
+        }
+    }
+
+    fn any_record() -> impl Strategy<Value = AnonRecord> {
+        (
+            (
+                any::<u64>(),
+                0u64..4,
+                any::<u64>(),
+                any::<u64>(),
+                any::<u16>(),
+            ),
+            (
+                "HIT|MISS|STALE|",
+                "GET|HEAD|",
+                ".{0,12}",
+                prop_oneof!["/[a-z]{0,3}", ".{0,200}"],
+            ),
+            (0i32..3, any::<i64>()),
+        )
+            .prop_map(
+                |((ts, resource, bytes, millis, status), (cache, method, addr, url), (p, o))| {
+                    AnonRecord {
+                        version: 1,
+                        timestamp_epoch_milli: ts,
+                        resource_id: resource,
+                        bytes_sent: bytes,
+                        request_time_milli: millis,
+                        response_status: status,
+                        cache_status: cache,
+                        method,
+                        remote_addr: addr,
+                        url,
+                        source_partition: p,
+                        source_offset: o,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn native_body_decodes_to_the_records(
+            records in prop::collection::vec(any_record(), 0..40),
+            level in -5i32..=9,
+        ) {
+            let refs: Vec<&AnonRecord> = records.iter().collect();
+            let block = decode_body(&encode_body_at(&refs, level)).map_err(TestCaseError::fail)?;
+            let header: Vec<(&str, &str)> = block.iter().map(|c| (c.0.as_str(), c.1.as_str())).collect();
+            prop_assert_eq!(header, COLUMNS.to_vec());
+            let decoded = rows(&block);
+            prop_assert_eq!(decoded.len(), records.len());
+            // Rows come in canonical order; as a multiset they are the input.
+            let mut expected: Vec<AnonRecord> = records.iter().map(as_sent).collect();
+            let mut order: Vec<&AnonRecord> = expected.iter().collect();
+            canonical_order(&mut order);
+            let key = |r: &AnonRecord| (r.resource_id, r.url.clone(), r.remote_addr.clone(), r.source_partition, r.source_offset);
+            prop_assert_eq!(
+                decoded.iter().map(key).collect::<Vec<_>>(),
+                order.iter().map(|r| key(r)).collect::<Vec<_>>()
+            );
+            let mut got = decoded;
+            let sort = |v: &mut Vec<AnonRecord>| v.sort_by(|a, b| format!("{a:?}").cmp(&format!("{b:?}")));
+            sort(&mut got);
+            sort(&mut expected);
+            prop_assert_eq!(got, expected);
+        }
+
+        #[test]
+        fn body_depends_only_on_the_set_of_records(
+            records in prop::collection::vec(any_record(), 1..30),
+            seed in any::<u64>(),
+        ) {
+            // Within a batch (partition, offset) is unique, which makes the canonical order total.
+            let records: Vec<AnonRecord> = records
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| AnonRecord { source_offset: i as i64, ..r })
+                .collect();
+            let refs: Vec<&AnonRecord> = records.iter().collect();
+            let mut shuffled = refs.clone();
+            // A deterministic shuffle from the seed (proptest shrinks the seed, not the order).
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            prop_assert_eq!(encode_body(&refs), encode_body(&shuffled));
+        }
+    }
+}
