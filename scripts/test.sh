@@ -17,7 +17,8 @@ cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 bash docker/check.sh
 # --all-targets would also run the benches (harness = false); clippy above compiles them.
-cargo test --locked --lib --bins --tests
+# The timeout turns a hung test into a loud failure well inside CI's 90 minutes.
+timeout 45m cargo test --locked --lib --bins --tests
 # Fault injection on the real stack (kills, proxy faults, ClickHouse and Kafka restarts), then the
 # exactly-once audit; exits non-zero on any missing, duplicated or unexpected record.
 scripts/chaos.sh --duration "${CHAOS_SECONDS:-90}" --rate 300

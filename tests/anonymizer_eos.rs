@@ -3,7 +3,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -13,10 +12,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::Message;
 
 /// Starts the real `anonymizer` binary with `settings` passed through the environment.
-fn spawn_anonymizer(s: &Settings, instance: &str) -> Child {
-    anonymizer_command(s, instance)
-        .spawn()
-        .expect("starting the anonymizer binary")
+fn spawn_anonymizer(s: &Settings, instance: &str) -> KillOnDrop {
+    KillOnDrop::spawn(&mut anonymizer_command(s, instance))
 }
 
 /// Reads the anonymized and dead-letter topics with read_committed until `expected` source

@@ -49,7 +49,7 @@ async fn crash_then_recover(dedup_token: bool, failpoint: &str) -> u64 {
     let db = s.clickhouse.database.clone();
     let after_crash = count(format!("SELECT count() FROM {db}.http_log")).await;
 
-    let mut child = loader_command(&s).spawn().unwrap();
+    let mut child = KillOnDrop::spawn(&mut loader_command(&s));
     wait_for("every row in ClickHouse", Duration::from_secs(120), || {
         let sql = format!("SELECT count() FROM {db}.http_log");
         async move { (count(sql).await >= good).then_some(()) }
@@ -118,9 +118,9 @@ async fn a_recorded_batch_is_finished_by_whoever_gets_its_partitions() {
     );
 
     // Two loaders (two client IPs, two proxy budgets) split the partitions between them.
-    let mut a = loader_command(&s).spawn().unwrap();
+    let mut a = KillOnDrop::spawn(&mut loader_command(&s));
     s.loader.source_address = Some(fresh_loopback_ip());
-    let mut b = loader_command(&s).spawn().unwrap();
+    let mut b = KillOnDrop::spawn(&mut loader_command(&s));
     let db = s.clickhouse.database.clone();
     wait_no_pending_batch(
         &s,

@@ -58,11 +58,11 @@ async fn anonymizer_instances_join_and_leave_under_load() {
     };
     let loader = start_loader(&s);
 
-    let mut a = anonymizer_command(&s, "a").spawn().unwrap();
+    let mut a = KillOnDrop::spawn(&mut anonymizer_command(&s, "a"));
     wait_anonymized(&s, 2_000).await;
-    let mut b = anonymizer_command(&s, "b").spawn().unwrap(); // joins: rebalance under load
+    let mut b = KillOnDrop::spawn(&mut anonymizer_command(&s, "b")); // joins: rebalance under load
     wait_anonymized(&s, 6_000).await;
-    let mut c = anonymizer_command(&s, "c").spawn().unwrap(); // a third joins
+    let mut c = KillOnDrop::spawn(&mut anonymizer_command(&s, "c")); // a third joins
     wait_anonymized(&s, 10_000).await;
     terminate(&b); // leaves cleanly: its open transaction commits in the revoke callback
     assert!(b.wait().unwrap().success(), "a clean stop exits 0");
@@ -88,7 +88,7 @@ async fn two_loaders_split_the_partitions_and_one_dies_between_insert_and_commit
     // Two client IPs: two proxy budgets. B is in the group before A crashes, so A's partitions
     // (and its recorded, already inserted but uncommitted batch) move to B.
     s.loader.source_address = Some(fresh_loopback_ip());
-    let mut b = loader_command(&s).spawn().unwrap();
+    let mut b = KillOnDrop::spawn(&mut loader_command(&s));
     s.loader.source_address = Some(fresh_loopback_ip());
     let crashed = loader_command(&s)
         .env("LOADER_FAILPOINT", "after_response")
