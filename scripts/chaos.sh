@@ -2,7 +2,7 @@
 # Fault injection on the real local stack, then the exactly-once audit.
 #
 #   scripts/chaos.sh [--duration SECONDS] [--rate RECORDS_PER_S] [--seed N] [--no-server-restarts]
-#                    [--faults fault,fault,...]
+#                    [--faults fault,fault,...|none] [--soak]
 #
 # Runs the producer at a steady rate, two anonymizer instances and a loader (each restarted by a
 # small supervisor whenever it exits, as an orchestrator would) through a dedicated nginx proxy
@@ -19,12 +19,15 @@
 # Then it stops the producer, lets the pipeline drain and runs `edgelog verify --wait-drained`.
 # Exit status: verify's. Every run uses fresh topics, groups and database (prefix chaos_<time>).
 # --no-server-restarts leaves ClickHouse and Kafka alone (when others share the stack); --faults
-# picks from a list of your own.
+# picks from a list of your own (`none`: no faults).
+# --soak: the soak test instead: release binaries, no faults, the loader through the REAL 1r/m
+# proxy (127.0.0.1:8124, slots every 64 s), one anonymizer; every 30 s the resident memory of each
+# stage and both lags go to $DIR/samples.tsv. Ends with the same drain and verify.
 # Logs: $EDGESTACK_HOME/run/chaos-runs/<name>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-DURATION=120 RATE=300 SEED=$RANDOM SERVER_RESTARTS=true ONLY=""
+DURATION=120 RATE=300 SEED=$RANDOM SERVER_RESTARTS=true ONLY="" SOAK=false
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
@@ -32,20 +35,26 @@ while [ $# -gt 0 ]; do
     --seed) SEED=$2; shift 2 ;;
     --no-server-restarts) SERVER_RESTARTS=false; shift ;;
     --faults) ONLY=$2; shift 2 ;;
-    *) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    --soak) SOAK=true; ONLY=none; shift ;;
+    *) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
   esac
 done
 RANDOM=$SEED
 
-NAME=chaos_$(date +%s)
+NAME=$($SOAK && echo soak || echo chaos)_$(date +%s)
 STACK_RUN=${EDGESTACK_HOME:-$HOME/.cache/edgelog-stack}/run
 DIR=$STACK_RUN/chaos-runs/$NAME
 mkdir -p "$DIR"
 log() { printf '[chaos %s] %s\n' "$(date +%T)" "$*" | tee -a "$DIR/chaos.log" >&2; }
 
 scripts/install-build-deps.sh
-cargo build --locked --bins 2>&1 | tail -n 1
-BIN=$PWD/target/debug
+if $SOAK; then
+  cargo build --release --locked --bins 2>&1 | tail -n 1
+  BIN=$PWD/target/release
+else
+  cargo build --locked --bins 2>&1 | tail -n 1
+  BIN=$PWD/target/debug
+fi
 scripts/stack.sh up > "$DIR/stack.log" 2>&1
 scripts/stack.sh proxy-start chaos 8126 600r/m >> "$DIR/stack.log" 2>&1
 scripts/stack.sh proxy-mode chaos normal
@@ -56,6 +65,9 @@ export EDGELOG_TOPICS__INPUT=${NAME}_in EDGELOG_TOPICS__ANONYMIZED=${NAME}_anon 
   EDGELOG_CLICKHOUSE__URL=http://127.0.0.1:8126 EDGELOG_LOADER__SLOT_SPACING=300ms \
   EDGELOG_CLICKHOUSE__PASSWORD=edgelog-dev-password EDGELOG_PRODUCER__GARBAGE_SHARE=0.005 \
   EDGELOG_PRODUCER__METRICS_LISTEN=127.0.0.1:9111 EDGELOG_LOADER__METRICS_LISTEN=127.0.0.1:9113
+if $SOAK; then
+  export EDGELOG_CLICKHOUSE__URL=http://127.0.0.1:8124 EDGELOG_LOADER__SLOT_SPACING=64s
+fi
 "$BIN/edgelog" setup >> "$DIR/chaos.log"
 
 # supervise NAME COMMAND...: runs COMMAND again whenever it exits, until $DIR/stop exists. The
@@ -74,7 +86,7 @@ supervise() {
 }
 supervise anonymizer-a env EDGELOG_ANONYMIZER__INSTANCE_ID=a \
   EDGELOG_ANONYMIZER__METRICS_LISTEN=127.0.0.1:9112 "$BIN/anonymizer"
-supervise anonymizer-b env EDGELOG_ANONYMIZER__INSTANCE_ID=b \
+$SOAK || supervise anonymizer-b env EDGELOG_ANONYMIZER__INSTANCE_ID=b \
   EDGELOG_ANONYMIZER__METRICS_LISTEN=127.0.0.1:9122 "$BIN/anonymizer"
 supervise loader "$BIN/loader"
 "$BIN/producer" --rate "$RATE" --duration "${DURATION}s" > "$DIR/producer.log" 2>&1 &
@@ -93,10 +105,22 @@ kill9() { local f=$DIR/$1.pid; [ -e "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null 
 FAULTS=(kill-anonymizer kill-anonymizers kill-loader proxy-503 proxy-504 proxy-budget proxy-refused)
 $SERVER_RESTARTS && FAULTS+=(clickhouse-restart kafka-restart)
 [ -n "$ONLY" ] && IFS=, read -r -a FAULTS <<< "$ONLY"
+[ "$ONLY" = none ] && FAULTS=()
+
+# sample: elapsed seconds, resident memory (KiB) of anonymizer-a and loader, both lags.
+rss() { local f=$DIR/$1.pid; awk '/VmRSS/ {print $2}' "/proc/$(cat "$f" 2>/dev/null)/status" 2>/dev/null || echo NA; }
+lag() { curl -s -m 2 "http://$1/metrics" | awk -v m="$2" '$1 == m {print $2}' | head -n 1; }
+sample() {
+  printf '%s\t%s\t%s\t%s\t%s\n' "$(( $(date +%s) - started ))" "$(rss anonymizer-a)" "$(rss loader)" \
+    "$(lag 127.0.0.1:9112 edgelog_anonymizer_lag)" "$(lag 127.0.0.1:9113 edgelog_loader_lag)" >> "$DIR/samples.tsv"
+}
+started=$(date +%s)
+printf 'seconds\tanonymizer_rss_kib\tloader_rss_kib\tanonymizer_lag\tloader_lag\n' > "$DIR/samples.tsv"
 declare -A injected=()
 log "$NAME: seed $SEED, $DURATION s of faults at $RATE records/s; faults: ${FAULTS[*]}"
 end=$(( $(date +%s) + DURATION ))
 while [ "$(date +%s)" -lt "$end" ]; do
+  if [ ${#FAULTS[@]} -eq 0 ]; then sleep 30; sample; continue; fi
   sleep $(( 3 + RANDOM % 8 ))
   fault=${FAULTS[RANDOM % ${#FAULTS[@]}]}
   hold=$(( 3 + RANDOM % 6 ))
