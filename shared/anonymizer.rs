@@ -141,6 +141,10 @@ impl Shared {
             return Ok(());
         }
         tracing::warn!(records = state.records, why, "aborting transaction");
+        // Let in-flight sends settle first: an abort racing the partition registrations of its own
+        // transaction was answered INVALID_TXN_STATE (fatal) by Kafka 4.1 in our abort test.
+        // Bounded: on a broken connection the abort proceeds and librdkafka purges.
+        let _ = self.producer.flush(Duration::from_secs(5));
         let result = with_retries("abort_transaction", || {
             self.producer.abort_transaction(Timeout::Never)
         });
@@ -338,6 +342,7 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
         .context("subscribing")?;
     tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, "anonymizer running");
 
+    let mut abort_injection = AbortInjection::from_env();
     let result = (|| -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
             let polled = consumer.poll(Duration::from_millis(100));
@@ -371,10 +376,15 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
                     || state
                         .started
                         .is_some_and(|s| s.elapsed() >= a.txn_max_duration);
-                if due {
-                    shared.commit(&consumer, &mut state)
-                } else {
+                if !due {
                     Ok(())
+                } else if abort_injection.as_mut().is_some_and(AbortInjection::fires) {
+                    shared.abort(&mut state, "ANONYMIZER_FAILPOINT")?;
+                    Err(TxnError::Aborted(KafkaError::Global(
+                        RDKafkaErrorCode::Fail,
+                    )))
+                } else {
+                    shared.commit(&consumer, &mut state)
                 }
             });
             match outcome {
@@ -402,6 +412,31 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
         tracing::info!("anonymizer stopped cleanly");
     }
     result
+}
+
+/// Fault injection for tests: `ANONYMIZER_FAILPOINT=abort_every:<n>` aborts every n-th
+/// transaction instead of committing it, exercising abort-and-rewind against a real broker (an
+/// abortable error from the coordinator is hard to provoke on demand). Unset in production.
+struct AbortInjection {
+    every: u64,
+    due: u64,
+}
+
+impl AbortInjection {
+    fn from_env() -> Option<AbortInjection> {
+        let value = std::env::var("ANONYMIZER_FAILPOINT").ok()?;
+        let every = value
+            .strip_prefix("abort_every:")
+            .and_then(|n| n.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| panic!("unknown ANONYMIZER_FAILPOINT {value:?} (abort_every:<n>)"));
+        Some(AbortInjection { every, due: 0 })
+    }
+
+    fn fires(&mut self) -> bool {
+        self.due += 1;
+        self.due % self.every == 0
+    }
 }
 
 /// Transforms one input message into the open transaction.
