@@ -22,7 +22,7 @@ pub struct PartitionRange {
 pub struct BatchRanges(Vec<PartitionRange>);
 
 /// Prefix of the committed-offset metadata that marks a pending batch.
-const METADATA_PREFIX: &str = "edgelog.batch.v1;";
+pub const METADATA_PREFIX: &str = "edgelog.batch.v1;";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("bad batch metadata {text:?}: {why}")]

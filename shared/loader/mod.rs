@@ -156,6 +156,8 @@ pub async fn run_with_health(
             ("auto.offset.reset", "earliest"),
             ("session.timeout.ms", "30000"),
             ("max.poll.interval.ms", "600000"),
+            // librdkafka's own prefetch queue is outside max_buffer_bytes; keep it modest too.
+            ("queued.max.messages.kbytes", "16384"),
         ],
     );
     config
@@ -242,6 +244,12 @@ pub async fn run_with_health(
         let batch = st.batches.front_mut().expect("planned or recovered");
         if batch.records.is_none() {
             let rebuilt = rebuild(settings, &batch.ranges).await?;
+            if rebuilt.is_empty() {
+                // Retention deleted all of it (logged as data loss by `rebuild`): nothing to send.
+                let batch = st.batches.pop_front().expect("present");
+                commit_done(&consumer, &topic, &st.assigned, &batch.ranges)?;
+                continue;
+            }
             batch.records = Some(rebuilt);
         }
         if !batch.recorded {
@@ -544,7 +552,9 @@ fn handle_rebalance(
                 let (low, _) = tokio::task::block_in_place(|| {
                     consumer.fetch_watermarks(topic, p, Duration::from_secs(30))
                 })?;
-                if let Offset::Offset(c) = e.offset() {
+                // A recorded batch's own losses are counted when it is rebuilt.
+                let pending = e.metadata().starts_with(batch::METADATA_PREFIX);
+                if let (Offset::Offset(c), false) = (e.offset(), pending) {
                     if c < low {
                         metrics::counter!("edgelog_loader_lost_offsets_total")
                             .increment((low - c) as u64);
@@ -640,17 +650,29 @@ fn rebuild_blocking(settings: &Settings, ranges: &BatchRanges) -> anyhow::Result
         .set("isolation.level", "read_committed");
     let reader: BaseConsumer = config.create().context("creating the rebuild reader")?;
     let mut tpl = TopicPartitionList::new();
-    for r in ranges.ranges() {
-        tpl.add_partition_offset(topic, r.partition, Offset::Offset(r.start))?;
-    }
-    reader.assign(&tpl)?;
     // Each range ends at a record the batch included, so reading until offset end-1 per partition
     // gets them all; offsets at or past the end are not part of the batch.
-    let mut remaining: BTreeMap<i32, i64> = ranges
-        .ranges()
-        .iter()
-        .map(|r| (r.partition, r.end - 1))
-        .collect();
+    let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in ranges.ranges() {
+        let (low, _) = reader
+            .fetch_watermarks(topic, r.partition, Duration::from_secs(30))
+            .context("reading the log start of a recorded batch's partition")?;
+        if low > r.start {
+            // Retention deleted part of the batch before it was confirmed. What is left is sent
+            // under the same token: if the whole batch had landed, ClickHouse drops the re-send.
+            // (Token-less mode cannot tell, and may store the remainder twice.)
+            let lost = low.min(r.end) - r.start;
+            metrics::counter!("edgelog_loader_lost_offsets_total").increment(lost as u64);
+            tracing::error!(partition = r.partition, batch = %ranges, log_start = low, lost, "DATA LOSS: retention deleted records of a recorded batch before it was confirmed");
+        }
+        if low < r.end {
+            tpl.add_partition_offset(topic, r.partition, Offset::Offset(low.max(r.start)))?;
+            remaining.insert(r.partition, r.end - 1);
+        }
+    }
+    if !remaining.is_empty() {
+        reader.assign(&tpl)?;
+    }
     let mut records = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
     while !remaining.is_empty() {
