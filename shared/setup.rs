@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "002_http_log_totals.sql",
         sql: include_str!("../sql/002_http_log_totals.sql"),
     },
+    Migration {
+        version: 3,
+        name: "003_http_log_rollups.sql",
+        sql: include_str!("../sql/003_http_log_rollups.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name
