@@ -26,10 +26,12 @@
 //! - [`producer`]: the synthetic producer's run loop.
 //! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
+//! - [`capacity`]: expected disk use per table for a rate and a retention (`edgelog disk`).
 
 pub mod anon_record;
 pub mod anonymize;
 pub mod anonymizer;
+pub mod capacity;
 pub mod cli;
 pub mod clickhouse;
 pub mod config;
