@@ -82,6 +82,9 @@ struct Args {
     /// row per column and raw-query times); this many days of the loaded data.
     #[arg(long, default_value_t = 0)]
     raw_layouts_days: u64,
+    /// Resend the first batch with its token (a loader retry) and check no table changes.
+    #[arg(long)]
+    check_dedup: bool,
     /// Also measure rollup rows per raw row as a function of raw rows per bucket (the constants
     /// of `shared/capacity.rs`).
     #[arg(long)]
@@ -174,10 +177,78 @@ fn anonymized(model: &mut TrafficModel, ts_ms: u64, offset: i64) -> AnonRecord {
     }
 }
 
+/// The Native body of records `range` out of `n` spread over `days` (the model must have produced
+/// exactly `range.start` records before).
+fn batch_body(model: &mut TrafficModel, range: std::ops::Range<u64>, n: u64, days: u64) -> Vec<u8> {
+    let span_ms = days * 86_400_000;
+    let start_ms = DATA_END_S * 1000 - span_ms;
+    let records: Vec<AnonRecord> = range
+        .map(|k| {
+            let ts = start_ms + (k as u128 * span_ms as u128 / n as u128) as u64;
+            anonymized(model, ts, k as i64)
+        })
+        .collect();
+    let refs: Vec<&AnonRecord> = records.iter().collect();
+    encode_native(&refs)
+}
+
+/// Sends the first batch again with its original token, as a loader retry would, and checks that
+/// no table changed: every materialized-view target must deduplicate it.
+async fn check_dedup(ch: &Ch, a: &Args) -> anyhow::Result<()> {
+    let db = &a.database;
+    let tables = ch
+        .query(
+            &format!(
+                "SELECT name FROM system.tables WHERE database = '{db}' \
+                 AND name LIKE 'http_log%' AND engine LIKE '%MergeTree' ORDER BY name"
+            ),
+            &[],
+        )
+        .await?;
+    let sums = || async {
+        let mut out = Vec::new();
+        for t in tables.lines() {
+            let col = if t == "http_log" {
+                "count()"
+            } else {
+                "sum(requests)"
+            };
+            out.push((
+                t.to_string(),
+                ch.scalar(&format!("SELECT {col} FROM {db}.{t}")).await?,
+            ));
+        }
+        anyhow::Ok(out)
+    };
+    let before = sums().await?;
+    let p = ProducerSettings {
+        seed: a.seed,
+        ..ProducerSettings::default()
+    };
+    let mut model = TrafficModel::new(&p);
+    let body = batch_body(&mut model, 0..(a.batch as u64).min(a.rows), a.rows, a.days);
+    let token = format!("bench-seed{}-rows{}-batch0", a.seed, a.rows);
+    let resp = ch
+        .http
+        .post(insert_url(&a.url, db, Some(&token)))
+        .body(body)
+        .send()
+        .await?;
+    anyhow::ensure!(resp.status().is_success(), "resend: {}", resp.text().await?);
+    let after = sums().await?;
+    for ((t, x), (_, y)) in before.iter().zip(&after) {
+        println!(
+            "  dedup check {t}: {x} -> {y} {}",
+            if x == y { "ok" } else { "CHANGED" }
+        );
+    }
+    anyhow::ensure!(before == after, "a retried insert changed the totals");
+    Ok(())
+}
+
 async fn load(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     let n = a.rows;
-    let span_ms = a.days * 86_400_000;
-    let start_ms = DATA_END_S * 1000 - span_ms;
+    let days = a.days;
     let batch = a.batch as u64;
     let seed = a.seed;
     // Generation and encoding run on their own thread, one body ahead of the insert in flight.
@@ -193,14 +264,7 @@ async fn load(ch: &Ch, a: &Args) -> anyhow::Result<()> {
         while i < n {
             let t = Instant::now();
             let end = (i + batch).min(n);
-            let records: Vec<AnonRecord> = (i..end)
-                .map(|k| {
-                    let ts = start_ms + (k as u128 * span_ms as u128 / n as u128) as u64;
-                    anonymized(&mut model, ts, k as i64)
-                })
-                .collect();
-            let refs: Vec<&AnonRecord> = records.iter().collect();
-            let body = encode_native(&refs);
+            let body = batch_body(&mut model, i..end, n, days);
             if tx.send((b, body, t.elapsed().as_secs_f64())).is_err() {
                 return;
             }
@@ -705,17 +769,28 @@ async fn run_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     println!();
     println!("Same queries against the raw table (the subset that ran on both), wall ms:");
     println!();
-    println!("| window | route | n | route p50 | raw p50 | route p99 | raw p99 | p50 ratio | p99 ratio | median per-query ratio |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| window | route | panels | n | route p50 | raw p50 | route p99 | raw p99 | p50 ratio | p99 ratio | median per-query ratio |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for w in &WINDOWS {
-        for r in &a.routes {
+        for (r, panel) in a
+            .routes
+            .iter()
+            .flat_map(|r| ["series", "top-10 panels", "all"].map(|p| (r, p)))
+        {
+            let in_panel = |t: &&Timing| match panel {
+                "series" => t.panel == "series",
+                "top-10 panels" => t.panel != "series",
+                _ => true,
+            };
             let raw: HashMap<(usize, &str), f64> = timings
                 .iter()
+                .filter(in_panel)
                 .filter(|t| t.window == w.label && t.route == "raw")
                 .map(|t| ((t.index, t.panel), t.wall_ms))
                 .collect();
             let pairs: Vec<(f64, f64)> = timings
                 .iter()
+                .filter(in_panel)
                 .filter(|t| t.window == w.label && t.route == *r)
                 .filter_map(|t| raw.get(&(t.index, t.panel)).map(|raw| (t.wall_ms, *raw)))
                 .collect();
@@ -726,7 +801,7 @@ async fn run_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
             let raws = sorted(pairs.iter().map(|p| p.1));
             let ratios = sorted(pairs.iter().map(|p| p.1 / p.0));
             println!(
-                "| {} | {r} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0}× | {:.0}× | {:.0}× |",
+                "| {} | {r} | {panel} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}× | {:.1}× | {:.1}× |",
                 w.label,
                 pairs.len(),
                 pct(&ours, 0.5),
@@ -1038,6 +1113,9 @@ async fn main() -> anyhow::Result<()> {
             "http_log holds {have} rows; rerun with --reuse (if ≥ --rows) or --drop"
         );
         load(&ch, &a).await?;
+    }
+    if a.check_dedup {
+        check_dedup(&ch, &a).await?;
     }
     settle(&ch, &a).await?;
     let raw_rows = ch
