@@ -12,8 +12,8 @@
 //!   ratios below were measured on data drawn from that model; more distinct clients or resources
 //!   mean more rollup rows at the same rate.
 //! - The rate is steady (no daily cycle); a peaky rate aggregates better at peaks, worse off-peak.
-//! - Bytes per row are those measured after merges at 100M raw rows; compressed size per row
-//!   changes a little with the rollup ratio. Merges need free space on top (up to the size of the
+//! - Bytes per row are those measured at 100M raw rows (the larger of "merges settled" and
+//!   "OPTIMIZE FINAL"); compressed size per row changes a little with the rollup ratio. Merges need free space on top (up to the size of the
 //!   largest partition being merged), and `system` logs are not counted.
 //!
 //! Where the constants come from (`docs/BENCHMARKS.md`, "Disk space"):
@@ -86,17 +86,18 @@ pub struct Table {
     pub name: &'static str,
     /// `None` for the raw table (one row per record); otherwise dimensions and bucket seconds.
     pub rollup: Option<(&'static Dimensions, u32)>,
-    /// Compressed bytes per row after merges (`system.parts`, 100M raw rows at 38.6 records/s).
+    /// Compressed bytes per row (`system.parts`, 100M raw rows at 38.6 records/s).
     pub bytes_per_row: f64,
 }
 
 pub const TABLES: [Table; 7] = [
-    // With the codecs of migration 004: 14.44 B/row on a 3-day slice merged to one part per day
-    // (the codecs of 001: 18.80 on the same slice, 18.96 on all 100M rows after merges settle).
+    // With the codecs of migration 004, after OPTIMIZE FINAL rewrote all 100M rows (18.96 B/row
+    // with the codecs of 001 once merges settled). For the rollups: the larger of "merges
+    // settled" and "OPTIMIZE FINAL" (docs/BENCHMARKS.md, "Disk space").
     Table {
         name: "http_log",
         rollup: None,
-        bytes_per_row: 14.44,
+        bytes_per_row: 14.65,
     },
     Table {
         name: "http_log_totals",
@@ -116,12 +117,12 @@ pub const TABLES: [Table; 7] = [
     Table {
         name: "http_log_totals_by_resource_1h",
         rollup: Some((&RESOURCE_STATUS_CACHE, 3600)),
-        bytes_per_row: 7.07,
+        bytes_per_row: 10.59,
     },
     Table {
         name: "http_log_totals_by_status",
         rollup: Some((&STATUS_CACHE, 60)),
-        bytes_per_row: 12.39,
+        bytes_per_row: 13.11,
     },
     Table {
         name: "http_log_totals_by_status_1h",
