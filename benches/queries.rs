@@ -20,7 +20,13 @@
 //!    top-10 panels (IPs or resources, random subset of the other filters). Each runs against the
 //!    route(s) chosen by `--routes` and its first `--raw-samples` also against `http_log`; every
 //!    rollup answer is checked equal to the raw answer. Wall time is client-side; server time and
-//!    rows read come from `system.query_log`.
+//!    rows read come from the `X-ClickHouse-Summary` header (the local server has no query_log).
+//!
+//! Optional phases: `--check-dedup` re-sends the first batch with its token (a loader retry) and
+//! checks that no table changed; `--cardinality` prints rollup rows per raw row against raw rows
+//! per bucket (the constants of `shared/capacity.rs`); `--raw-layouts-days D` copies the last D
+//! days into alternative ORDER BYs/codecs of `http_log` and compares bytes per column and query
+//! times (the copies are dropped afterwards).
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -1008,6 +1014,11 @@ async fn raw_layouts(ch: &Ch, a: &Args) -> anyhow::Result<()> {
             pct(&wall, 0.99),
             pct(&read, 0.5)
         );
+    }
+    // The copies have served; left in place they would show up in every later parts report.
+    for (name, _, _) in RAW_LAYOUTS {
+        ch.query(&format!("DROP TABLE IF EXISTS {db}.raw_layout_{name}"), &[])
+            .await?;
     }
     Ok(())
 }
