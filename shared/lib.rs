@@ -29,10 +29,12 @@
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
 //! - [`status`]: `edgelog status`: positions, lag, pending batch, each stage's `/status`.
 //! - [`verify`]: the exactly-once audit: input offsets versus ClickHouse rows, totals recount.
+//! - [`capacity`]: expected disk use per table for a rate and a retention (`edgelog disk`).
 
 pub mod anon_record;
 pub mod anonymize;
 pub mod anonymizer;
+pub mod capacity;
 pub mod cli;
 pub mod clickhouse;
 pub mod config;

@@ -1,6 +1,7 @@
 //! `edgelog`: the operator CLI (set-up, effective configuration, traffic totals, audit).
 
 use clap::{Parser, Subcommand};
+use edgelog::capacity;
 use edgelog::cli::{self, CommonArgs};
 use edgelog::clickhouse::ClickHouseClient;
 
@@ -49,11 +50,55 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         wait_drained: Option<std::time::Duration>,
     },
+    /// Expected disk use per table for an incoming rate and a retention (no server needed).
+    Disk {
+        /// Incoming records per second (steady).
+        #[arg(long)]
+        rate: f64,
+        /// How long the rollups keep rows, e.g. 400d (also the raw table's, unless --raw-retention).
+        #[arg(long, value_parser = capacity::parse_retention)]
+        retention: f64,
+        /// How long `http_log` keeps raw rows, e.g. 30d.
+        #[arg(long, value_parser = capacity::parse_retention)]
+        raw_retention: Option<f64>,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Command::Disk {
+        rate,
+        retention,
+        raw_retention,
+    } = args.command
+    {
+        // Pure arithmetic: no settings, logging or servers.
+        let rows = capacity::estimate(rate, retention, raw_retention.unwrap_or(retention));
+        println!(
+            "{:<32} {:>16} {:>14} {:>12}",
+            "table", "rows", "rows/raw row", "disk"
+        );
+        for e in &rows {
+            println!(
+                "{:<32} {:>16.0} {:>14.3} {:>12}",
+                e.table,
+                e.rows,
+                e.rows_per_raw_row,
+                capacity::human_bytes(e.bytes)
+            );
+        }
+        let total: f64 = rows.iter().map(|e| e.bytes).sum();
+        println!(
+            "{:<32} {:>16} {:>14} {:>12}",
+            "total",
+            "",
+            "",
+            capacity::human_bytes(total)
+        );
+        println!("(model and assumptions: shared/capacity.rs; traffic shaped like the producer's default model)");
+        return Ok(());
+    }
     let settings = cli::init(&args.common, &[]);
     match args.command {
         Command::Setup {
@@ -69,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("clickhouse schema ok (migrations applied now: {applied:?})");
             }
         }
+        Command::Disk { .. } => unreachable!("handled before start-up"),
         Command::Config => print!("{}", settings.to_redacted_toml()),
         Command::Totals { minutes } => {
             let client = ClickHouseClient::admin(&settings.clickhouse);

@@ -9,13 +9,24 @@ use crate::loader::body::COLUMNS;
 
 /// Settings pinned on every insert. A retried batch must be cut into the same blocks as the first
 /// attempt (dedup works per block), so block sizes are fixed here, never left to server defaults.
-pub const INSERT_SETTINGS: [(&str, &str); 7] = [
+pub const INSERT_SETTINGS: [(&str, &str); 9] = [
     ("async_insert", "0"),
     ("insert_deduplicate", "1"),
     ("deduplicate_blocks_in_dependent_materialized_views", "1"),
     ("max_insert_block_size", "1048576"),
     ("min_insert_block_size_rows", "0"),
     ("min_insert_block_size_bytes", "0"),
+    // Without these, each materialized view's GROUP BY output reaches its table as up to ~256
+    // small blocks per insert, each taking a slot of the target's dedup window: a retry was then
+    // caught only within ~39 inserts (measured, docs/BENCHMARKS.md). Squashed, it is a few blocks.
+    (
+        "min_insert_block_size_rows_for_materialized_views",
+        "1048576",
+    ),
+    (
+        "min_insert_block_size_bytes_for_materialized_views",
+        "268435456",
+    ),
     ("input_format_native_allow_types_conversion", "1"),
 ];
 

@@ -104,11 +104,15 @@ pub struct TotalsCheck {
     pub totals_bytes: u64,
     /// Groups (minute, resource, status, cache status, address) whose sums differ.
     pub groups_differing: u64,
+    /// Every other rollup (`http_log_totals_*`) whose request or byte sum differs from the raw
+    /// table's: `(table, requests, bytes)`.
+    pub rollups_differing: Vec<(String, u64, u64)>,
 }
 
 impl TotalsCheck {
     pub fn is_clean(&self) -> bool {
         self.groups_differing == 0
+            && self.rollups_differing.is_empty()
             && self.raw_rows == self.totals_requests
             && self.raw_bytes == self.totals_bytes
     }
@@ -218,6 +222,14 @@ impl fmt::Display for Report {
              groups differ",
             t.totals_requests, t.totals_bytes, t.raw_rows, t.raw_bytes, t.groups_differing
         )?;
+        for (table, requests, bytes) in &t.rollups_differing {
+            writeln!(
+                f,
+                "ROLLUP      {table}: {requests} requests, {bytes} bytes; the raw table has {} \
+                 rows, {} bytes",
+                t.raw_rows, t.raw_bytes
+            )?;
+        }
         let verdict = if self.is_clean() { "OK" } else { "FAILED" };
         write!(
             f,
@@ -612,12 +624,43 @@ async fn check_totals(client: &ClickHouseClient, db: &str) -> anyhow::Result<Tot
     let [raw_rows, totals_requests, raw_bytes, totals_bytes, groups_differing] = fields[..] else {
         bail!("unexpected totals check answer {text:?}");
     };
+    let tables = client
+        .query(
+            "SELECT name FROM system.tables WHERE database = {db:String} \
+             AND startsWith(name, 'http_log_totals_') AND engine LIKE '%MergeTree' \
+             ORDER BY name FORMAT TSV",
+            &[("db", db)],
+        )
+        .await?;
+    let mut rollups_differing = Vec::new();
+    // Names come from system.tables; only plain identifiers are spliced into SQL.
+    for table in tables
+        .lines()
+        .filter(|t| t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        let text = client
+            .query(
+                &format!("SELECT sum(requests), sum(bytes_sent) FROM {db}.{table} FORMAT TSV"),
+                &[],
+            )
+            .await?;
+        let sums: Vec<u64> = text
+            .trim()
+            .split('\t')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("unexpected sums from {table}: {text:?}"))?;
+        if sums != [raw_rows, raw_bytes] {
+            rollups_differing.push((table.to_string(), sums[0], sums[1]));
+        }
+    }
     Ok(TotalsCheck {
         raw_rows,
         totals_requests,
         raw_bytes,
         totals_bytes,
         groups_differing,
+        rollups_differing,
     })
 }
 
