@@ -27,6 +27,7 @@
 //! - [`producer`]: the synthetic producer's run loop.
 //! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
+//! - [`replay`]: `edgelog replay`: reload whole days from the anonymized topic, swapped in per partition.
 //! - [`status`]: `edgelog status`: positions, lag, pending batch, each stage's `/status`.
 //! - [`verify`]: the exactly-once audit: input offsets versus ClickHouse rows, totals recount.
 //! - [`capacity`]: expected disk use per table for a rate and a retention (`edgelog disk`).
@@ -43,6 +44,7 @@ pub mod kafka;
 pub mod loader;
 pub mod producer;
 pub mod record;
+pub mod replay;
 pub mod setup;
 pub mod shutdown;
 pub mod status;

@@ -50,6 +50,17 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         wait_drained: Option<std::time::Duration>,
     },
+    /// Reload whole days (UTC) from the anonymized topic into ClickHouse, replacing what the raw
+    /// table and every rollup hold for them (per partition, atomically). Stop the loaders first;
+    /// run `verify` afterwards.
+    Replay {
+        /// First day, YYYY-MM-DD.
+        #[arg(long)]
+        from: String,
+        /// Last day, YYYY-MM-DD (default: the first).
+        #[arg(long)]
+        to: Option<String>,
+    },
     /// Expected disk use per table for an incoming rate and a retention (no server needed).
     Disk {
         /// Incoming records per second (steady).
@@ -140,6 +151,17 @@ async fn main() -> anyhow::Result<()> {
                 "{}",
                 client.query(&sql, &[("m", &minutes.to_string())]).await?
             );
+        }
+        Command::Replay { from, to } => {
+            let days = edgelog::replay::Days::parse(&from, to.as_deref().unwrap_or(&from))?;
+            let summary = edgelog::replay::replay(&settings, &days).await?;
+            println!(
+                "replayed {} rows of {}..={} ({} records read)",
+                summary.rows_replayed, days.first, days.last, summary.records_read
+            );
+            for (table, partitions) in &summary.replaced {
+                println!("  {table}: partitions {}", partitions.join(", "));
+            }
         }
         Command::Status { endpoints } => {
             let endpoints = if endpoints.is_empty() {

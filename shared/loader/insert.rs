@@ -33,9 +33,14 @@ pub const INSERT_SETTINGS: [(&str, &str); 9] = [
 /// The insert URL: `base` + the INSERT statement + pinned settings (+ the dedup token).
 /// The database name is a validated identifier; nothing from a record is in the URL.
 pub fn insert_url(base: &str, database: &str, token: Option<&str>) -> String {
+    insert_url_into(base, database, "http_log", token)
+}
+
+/// [`insert_url`] into another table of the same structure (replay's staging table).
+pub fn insert_url_into(base: &str, database: &str, table: &str, token: Option<&str>) -> String {
     let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
     let query = format!(
-        "INSERT INTO {database}.http_log ({}) FORMAT Native",
+        "INSERT INTO {database}.{table} ({}) FORMAT Native",
         columns.join(", ")
     );
     let mut url = url::Url::parse(base).expect("clickhouse.url is validated at start-up");
