@@ -5,8 +5,6 @@
 //! anyway. The encoding is a pure function of the set of records: a rebuilt batch gives the same
 //! bytes, which is what makes a retry deduplicate even without a token (block-hash dedup).
 
-use std::io::Write;
-
 use crate::anon_record::AnonRecord;
 
 /// `(name, Native type)` of the columns sent, in order. Low-cardinality columns are sent as
@@ -25,8 +23,13 @@ pub const COLUMNS: [(&str, &str); 11] = [
     ("source_offset", "Int64"),
 ];
 
-/// zstd level of request bodies. Fixed: the bytes of a rebuilt batch must not change.
-pub const ZSTD_LEVEL: i32 = 3;
+/// zstd level of request bodies: the level that fits the most rows under the proxy's 1 MiB
+/// (8.4x uncompressed RowBinary, docs/BENCHMARKS.md) for about 1.8 s of CPU per 64 s slot.
+/// Fixed: the bytes of a rebuilt batch must not change (token-less dedup compares bytes).
+pub const ZSTD_LEVEL: i32 = 19;
+
+/// The cheap level batch planning sizes candidates with (scaled by a learned ratio).
+pub const PLANNING_ZSTD_LEVEL: i32 = 3;
 
 /// Sorts records into the canonical order of a body.
 pub fn canonical_order(records: &mut [&AnonRecord]) {
@@ -106,13 +109,10 @@ pub fn encode_body(records: &[&AnonRecord]) -> Vec<u8> {
 /// [`encode_body`] at another zstd level (benchmarks compare levels with it).
 pub fn encode_body_at(records: &[&AnonRecord], level: i32) -> Vec<u8> {
     let native = encode_native(records);
-    let mut encoder = zstd::Encoder::new(Vec::with_capacity(native.len() / 4), level)
-        .expect("zstd encoder with a valid level");
-    // Single-threaded, no checksum/dictionary: output depends only on input and level.
-    encoder
-        .write_all(&native)
-        .expect("writing to a Vec cannot fail");
-    encoder.finish().expect("writing to a Vec cannot fail")
+    // One-shot: zstd knows the input size and sizes its tables to it (a streaming encoder at
+    // level 19 allocates for the largest input, which made small bodies slow). Single-threaded,
+    // no dictionary: the output depends only on the input and the level.
+    zstd::bulk::compress(&native, level).expect("zstd with a valid level")
 }
 
 #[cfg(test)]

@@ -269,7 +269,14 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
     let db = &settings.clickhouse.database;
     let landed = offset_runs(&client, db, false).await?;
     let duplicated = offset_runs(&client, db, true).await?;
-    let totals = check_totals(&client, db).await?;
+    let ttl_days = [
+        settings.clickhouse.raw_ttl_days,
+        settings.clickhouse.totals_ttl_days,
+    ]
+    .into_iter()
+    .filter(|&d| d > 0)
+    .min();
+    let totals = check_totals(&client, db, ttl_days).await?;
 
     let open_transactions = open_transactions(settings, &input_positions, &loader_positions);
     let s = settings.clone();
@@ -593,7 +600,21 @@ async fn offset_runs(
     Ok(out)
 }
 
-async fn check_totals(client: &ClickHouseClient, db: &str) -> anyhow::Result<TotalsCheck> {
+/// `ttl_days`: the shorter TTL of the raw and totals tables. The tables expire rows at different
+/// ages, and row by row, so sums are compared only from two days inside the shorter TTL on.
+async fn check_totals(
+    client: &ClickHouseClient,
+    db: &str,
+    ttl_days: Option<u32>,
+) -> anyhow::Result<TotalsCheck> {
+    let since = match ttl_days {
+        Some(d) => format!("toStartOfDay(now() - INTERVAL {d} DAY) + INTERVAL 2 DAY"),
+        None => "toDateTime(0)".to_string(),
+    };
+    let (raw_where, totals_where) = (
+        format!("WHERE timestamp >= {since}"),
+        format!("WHERE ts >= {since}"),
+    );
     // The recount groups the raw table exactly as the materialized view does; the comparison is
     // a full join on the group keys. Without join_use_nulls a group missing on one side gets
     // zero sums there, so it counts as differing (no real group has zero requests).
@@ -601,14 +622,16 @@ async fn check_totals(client: &ClickHouseClient, db: &str) -> anyhow::Result<Tot
         "WITH \
            t AS (SELECT ts, resource_id, response_status, cache_status, remote_addr, \
                         sum(requests) AS r, sum(bytes_sent) AS b, sum(request_time_milli) AS m \
-                 FROM {db}.http_log_totals GROUP BY ALL), \
+                 FROM {db}.http_log_totals {totals_where} GROUP BY ALL), \
            raw AS (SELECT toStartOfMinute(timestamp) AS ts, resource_id, response_status, \
                         cache_status, remote_addr, toUInt64(count()) AS r, sum(bytes_sent) AS b, \
                         sum(request_time_milli) AS m \
-                 FROM {db}.http_log GROUP BY ALL) \
+                 FROM {db}.http_log {raw_where} GROUP BY ALL) \
          SELECT \
-           (SELECT count() FROM {db}.http_log), (SELECT sum(requests) FROM {db}.http_log_totals), \
-           (SELECT sum(bytes_sent) FROM {db}.http_log), (SELECT sum(bytes_sent) FROM {db}.http_log_totals), \
+           (SELECT count() FROM {db}.http_log {raw_where}), \
+           (SELECT sum(requests) FROM {db}.http_log_totals {totals_where}), \
+           (SELECT sum(bytes_sent) FROM {db}.http_log {raw_where}), \
+           (SELECT sum(bytes_sent) FROM {db}.http_log_totals {totals_where}), \
            (SELECT count() FROM t FULL OUTER JOIN raw \
               USING (ts, resource_id, response_status, cache_status, remote_addr) \
             WHERE t.r != raw.r OR t.b != raw.b OR t.m != raw.m) \
@@ -640,7 +663,10 @@ async fn check_totals(client: &ClickHouseClient, db: &str) -> anyhow::Result<Tot
     {
         let text = client
             .query(
-                &format!("SELECT sum(requests), sum(bytes_sent) FROM {db}.{table} FORMAT TSV"),
+                &format!(
+                    "SELECT sum(requests), sum(bytes_sent) FROM {db}.{table} {totals_where} \
+                     FORMAT TSV"
+                ),
                 &[],
             )
             .await?;
