@@ -234,8 +234,17 @@ pub async fn run_with_health(
         // A slot is open and there is work: finish the oldest batch, or plan a new one from
         // everything already fetched (a slot is too scarce to spend on the first record alone).
         if st.batches.is_empty() {
+            // Short of a full body, give the consumer up to a second to deliver more (right after
+            // start-up the first fetches are still arriving); otherwise take what is ready.
+            let target_rows = (st.body_limit as f64 / st.bytes_per_row.max(1.0)) as usize;
+            let fill_until = Instant::now() + Duration::from_secs(1);
             while !st.paused && st.queued_bytes < l.max_buffer_bytes {
-                match tokio::time::timeout(Duration::from_millis(20), consumer.recv()).await {
+                let patience = if st.queue.len() < target_rows && Instant::now() < fill_until {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_millis(20)
+                };
+                match tokio::time::timeout(patience, consumer.recv()).await {
                     Ok(message) => absorb(&consumer, &topic, &mut st, &events, Some(message))?,
                     Err(_) => break, // nothing more ready right now
                 }
