@@ -202,9 +202,7 @@ struct AnonContext {
 
 impl ClientContext for AnonContext {
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
-        if let Some(lag) = crate::kafka::lag_from_statistics(&statistics) {
-            metrics::gauge!("edgelog_anonymizer_lag").set(lag as f64);
-        }
+        crate::kafka::record_lag(&statistics, "edgelog_anonymizer_lag");
     }
 }
 

@@ -69,6 +69,13 @@ pub fn lag_from_statistics(stats: &Statistics) -> Option<i64> {
     (!known.is_empty()).then(|| known.iter().sum())
 }
 
+/// Sets the lag gauge `gauge` from a statistics callback (see [`lag_from_statistics`]).
+pub fn record_lag(stats: &Statistics, gauge: &'static str) {
+    if let Some(lag) = lag_from_statistics(stats) {
+        metrics::gauge!(gauge).set(lag as f64);
+    }
+}
+
 /// Where a consumer group stands on one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupPosition {

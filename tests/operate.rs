@@ -21,21 +21,9 @@ async fn a_working_loader_is_ready_and_reports_where_it_stands() {
     s.loader.source_address = Some(fresh_loopback_ip());
     fill_anonymized_topic(&s, 500).await;
     let health = Health::new(edgelog::loader::stall_limit(&s));
-    let addr =
-        edgelog::telemetry::start_http(Some("127.0.0.1:0".parse().unwrap()), Some(health.clone()))
-            .unwrap()
-            .unwrap();
+    let addr = serve_health(&health);
     let loader = start_loader_with_health(&s, health);
-    wait_for("the pipeline to drain", Duration::from_secs(60), || {
-        let s = s.clone();
-        async move {
-            tokio::task::spawn_blocking(move || edgelog::verify::pipeline_drained(&s).unwrap())
-                .await
-                .unwrap()
-                .then_some(())
-        }
-    })
-    .await;
+    wait_drained(&s, Duration::from_secs(60)).await;
     wait_for(
         "a status page naming the last insert",
         Duration::from_secs(10),
@@ -83,10 +71,7 @@ async fn a_loader_that_cannot_insert_becomes_unready_but_stays_live() {
     s.loader.request_timeout = Duration::from_millis(200);
     fill_anonymized_topic(&s, 100).await;
     let health = Health::new(edgelog::loader::stall_limit(&s));
-    let addr =
-        edgelog::telemetry::start_http(Some("127.0.0.1:0".parse().unwrap()), Some(health.clone()))
-            .unwrap()
-            .unwrap();
+    let addr = serve_health(&health);
     let loader = start_loader_with_health(&s, health);
     let body = wait_for("/readyz to fail", Duration::from_secs(30), || async move {
         let (code, body) = get(addr, "/readyz").await;

@@ -24,16 +24,7 @@ async fn replay_rebuilds_damaged_days_exactly() {
     let days = Days::parse(&yesterday, &today).unwrap();
 
     let loader = start_loader(&s);
-    wait_for("the pipeline to drain", Duration::from_secs(90), || {
-        let s = s.clone();
-        async move {
-            tokio::task::spawn_blocking(move || edgelog::verify::pipeline_drained(&s).unwrap())
-                .await
-                .unwrap()
-                .then_some(())
-        }
-    })
-    .await;
+    wait_drained(&s, Duration::from_secs(90)).await;
     let refused = replay(&s, &days).await.unwrap_err().to_string();
     assert!(refused.contains("running member"), "{refused}");
     loader.stop().await.unwrap();

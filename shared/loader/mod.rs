@@ -76,9 +76,7 @@ struct LoaderContext {
 
 impl ClientContext for LoaderContext {
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
-        if let Some(lag) = crate::kafka::lag_from_statistics(&statistics) {
-            metrics::gauge!("edgelog_loader_lag").set(lag as f64);
-        }
+        crate::kafka::record_lag(&statistics, "edgelog_loader_lag");
     }
 }
 

@@ -347,3 +347,25 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Waits until the pipeline has drained: no input waiting for the anonymizer, nothing anonymized
+/// waiting for the loader, no open transaction (see `edgelog::verify::pipeline_drained`).
+pub async fn wait_drained(s: &Settings, timeout: Duration) {
+    wait_for("the pipeline to drain", timeout, || {
+        let s = s.clone();
+        async move {
+            tokio::task::spawn_blocking(move || edgelog::verify::pipeline_drained(&s).unwrap())
+                .await
+                .unwrap()
+                .then_some(())
+        }
+    })
+    .await;
+}
+
+/// The HTTP listener (`/metrics`, `/healthz`, `/readyz`, `/status`) on a free port.
+pub fn serve_health(health: &std::sync::Arc<edgelog::health::Health>) -> std::net::SocketAddr {
+    edgelog::telemetry::start_http(Some("127.0.0.1:0".parse().unwrap()), Some(health.clone()))
+        .unwrap()
+        .expect("a listen address was given")
+}
