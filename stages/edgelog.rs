@@ -61,6 +61,9 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// GET a stage's health endpoint (e.g. `http://127.0.0.1:9103/readyz`); exit 0 on 200, 1
+    /// otherwise. For container health checks in images without curl.
+    Probe { url: String },
     /// Expected disk use per table for an incoming rate and a retention (no server needed).
     Disk {
         /// Incoming records per second (steady).
@@ -78,6 +81,20 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Command::Probe { url } = &args.command {
+        let ok = match reqwest::get(url).await {
+            Ok(r) => {
+                let status = r.status();
+                println!("{status} {}", r.text().await.unwrap_or_default().trim());
+                status.is_success()
+            }
+            Err(e) => {
+                println!("unreachable: {e}");
+                false
+            }
+        };
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     if let Command::Disk {
         rate,
         retention,
@@ -125,7 +142,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("clickhouse schema ok (migrations applied now: {applied:?})");
             }
         }
-        Command::Disk { .. } => unreachable!("handled before start-up"),
+        Command::Disk { .. } | Command::Probe { .. } => unreachable!("handled before start-up"),
         Command::Config => print!("{}", settings.to_redacted_toml()),
         Command::Totals { minutes } => {
             let client = ClickHouseClient::admin(&settings.clickhouse);
