@@ -51,8 +51,8 @@ pub fn positions_table(title: &str, positions: &[GroupPosition]) -> String {
     if !open.is_empty() {
         let _ = writeln!(
             out,
-            "  open transactions on partitions {}: nothing past them is readable until they \
-             commit or time out",
+            "  open transactions on partitions {}: normal while a stage writes; one that stays \
+             hides what follows it until it commits or times out",
             open.join(", ")
         );
     }
