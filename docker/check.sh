@@ -503,7 +503,7 @@ REQUIRED_METRICS = [
     "edgelog_loader_requests_total", "edgelog_loader_lag",
 ]
 BUILTIN_VARS = {"__timeFilter", "__timeInterval", "__interval", "__rate_interval", "__range",
-                "__interval_ms", "__all", "__field", "__timeFilter_ms", "__fromTime", "__toTime"}
+                "__interval_ms", "__interval_s", "__all", "__field", "__timeFilter_ms", "__fromTime", "__toTime"}
 dash_uids = set()
 for path, d in dashboards.items():
     uid = d.get("uid")
@@ -552,7 +552,7 @@ for path, d in dashboards.items():
             check(re.search(r"\b%s\b" % metric, joined), f"{path}: no panel for {metric}")
         check("outcome" in joined, f"{path}: loader requests are not split by outcome")
         for metric in sorted(set(re.findall(r"\bedgelog_\w+", joined))):
-            base = re.sub(r"_total$", "", metric)
+            base = re.sub(r"_(total|sum|count|bucket)$", "", metric)  # summaries and histograms
             if not re.search(r'"(%s|%s)"' % (re.escape(metric), re.escape(base)), rust_src):
                 warnings.append(f"{path}: metric {metric} is not emitted by any Rust source yet")
 

@@ -22,7 +22,8 @@
 # picks from a list of your own (`none`: no faults).
 # --soak: the soak test instead: release binaries, no faults, the loader through the REAL 1r/m
 # proxy (127.0.0.1:8124, slots every 64 s), one anonymizer; every 30 s the resident memory of each
-# stage and both lags go to $DIR/samples.tsv. Ends with the same drain and verify.
+# stage and both lags go to $DIR/samples.tsv. Ends with the same drain and verify. Both modes log
+# the end-to-end latency quantiles from the loader's histogram (of the last loader process).
 # Logs: $EDGESTACK_HOME/run/chaos-runs/<name>/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -66,7 +67,9 @@ export EDGELOG_TOPICS__INPUT=${NAME}_in EDGELOG_TOPICS__ANONYMIZED=${NAME}_anon 
   EDGELOG_CLICKHOUSE__PASSWORD=edgelog-dev-password EDGELOG_PRODUCER__GARBAGE_SHARE=0.005 \
   EDGELOG_PRODUCER__METRICS_LISTEN=127.0.0.1:9111 EDGELOG_LOADER__METRICS_LISTEN=127.0.0.1:9113
 if $SOAK; then
-  export EDGELOG_CLICKHOUSE__URL=http://127.0.0.1:8124 EDGELOG_LOADER__SLOT_SPACING=64s
+  # Its own client IP: the proxy budgets per IP, and tests share 127.0.0.1's budget on 8124.
+  export EDGELOG_CLICKHOUSE__URL=http://127.0.0.1:8124 EDGELOG_LOADER__SLOT_SPACING=64s \
+    EDGELOG_LOADER__SOURCE_ADDRESS=127.0.0.2
 fi
 "$BIN/edgelog" setup >> "$DIR/chaos.log"
 
@@ -154,6 +157,11 @@ set +e
 "$BIN/edgelog" verify --wait-drained 10m | tee "$DIR/verify.txt"
 verdict=${PIPESTATUS[0]}
 set -e
+# End-to-end latency (edge timestamp -> insert confirmed, per row) from the loader's histogram.
+curl -s -m 5 http://127.0.0.1:9113/metrics > "$DIR/loader-metrics.txt" || true
+latency=$(awk -f scripts/histogram-quantiles.awk -v metric=edgelog_loader_end_to_end_seconds \
+  "$DIR/loader-metrics.txt" 2>/dev/null || true)
+[ -n "$latency" ] && log "end-to-end latency: $latency"
 total=0 summary=""
 for f in "${!injected[@]}"; do total=$(( total + injected[$f] )); summary+=" $f=${injected[$f]}"; done
 restarts=""

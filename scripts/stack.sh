@@ -76,7 +76,7 @@ install_kafka() {
   mvn -q -B -f "$HERE/kafka/pom.xml" dependency:copy-dependencies \
     -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/libs" > "$OPT/kafka-mvn.log" 2>&1 \
     || { cat "$OPT/kafka-mvn.log" >&2; die "mvn could not fetch the Kafka jars"; }
-  ls "$KAFKA_HOME/libs" | grep -q "^kafka_2.13-$KAFKA_VERSION.jar$" || die "kafka jar missing after mvn"
+  [ -f "$KAFKA_HOME/libs/kafka_2.13-$KAFKA_VERSION.jar" ] || die "kafka jar missing after mvn"
   touch "$KAFKA_HOME/.complete"
 }
 

@@ -8,7 +8,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 t0=$(date +%s)
 
 scripts/install-build-deps.sh
-if scripts/stack.sh status | grep -q stopped; then
+# Capture first: `status | grep -q` under pipefail fails whenever grep exits before status has
+# written its last line (SIGPIPE), which skipped `up` in about one run in five.
+stack_status=$(scripts/stack.sh status)
+if grep -q stopped <<<"$stack_status"; then
   scripts/stack.sh up
   trap 'scripts/stack.sh down >/dev/null' EXIT
 fi

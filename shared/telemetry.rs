@@ -10,7 +10,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{Matcher, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
@@ -73,6 +73,13 @@ pub fn start_http(
     Ok(Some(addr))
 }
 
+/// Bucket bounds of `edgelog_loader_end_to_end_seconds`: fine around one proxy slot (64 s), where
+/// the steady-state p99 lives, coarse beyond (a backlog).
+pub const END_TO_END_BUCKETS_SECONDS: &[f64] = &[
+    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 55.0, 60.0, 65.0, 70.0, 80.0, 90.0, 120.0,
+    180.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0, 86400.0,
+];
+
 /// The process-wide Prometheus recorder, installed on first use (several listeners in one
 /// process, as in tests, share it).
 fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
@@ -82,6 +89,14 @@ fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
         return Ok(h.clone());
     }
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        // A real histogram (cumulative buckets since start) rather than the exporter's default
+        // summary over a ~1 min window: with one insert per slot that window holds one batch, and
+        // buckets aggregate across loader instances and over any range in Prometheus.
+        .set_buckets_for_metric(
+            Matcher::Full("edgelog_loader_end_to_end_seconds".into()),
+            END_TO_END_BUCKETS_SECONDS,
+        )
+        .context("end-to-end latency buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
     let upkeep = handle.clone();
