@@ -1,10 +1,11 @@
 //! Stage two under proxy faults: a scripted proxy in front of the real ClickHouse answers 503, 504
 //! after the insert landed, drops the connection, and says "bad gateway" (ClickHouse down) for
-//! several slots. The rows must still land exactly once, every retry must be the same batch (same
+//! several slots, and has the loader killed once its request is on the wire. The rows must still land exactly once, every retry must be the same batch (same
 //! token), and the loader must never send faster than its slot spacing.
 
 mod common;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,9 @@ enum Fault {
     Drop,
     /// ClickHouse unreachable behind the proxy.
     BadGateway,
+    /// The loader process is SIGKILLed once its request has been sent in full; the insert then
+    /// reaches ClickHouse and lands, with nobody left to hear the answer.
+    KillSenderThenLand,
 }
 
 #[derive(Debug, Clone)]
@@ -102,7 +106,13 @@ async fn forward(
 }
 
 /// Serves the faults in order, then forwards faithfully. Records every request.
-async fn fault_proxy(listener: TcpListener, script: Vec<Fault>, seen: Arc<Mutex<Vec<Seen>>>) {
+/// `sender` is the PID of the loader process that [`Fault::KillSenderThenLand`] kills.
+async fn fault_proxy(
+    listener: TcpListener,
+    script: Vec<Fault>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    sender: Arc<AtomicU32>,
+) {
     let mut script = script.into_iter();
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
@@ -137,6 +147,18 @@ async fn fault_proxy(listener: TcpListener, script: Vec<Fault>, seen: Arc<Mutex<
                 respond(&mut stream, 504, "", b"<html>504 Gateway Time-out</html>").await;
             }
             Some(Fault::Drop) => drop(stream),
+            Some(Fault::KillSenderThenLand) => {
+                let pid = sender.load(Ordering::SeqCst);
+                assert_ne!(pid, 0, "the sender's PID is known");
+                let killed = std::process::Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status()
+                    .unwrap();
+                assert!(killed.success());
+                let (status, _, _) = forward(&target, &headers, body).await;
+                assert_eq!(status, 200, "the insert landed after its sender died");
+                drop(stream);
+            }
             Some(Fault::BadGateway) => {
                 respond(&mut stream, 502, "", b"<html>502 Bad Gateway</html>").await
             }
@@ -172,7 +194,12 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
         Fault::BadGateway,
     ];
     let faults = script.len();
-    tokio::spawn(fault_proxy(listener, script, seen.clone()));
+    tokio::spawn(fault_proxy(
+        listener,
+        script,
+        seen.clone(),
+        Default::default(),
+    ));
 
     let mut s = isolated_settings();
     s.clickhouse.url = format!("http://{addr}");
@@ -221,6 +248,77 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
             "never faster than the slot spacing: {gap:?}"
         );
     }
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_loader_killed_after_sending_is_succeeded_by_the_same_batch_once() {
+    require_stack();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sender = Arc::new(AtomicU32::new(0));
+    tokio::spawn(fault_proxy(
+        listener,
+        vec![Fault::KillSenderThenLand],
+        seen.clone(),
+        sender.clone(),
+    ));
+
+    let mut s = isolated_settings();
+    s.clickhouse.url = format!("http://{addr}");
+    s.loader.source_address = Some(fresh_loopback_ip());
+    fill_anonymized_topic(&s, 4000).await;
+    let mut first = KillOnDrop::spawn(&mut loader_command(&s));
+    sender.store(first.id(), Ordering::SeqCst);
+    let status = tokio::task::spawn_blocking(move || first.0.wait().unwrap())
+        .await
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9), "the first loader died by SIGKILL");
+    let db = s.clickhouse.database.clone();
+    wait_for(
+        "the orphaned insert to land",
+        Duration::from_secs(30),
+        || {
+            let db = db.clone();
+            async move {
+                (count(format!("SELECT count() FROM {db}.http_log")).await >= 4000).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Its successor finds the recorded batch, re-sends it, and ClickHouse drops the copy.
+    let _second = KillOnDrop::spawn(&mut loader_command(&s));
+    wait_no_pending_batch(
+        &s,
+        "the successor to finish the batch",
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        count(format!("SELECT count() FROM {db}.http_log")).await,
+        4000,
+        "exactly once"
+    );
+    assert_eq!(
+        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
+        4000,
+        "totals exact"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() >= 2, "the batch was sent again: {seen:?}");
+    assert_eq!(
+        token_of(&seen[1].query),
+        token_of(&seen[0].query),
+        "same token"
+    );
+    assert!(token_of(&seen[0].query).is_some());
+    assert_eq!(seen[1].body_len, seen[0].body_len, "same bytes");
     admin()
         .query(&format!("DROP DATABASE {db}"), &[])
         .await
