@@ -6,28 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgelog::config::Settings;
-
-async fn assert_exactly_once(s: &Settings, good: u64) {
-    let db = &s.clickhouse.database;
-    assert_eq!(
-        count(format!("SELECT count() FROM {db}.http_log")).await,
-        good,
-        "one copy of each row"
-    );
-    assert_eq!(
-        count(format!(
-            "SELECT uniqExact(source_partition, source_offset) FROM {db}.http_log"
-        ))
-        .await,
-        good
-    );
-    assert_eq!(
-        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
-        good,
-        "totals equal a recount from http_log"
-    );
-}
 
 /// Crash at `failpoint`, restart, and check the result. Returns the rows ClickHouse held right
 /// after the crash (to show which side of the insert the crash was on).

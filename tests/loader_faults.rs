@@ -220,16 +220,7 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
     .await;
     loader.stop().await.unwrap();
 
-    assert_eq!(
-        count(format!("SELECT count() FROM {db}.http_log")).await,
-        4000,
-        "exactly once"
-    );
-    assert_eq!(
-        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
-        4000,
-        "totals exact"
-    );
+    assert_exactly_once(&s, 4000).await;
 
     let seen = seen.lock().unwrap().clone();
     let first = token_of(&seen[0].query).expect("inserts carry a token");
@@ -300,16 +291,7 @@ async fn a_loader_killed_after_sending_is_succeeded_by_the_same_batch_once() {
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(
-        count(format!("SELECT count() FROM {db}.http_log")).await,
-        4000,
-        "exactly once"
-    );
-    assert_eq!(
-        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
-        4000,
-        "totals exact"
-    );
+    assert_exactly_once(&s, 4000).await;
     let seen = seen.lock().unwrap().clone();
     assert!(seen.len() >= 2, "the batch was sent again: {seen:?}");
     assert_eq!(

@@ -369,3 +369,26 @@ pub fn serve_health(health: &std::sync::Arc<edgelog::health::Health>) -> std::ne
         .unwrap()
         .expect("a listen address was given")
 }
+
+/// One copy of each of `good` rows in `http_log` (by source offset), and totals that equal a
+/// recount.
+pub async fn assert_exactly_once(s: &Settings, good: u64) {
+    let db = &s.clickhouse.database;
+    assert_eq!(
+        count(format!("SELECT count() FROM {db}.http_log")).await,
+        good,
+        "one copy of each row"
+    );
+    assert_eq!(
+        count(format!(
+            "SELECT uniqExact(source_partition, source_offset) FROM {db}.http_log"
+        ))
+        .await,
+        good
+    );
+    assert_eq!(
+        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
+        good,
+        "totals equal a recount from http_log"
+    );
+}
