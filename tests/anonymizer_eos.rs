@@ -112,6 +112,25 @@ fn assert_exactly_once(seen: &BTreeMap<(i32, i64), usize>, truth: &[(i32, i64)])
     assert_eq!(seen.len(), truth.len(), "nothing unexpected");
 }
 
+/// Reads every input offset and the output (read_committed) and asserts that each input offset
+/// is in the output exactly once, and nothing else is. Returns the output's offsets.
+async fn assert_output_exactly_once(
+    s: &Settings,
+    expected: usize,
+    timeout: Duration,
+) -> BTreeMap<(i32, i64), usize> {
+    let s = s.clone();
+    let (truth, seen) = tokio::task::spawn_blocking(move || {
+        let truth = input_offsets(&s, expected);
+        (truth, read_output(&s, expected, timeout, SETTLE))
+    })
+    .await
+    .unwrap();
+    assert_eq!(truth.len(), expected, "input offsets read");
+    assert_exactly_once(&seen, &truth);
+    seen
+}
+
 fn settings() -> Settings {
     let mut s = isolated_settings();
     s.topics.partitions = 4;
@@ -149,23 +168,10 @@ async fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     assert_eq!(report.delivered, total);
     // A final clean run drains the rest.
     let mut child = spawn_anonymizer(&s, "0");
-    let truth = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || input_offsets(&s, total as usize)
-    })
-    .await
-    .unwrap();
-    assert_eq!(truth.len(), total as usize);
-    let seen = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || read_output(&s, total as usize, Duration::from_secs(180), SETTLE)
-    })
-    .await
-    .unwrap();
+    assert_output_exactly_once(&s, total as usize, Duration::from_secs(180)).await;
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(kills, 8);
-    assert_exactly_once(&seen, &truth);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,21 +198,9 @@ async fn two_instances_split_the_work_and_one_takes_over_when_the_other_dies() {
     b.kill().unwrap();
     b.wait().unwrap();
     producer.await.unwrap().unwrap();
-    let truth = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || input_offsets(&s, total as usize)
-    })
-    .await
-    .unwrap();
-    let seen = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || read_output(&s, total as usize, Duration::from_secs(180), SETTLE)
-    })
-    .await
-    .unwrap();
+    assert_output_exactly_once(&s, total as usize, Duration::from_secs(180)).await;
     a.kill().unwrap();
     a.wait().unwrap();
-    assert_exactly_once(&seen, &truth);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,25 +240,13 @@ async fn a_zombie_with_the_same_transactional_id_is_fenced() {
         !status.success(),
         "a fenced instance exits non-zero: {status}"
     );
-    let truth = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || input_offsets(&s, 2_000)
-    })
-    .await
-    .unwrap();
-    let seen = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || read_output(&s, 2_000, Duration::from_secs(120), SETTLE)
-    })
-    .await
-    .unwrap();
+    assert_output_exactly_once(&s, 2_000, Duration::from_secs(120)).await;
     assert!(
         successor.try_wait().unwrap().is_none(),
         "the successor keeps running"
     );
     successor.kill().unwrap();
     successor.wait().unwrap();
-    assert_exactly_once(&seen, &truth);
 }
 
 /// Records on `topic` as a read_uncommitted consumer sees them: aborted ones included.
@@ -305,20 +287,8 @@ async fn aborted_transactions_are_rewound_and_redone_exactly_once() {
     // input be read again from the committed offsets.
     let mut child =
         KillOnDrop::spawn(anonymizer_command(&s, "0").env("ANONYMIZER_FAILPOINT", "abort_every:3"));
-    let truth = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || input_offsets(&s, total as usize)
-    })
-    .await
-    .unwrap();
-    let seen = tokio::task::spawn_blocking({
-        let s = s.clone();
-        move || read_output(&s, total as usize, Duration::from_secs(120), SETTLE)
-    })
-    .await
-    .unwrap();
+    let seen = assert_output_exactly_once(&s, total as usize, Duration::from_secs(120)).await;
     child.kill().unwrap();
-    assert_exactly_once(&seen, &truth);
     let written = tokio::task::spawn_blocking({
         let s = s.clone();
         move || count_uncommitted(&s, &s.topics.anonymized)

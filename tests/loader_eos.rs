@@ -43,7 +43,7 @@ async fn crash_then_recover(dedup_token: bool, failpoint: &str) -> u64 {
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
-    assert_exactly_once(&s, good).await;
+    assert_loaded_exactly_once(&s, good).await;
     admin()
         .query(&format!("DROP DATABASE {db}"), &[])
         .await
@@ -110,7 +110,7 @@ async fn a_recorded_batch_is_finished_by_whoever_gets_its_partitions() {
     b.kill().unwrap();
     a.wait().unwrap();
     b.wait().unwrap();
-    assert_exactly_once(&s, good).await;
+    assert_loaded_exactly_once(&s, good).await;
     admin()
         .query(&format!("DROP DATABASE {db}"), &[])
         .await

@@ -220,7 +220,7 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
     .await;
     loader.stop().await.unwrap();
 
-    assert_exactly_once(&s, 4000).await;
+    assert_loaded_exactly_once(&s, 4000).await;
 
     let seen = seen.lock().unwrap().clone();
     let first = token_of(&seen[0].query).expect("inserts carry a token");
@@ -291,7 +291,7 @@ async fn a_loader_killed_after_sending_is_succeeded_by_the_same_batch_once() {
         Duration::from_secs(60),
     )
     .await;
-    assert_exactly_once(&s, 4000).await;
+    assert_loaded_exactly_once(&s, 4000).await;
     let seen = seen.lock().unwrap().clone();
     assert!(seen.len() >= 2, "the batch was sent again: {seen:?}");
     assert_eq!(

@@ -372,7 +372,7 @@ pub fn serve_health(health: &std::sync::Arc<edgelog::health::Health>) -> std::ne
 
 /// One copy of each of `good` rows in `http_log` (by source offset), and totals that equal a
 /// recount.
-pub async fn assert_exactly_once(s: &Settings, good: u64) {
+pub async fn assert_loaded_exactly_once(s: &Settings, good: u64) {
     let db = &s.clickhouse.database;
     assert_eq!(
         count(format!("SELECT count() FROM {db}.http_log")).await,
