@@ -62,14 +62,29 @@ fn main() {
     println!("| format | zstd level | rows per body | B/row | × uncompressed RowBinary | encode ms per body |");
     println!("|---|---:|---:|---:|---:|---:|");
     type Encoder = fn(&[&AnonRecord], i32) -> Vec<u8>;
-    let formats: [(&str, Encoder); 2] = [
-        ("Native", encode_body_at),
-        ("RowBinary", |r, level| {
-            zstd::bulk::compress(&rowbinary(r), level).unwrap()
-        }),
+    let formats: [(&str, Encoder, &[i32]); 3] = [
+        ("Native", encode_body_at, &[1, 3, 9, 15, 19]),
+        // loader.body_compression = "gzip" (for servers without zstd request bodies) uses 9.
+        (
+            "Native + gzip",
+            |r, level| {
+                let mut gz = flate2::write::GzEncoder::new(
+                    Vec::new(),
+                    flate2::Compression::new(level as u32),
+                );
+                std::io::Write::write_all(&mut gz, &encode_native(r)).unwrap();
+                gz.finish().unwrap()
+            },
+            &[6, 9],
+        ),
+        (
+            "RowBinary",
+            |r, level| zstd::bulk::compress(&rowbinary(r), level).unwrap(),
+            &[1, 3, 9, 15, 19],
+        ),
     ];
-    for (format, encode) in formats {
-        for level in [1, 3, 9, 15, 19] {
+    for (format, encode, levels) in formats {
+        for &level in levels {
             // Rows that fit one body at this level, by bisection.
             let fits = |k: usize| {
                 encode(&records[..k].iter().collect::<Vec<_>>(), level).len() <= 1_000_000

@@ -19,6 +19,8 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::loader::body::BodyCompression;
+
 /// Environment variable prefix for every setting.
 pub const ENV_PREFIX: &str = "EDGELOG_";
 
@@ -430,6 +432,9 @@ pub struct LoaderSettings {
     pub request_timeout: Duration,
     /// Send `insert_deduplication_token` (ClickHouse >= 22.2). Off = rely on the block hash.
     pub dedup_token: bool,
+    /// `zstd` (default, most rows per body) or `gzip` (for servers such as ClickHouse 22.1 that
+    /// decode only gzip and deflate request bodies).
+    pub body_compression: BodyCompression,
     /// Consumption pauses while this many bytes of records wait for a slot (bounds memory); at
     /// least `max_body_bytes`.
     pub max_buffer_bytes: usize,
@@ -446,6 +451,7 @@ impl Default for LoaderSettings {
             source_address: None,
             request_timeout: Duration::from_secs(55),
             dedup_token: true,
+            body_compression: BodyCompression::Zstd,
             max_buffer_bytes: 256 << 20,
             kafka_options: KafkaOptions::default(),
         }

@@ -168,7 +168,12 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
     let url = insert_url_into(&settings.clickhouse.admin_url, db, &staging_raw, None);
     for chunk in records.chunks(CHUNK_ROWS) {
         let refs: Vec<&AnonRecord> = chunk.iter().collect();
-        match client.send(&url, encode_body(&refs)).await {
+        // The admin endpoint is the same server the loader inserts into: same body encoding.
+        let compression = settings.loader.body_compression;
+        match client
+            .send(&url, compression, encode_body(&refs, compression))
+            .await
+        {
             Outcome::Inserted => {}
             other => bail!("inserting into the staging table failed: {other:?}"),
         }

@@ -129,7 +129,10 @@ async fn clickhouse_decodes_the_insert_body_to_the_records() {
         let response = http
             .post(insert_url(CLICKHOUSE, db, Some(&format!("body-test-{i}"))))
             .header("Content-Encoding", "zstd")
-            .body(encode_body(&refs))
+            .body(encode_body(
+                &refs,
+                edgelog::loader::body::BodyCompression::Zstd,
+            ))
             .send()
             .await
             .unwrap();

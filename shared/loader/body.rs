@@ -1,11 +1,39 @@
-//! The insert body: ClickHouse Native format (column by column), zstd-compressed.
+//! The insert body: ClickHouse Native format (column by column), zstd-compressed (or gzip, for
+//! servers that take no zstd request bodies).
 //!
 //! Column-wise layout puts similar bytes together and rows are ordered by (resource, url, client)
 //! so compression finds long repeats; row order inside one insert is free because MergeTree sorts
 //! anyway. The encoding is a pure function of the set of records: a rebuilt batch gives the same
 //! bytes, which is what makes a retry deduplicate even without a token (block-hash dedup).
 
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
 use crate::anon_record::AnonRecord;
+
+/// How request bodies are compressed (`loader.body_compression`). Fixed per deployment: a rebuilt
+/// batch must have the same bytes as the first attempt for token-less dedup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BodyCompression {
+    /// zstd at [`ZSTD_LEVEL`]: the most rows per body (docs/BENCHMARKS.md).
+    #[default]
+    Zstd,
+    /// gzip at level 9, for servers that decode only gzip and deflate request bodies (ClickHouse
+    /// 22.1, the original image). Fewer rows per body.
+    Gzip,
+}
+
+impl BodyCompression {
+    /// The `Content-Encoding` header value ClickHouse decodes the body by.
+    pub fn content_encoding(self) -> &'static str {
+        match self {
+            BodyCompression::Zstd => "zstd",
+            BodyCompression::Gzip => "gzip",
+        }
+    }
+}
 
 /// `(name, Native type)` of the columns sent, in order. Low-cardinality columns are sent as
 /// `String`; ClickHouse converts on insert.
@@ -101,9 +129,20 @@ pub fn encode_native(records: &[&AnonRecord]) -> Vec<u8> {
     out
 }
 
-/// The request body for `records`: Native, zstd at [`ZSTD_LEVEL`] (`Content-Encoding: zstd`).
-pub fn encode_body(records: &[&AnonRecord]) -> Vec<u8> {
-    encode_body_at(records, ZSTD_LEVEL)
+/// The request body for `records`: Native, compressed as `compression` says (zstd at
+/// [`ZSTD_LEVEL`] or gzip at level 9).
+pub fn encode_body(records: &[&AnonRecord], compression: BodyCompression) -> Vec<u8> {
+    match compression {
+        BodyCompression::Zstd => encode_body_at(records, ZSTD_LEVEL),
+        BodyCompression::Gzip => {
+            // flate2's gzip header carries no timestamp or file name (mtime 0): the output
+            // depends only on the input.
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            gz.write_all(&encode_native(records))
+                .expect("writing to a Vec cannot fail");
+            gz.finish().expect("writing to a Vec cannot fail")
+        }
+    }
 }
 
 /// [`encode_body`] at another zstd level (benchmarks compare levels with it).
@@ -141,8 +180,14 @@ mod tests {
         let a = rec(0, 1, 5, "/a");
         let b = rec(1, 7, 2, "/b");
         let c = rec(0, 2, 5, "/a");
-        assert_eq!(encode_body(&[&a, &b, &c]), encode_body(&[&c, &a, &b]));
-        assert_ne!(encode_body(&[&a, &b]), encode_body(&[&a, &c]));
+        assert_eq!(
+            encode_body(&[&a, &b, &c], BodyCompression::Zstd),
+            encode_body(&[&c, &a, &b], BodyCompression::Zstd)
+        );
+        assert_ne!(
+            encode_body(&[&a, &b], BodyCompression::Zstd),
+            encode_body(&[&a, &c], BodyCompression::Zstd)
+        );
     }
 
     #[test]
@@ -157,8 +202,21 @@ mod tests {
             &1_700_000_000u32.to_le_bytes(),
             "seconds, millis dropped"
         );
-        let decompressed = zstd::decode_all(&encode_body(&[&a])[..]).unwrap();
+        let decompressed =
+            zstd::decode_all(&encode_body(&[&a], BodyCompression::Zstd)[..]).unwrap();
         assert_eq!(decompressed, n);
+    }
+
+    #[test]
+    fn gzip_body_is_the_native_block() {
+        let a = rec(0, 1, 5, "/a");
+        let gz = encode_body(&[&a], BodyCompression::Gzip);
+        assert_eq!(&gz[..2], &[0x1f, 0x8b], "gzip magic");
+        assert_eq!(&gz[4..8], &[0, 0, 0, 0], "no timestamp in the header");
+        let mut native = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut native)
+            .unwrap();
+        assert_eq!(native, encode_native(&[&a]));
     }
 
     #[test]
@@ -427,7 +485,9 @@ mod props {
                 x ^= x << 17;
                 shuffled.swap(i, (x % (i as u64 + 1)) as usize);
             }
-            prop_assert_eq!(encode_body(&refs), encode_body(&shuffled));
+            for c in [BodyCompression::Zstd, BodyCompression::Gzip] {
+                prop_assert_eq!(encode_body(&refs, c), encode_body(&shuffled, c));
+            }
         }
     }
 }

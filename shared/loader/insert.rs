@@ -5,11 +5,13 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::config::Secret;
-use crate::loader::body::COLUMNS;
+use crate::loader::body::{BodyCompression, COLUMNS};
 
 /// Settings pinned on every insert. A retried batch must be cut into the same blocks as the first
 /// attempt (dedup works per block), so block sizes are fixed here, never left to server defaults.
-pub const INSERT_SETTINGS: [(&str, &str); 9] = [
+/// Every one of them exists in ClickHouse 22.1 (an unknown setting fails the request). The Native
+/// String -> LowCardinality conversion the body relies on is on by default on every version.
+pub const INSERT_SETTINGS: [(&str, &str); 8] = [
     ("async_insert", "0"),
     ("insert_deduplicate", "1"),
     ("deduplicate_blocks_in_dependent_materialized_views", "1"),
@@ -27,7 +29,6 @@ pub const INSERT_SETTINGS: [(&str, &str); 9] = [
         "min_insert_block_size_bytes_for_materialized_views",
         "268435456",
     ),
-    ("input_format_native_allow_types_conversion", "1"),
 ];
 
 /// The insert URL: `base` + the INSERT statement + pinned settings (+ the dedup token).
@@ -151,11 +152,11 @@ impl InsertClient {
     }
 
     /// Sends one compressed Native body to `url`.
-    pub async fn send(&self, url: &str, body: Vec<u8>) -> Outcome {
+    pub async fn send(&self, url: &str, compression: BodyCompression, body: Vec<u8>) -> Outcome {
         let mut request = self
             .http
             .post(url)
-            .header("Content-Encoding", "zstd")
+            .header("Content-Encoding", compression.content_encoding())
             .header("X-ClickHouse-User", &self.user)
             .body(body);
         if !self.password.is_empty() {

@@ -34,6 +34,7 @@ use crate::config::Settings;
 use crate::health::Health;
 use crate::kafka::{client_config, describe};
 use batch::BatchRanges;
+use body::BodyCompression;
 use insert::{insert_url, InsertClient, Outcome};
 
 /// Crash injection for tests: `LOADER_FAILPOINT=<step>` aborts the process (as a crash would) at
@@ -130,6 +131,7 @@ struct State {
     level_ratio: f64,
     /// Largest body to plan: `max_body_bytes`, lowered whenever the proxy answers 413.
     body_limit: usize,
+    compression: BodyCompression,
 }
 
 /// Runs stage two until `shutdown` completes or a permanent error stops it.
@@ -192,6 +194,7 @@ pub async fn run_with_health(
     let mut st = State {
         bytes_per_row: 20.0,
         body_limit: l.max_body_bytes,
+        compression: l.body_compression,
         ..State::default()
     };
     let mut next_slot = Instant::now();
@@ -273,7 +276,7 @@ pub async fn run_with_health(
             .body
             .get_or_insert_with(|| {
                 let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
-                body::encode_body(&refs)
+                body::encode_body(&refs, l.body_compression)
             })
             .clone();
         let token = l.dedup_token.then(|| batch.ranges.dedup_token(&topic));
@@ -284,7 +287,7 @@ pub async fn run_with_health(
         );
         let (rows, size) = (records.len(), body.len());
         let sent_at = Instant::now();
-        let outcome = client.send(&url, body).await;
+        let outcome = client.send(&url, l.body_compression, body).await;
         Failpoint::hit(failpoint, Failpoint::AfterResponse);
         next_slot = sent_at + l.slot_spacing;
         let label = match &outcome {
@@ -493,7 +496,7 @@ fn plan_batch(st: &mut State) {
     };
     // The ratio is an estimate: shrink until the final body really fits.
     let body = loop {
-        let body = body::encode_body(&refs(n));
+        let body = body::encode_body(&refs(n), st.compression);
         if body.len() <= max_body_bytes || n == 1 {
             break body;
         }
@@ -577,6 +580,7 @@ fn handle_rebalance(
                 bytes_per_row: st.bytes_per_row,
                 level_ratio: st.level_ratio,
                 body_limit: st.body_limit,
+                compression: st.compression,
                 ..State::default()
             };
         }
@@ -792,7 +796,7 @@ mod tests {
             let batch = st.batches.pop_front().unwrap();
             let records = batch.records.unwrap();
             let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
-            let size = body::encode_body(&refs).len();
+            let size = body::encode_body(&refs, st.compression).len();
             assert!(size <= max, "{size} > {max}");
             if !st.queue.is_empty() {
                 assert!(size as f64 > max as f64 * 0.9, "batch well filled: {size}");
@@ -936,7 +940,7 @@ mod props {
                 let batch = st.batches.pop_front().unwrap();
                 let records = batch.records.unwrap();
                 let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
-                let size = body::encode_body(&refs).len();
+                let size = body::encode_body(&refs, st.compression).len();
                 prop_assert!(size <= st.body_limit || records.len() == 1, "{} > {}", size, st.body_limit);
                 let mine: Vec<(i32, i64)> = records.iter().map(|b| (b.partition, b.offset)).collect();
                 // Exactly the records inside the ranges: none outside, no other inside.

@@ -260,6 +260,11 @@ pub fn loader_command(s: &Settings) -> std::process::Command {
             "EDGELOG_LOADER__DEDUP_TOKEN",
             s.loader.dedup_token.to_string(),
         )
+        // The setting's values are the Content-Encoding names.
+        .env(
+            "EDGELOG_LOADER__BODY_COMPRESSION",
+            s.loader.body_compression.content_encoding(),
+        )
         .env(
             "EDGELOG_LOADER__SOURCE_ADDRESS",
             s.loader.source_address.unwrap().to_string(),
