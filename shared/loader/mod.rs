@@ -121,7 +121,8 @@ struct State {
     queued_bytes: usize,
     /// Batches to finish, oldest first. Recovered batches come before anything new.
     batches: VecDeque<Batch>,
-    /// Per partition: offsets below this belong to a recorded batch and are not queued again.
+    /// Per partition: offsets below this are loaded (committed) or belong to a batch, and are
+    /// not queued again.
     skip_below: BTreeMap<i32, i64>,
     assigned: Vec<i32>,
     paused: bool,
@@ -250,7 +251,11 @@ pub async fn run_with_health(
                     Err(_) => break, // nothing more ready right now
                 }
             }
-            if st.queue.is_empty() {
+            // A poll that timed out may still have run the rebalance callback: apply what it
+            // queued before planning, or the batch would come from the old assignment and be
+            // loaded a second time by whoever reads the partition from its committed offset
+            // (found by a 20-minute chaos run: 140 rows twice).
+            if apply_rebalances(&consumer, &topic, &mut st, &events)? || st.queue.is_empty() {
                 continue; // a rebalance took the work away
             }
             plan_batch(&mut st);
@@ -410,10 +415,7 @@ fn absorb(
     events: &Mutex<Vec<RebalanceEvent>>,
     message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
 ) -> anyhow::Result<()> {
-    let drained: Vec<RebalanceEvent> = std::mem::take(&mut *events.lock().expect("not poisoned"));
-    for event in drained {
-        handle_rebalance(consumer, topic, st, event)?;
-    }
+    apply_rebalances(consumer, topic, st, events)?;
     match message {
         Some(Ok(m)) => buffer(st, m.partition(), m.offset(), m.payload().unwrap_or(&[])),
         Some(Err(e)) => {
@@ -422,6 +424,21 @@ fn absorb(
         }
         None => Ok(()),
     }
+}
+
+/// Applies the rebalance events the callback queued; true if there were any.
+fn apply_rebalances(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    events: &Mutex<Vec<RebalanceEvent>>,
+) -> anyhow::Result<bool> {
+    let drained: Vec<RebalanceEvent> = std::mem::take(&mut *events.lock().expect("not poisoned"));
+    let any = !drained.is_empty();
+    for event in drained {
+        handle_rebalance(consumer, topic, st, event)?;
+    }
+    Ok(any)
 }
 
 fn batch_ranges(st: &State) -> String {
@@ -613,10 +630,18 @@ fn handle_rebalance(
                         );
                     }
                 }
+                // Everything below the committed offset is loaded. The consumer starts from the
+                // offset librdkafka fetched when it applied the assignment; should that ever be
+                // older than what is read here, the records in between are dropped, not loaded
+                // again.
+                if let Offset::Offset(c) = e.offset() {
+                    st.skip_below.insert(p, c);
+                }
                 match BatchRanges::from_metadata(e.metadata()) {
                     Ok(Some(ranges)) => {
                         if let Some(r) = ranges.get(p) {
-                            st.skip_below.insert(p, r.end);
+                            let skip = st.skip_below.entry(p).or_default();
+                            *skip = (*skip).max(r.end);
                         }
                         if !st.batches.iter().any(|b| b.ranges == ranges) {
                             tracing::info!(partition = p, %ranges, "recorded batch found; finishing it before anything new");
