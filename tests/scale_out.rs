@@ -39,6 +39,16 @@ async fn assert_verify_clean(s: &Settings, expected_rows: u64) {
     assert_eq!(landed, expected_rows, "{report}");
 }
 
+/// Creates the topics and schema, then runs the producer in the background at its rate.
+async fn start_producing(
+    s: &Settings,
+) -> tokio::task::JoinHandle<anyhow::Result<edgelog::producer::ProducerReport>> {
+    edgelog::setup::create_topics(s).await.unwrap();
+    edgelog::setup::apply_schema(s).await.unwrap();
+    let s = s.clone();
+    tokio::spawn(async move { edgelog::producer::run(&s, std::future::pending::<()>()).await })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn anonymizer_instances_join_and_leave_under_load() {
     require_stack();
@@ -50,12 +60,7 @@ async fn anonymizer_instances_join_and_leave_under_load() {
     s.producer.garbage_share = 0.01;
     s.loader.slot_spacing = Duration::from_millis(300);
     s.loader.source_address = Some(fresh_loopback_ip());
-    edgelog::setup::create_topics(&s).await.unwrap();
-    edgelog::setup::apply_schema(&s).await.unwrap();
-    let producer = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::producer::run(&s, std::future::pending::<()>()).await })
-    };
+    let producer = start_producing(&s).await;
     let loader = start_loader(&s);
 
     let mut a = KillOnDrop::spawn(&mut anonymizer_command(&s, "a"));
@@ -157,12 +162,7 @@ async fn loaders_joining_and_leaving_under_load_load_every_record_once() {
     s.producer.rate = 300.0;
     s.producer.count = Some(24_000);
     s.producer.garbage_share = 0.0;
-    edgelog::setup::create_topics(&s).await.unwrap();
-    edgelog::setup::apply_schema(&s).await.unwrap();
-    let producer = {
-        let s = s.clone();
-        tokio::spawn(async move { edgelog::producer::run(&s, std::future::pending::<()>()).await })
-    };
+    let producer = start_producing(&s).await;
     let anonymizer = start_anonymizer(&s);
     s.loader.source_address = Some(fresh_loopback_ip());
     let mut a = KillOnDrop::spawn(&mut loader_command(&s));
