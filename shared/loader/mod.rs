@@ -12,7 +12,9 @@
 //! A crash or rebalance anywhere leaves either nothing recorded (the records are read again) or a
 //! recorded batch that the partition's next owner rebuilds from the ranges — same records, same
 //! bytes, same token — and sends before anything new from that partition, so ClickHouse keeps
-//! exactly one copy.
+//! exactly one copy. Rebalance events (queued by the callback, which runs inside any poll, even
+//! one that then times out) are applied before a batch is planned, and no record below the
+//! committed offset read at assignment is ever queued.
 
 pub mod batch;
 pub mod body;
