@@ -166,10 +166,10 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
         Duration::from_secs(300),
     );
     let url = insert_url_into(&settings.clickhouse.admin_url, db, &staging_raw, None);
+    // The admin endpoint is the same server the loader inserts into: same body encoding.
+    let compression = settings.loader.body_compression;
     for chunk in records.chunks(CHUNK_ROWS) {
         let refs: Vec<&AnonRecord> = chunk.iter().collect();
-        // The admin endpoint is the same server the loader inserts into: same body encoding.
-        let compression = settings.loader.body_compression;
         match client
             .send(&url, compression, encode_body(&refs, compression))
             .await

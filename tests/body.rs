@@ -3,26 +3,19 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::*;
 use edgelog::anon_record::{decode, transform, AnonRecord};
-use edgelog::loader::body::encode_body;
-use edgelog::loader::insert::insert_url;
+use edgelog::loader::body::{encode_body, BodyCompression};
+use edgelog::loader::insert::{insert_url, InsertClient, Outcome};
 use edgelog::record::encode_capnp;
 use edgelog::synth::TrafficModel;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// Realistic records from the producer's model, as stage one writes them to the topic.
 fn realistic(n: usize, partition: i32) -> Vec<AnonRecord> {
     let mut model = TrafficModel::new(&Default::default());
-    let start = now_ms();
+    let start = edgelog::producer::now_epoch_ms();
     (0..n)
         .map(|i| {
             let payload = encode_capnp(&model.next_record(start + i as u64));
@@ -123,22 +116,24 @@ async fn clickhouse_decodes_the_insert_body_to_the_records() {
     edgelog::setup::apply_schema(&s).await.unwrap();
     let db = &s.clickhouse.database;
     let batches = [realistic(5_000, 0), awkward(1), distinct_urls(70_000, 2)];
-    let http = reqwest::Client::new();
+    // The loader's own client, straight to ClickHouse as the set-up user.
+    let client = InsertClient::new(
+        "default",
+        &Default::default(),
+        None,
+        Duration::from_secs(60),
+    );
     for (i, batch) in batches.iter().enumerate() {
         let refs: Vec<&AnonRecord> = batch.iter().collect();
-        let response = http
-            .post(insert_url(CLICKHOUSE, db, Some(&format!("body-test-{i}"))))
-            .header("Content-Encoding", "zstd")
-            .body(encode_body(
-                &refs,
-                edgelog::loader::body::BodyCompression::Zstd,
-            ))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        let text = response.text().await.unwrap();
-        assert!(status.is_success(), "batch {i}: {status} {text}");
+        let url = insert_url(CLICKHOUSE, db, Some(&format!("body-test-{i}")));
+        let compression = BodyCompression::Zstd;
+        let outcome = client
+            .send(&url, compression, encode_body(&refs, compression))
+            .await;
+        assert!(
+            matches!(outcome, Outcome::Inserted),
+            "batch {i}: {outcome:?}"
+        );
     }
     let all: Vec<AnonRecord> = batches.concat();
     let got = rows_in_clickhouse(db).await;

@@ -1,7 +1,8 @@
 //! Stage two under proxy faults: a scripted proxy in front of the real ClickHouse answers 503, 504
-//! after the insert landed, drops the connection, and says "bad gateway" (ClickHouse down) for
-//! several slots, and has the loader killed once its request is on the wire. The rows must still land exactly once, every retry must be the same batch (same
-//! token), and the loader must never send faster than its slot spacing.
+//! after the insert landed, drops the connection, says "bad gateway" (ClickHouse down) for
+//! several slots, and has the loader killed once its request is on the wire. The rows must still
+//! land exactly once, every retry must be the same batch (same token), and the loader must never
+//! send faster than its slot spacing.
 
 mod common;
 
@@ -173,6 +174,18 @@ async fn fault_proxy(
     }
 }
 
+/// Starts [`fault_proxy`] on a free port: its URL, and the requests it will have seen.
+async fn start_fault_proxy(
+    script: Vec<Fault>,
+    sender: Arc<AtomicU32>,
+) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn(fault_proxy(listener, script, seen.clone(), sender));
+    (url, seen)
+}
+
 fn token_of(query: &str) -> Option<String> {
     url::form_urlencoded::parse(query.as_bytes())
         .find(|(k, _)| k == "insert_deduplication_token")
@@ -182,9 +195,6 @@ fn token_of(query: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
     require_stack();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
     let script = vec![
         Fault::SlotBusy,
         Fault::LandThenGatewayTimeout,
@@ -194,15 +204,10 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
         Fault::BadGateway,
     ];
     let faults = script.len();
-    tokio::spawn(fault_proxy(
-        listener,
-        script,
-        seen.clone(),
-        Default::default(),
-    ));
+    let (proxy_url, seen) = start_fault_proxy(script, Default::default()).await;
 
     let mut s = isolated_settings();
-    s.clickhouse.url = format!("http://{addr}");
+    s.clickhouse.url = proxy_url;
     s.loader.slot_spacing = Duration::from_millis(400);
     // All records are in the anonymized topic before the loader starts, so the first batch holds
     // them all and every fault hits that same batch.
@@ -248,19 +253,12 @@ async fn proxy_faults_lose_nothing_and_duplicate_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_loader_killed_after_sending_is_succeeded_by_the_same_batch_once() {
     require_stack();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
     let sender = Arc::new(AtomicU32::new(0));
-    tokio::spawn(fault_proxy(
-        listener,
-        vec![Fault::KillSenderThenLand],
-        seen.clone(),
-        sender.clone(),
-    ));
+    let (proxy_url, seen) =
+        start_fault_proxy(vec![Fault::KillSenderThenLand], sender.clone()).await;
 
     let mut s = isolated_settings();
-    s.clickhouse.url = format!("http://{addr}");
+    s.clickhouse.url = proxy_url;
     s.loader.source_address = Some(fresh_loopback_ip());
     fill_anonymized_topic(&s, 4000).await;
     let mut first = KillOnDrop::spawn(&mut loader_command(&s));

@@ -134,7 +134,6 @@ struct State {
     level_ratio: f64,
     /// Largest body to plan: `max_body_bytes`, lowered whenever the proxy answers 413.
     body_limit: usize,
-    compression: BodyCompression,
 }
 
 /// Runs stage two until `shutdown` completes or a permanent error stops it.
@@ -197,7 +196,6 @@ pub async fn run_with_health(
     let mut st = State {
         bytes_per_row: 20.0,
         body_limit: l.max_body_bytes,
-        compression: l.body_compression,
         ..State::default()
     };
     let mut next_slot = Instant::now();
@@ -260,7 +258,7 @@ pub async fn run_with_health(
             if apply_rebalances(&consumer, &topic, &mut st, &events)? || st.queue.is_empty() {
                 continue; // a rebalance took the work away
             }
-            plan_batch(&mut st);
+            plan_batch(&mut st, l.body_compression);
         }
         let batch = st.batches.front_mut().expect("planned or recovered");
         if batch.records.is_none() {
@@ -478,7 +476,7 @@ fn buffer(st: &mut State, partition: i32, offset: i64, payload: &[u8]) -> anyhow
 
 /// Takes the longest prefix of the queue whose body fits the body limit (within 2%) as a new
 /// batch. Bisection, starting from a guess made with the last body's bytes per row.
-fn plan_batch(st: &mut State) {
+fn plan_batch(st: &mut State, compression: BodyCompression) {
     let max_body_bytes = st.body_limit;
     let len = st.queue.len();
     // Candidates are sized with a cheap zstd level scaled by the learned ratio to the final
@@ -515,7 +513,7 @@ fn plan_batch(st: &mut State) {
     };
     // The ratio is an estimate: shrink until the final body really fits.
     let body = loop {
-        let body = body::encode_body(&refs(n), st.compression);
+        let body = body::encode_body(&refs(n), compression);
         if body.len() <= max_body_bytes || n == 1 {
             break body;
         }
@@ -599,7 +597,6 @@ fn handle_rebalance(
                 bytes_per_row: st.bytes_per_row,
                 level_ratio: st.level_ratio,
                 body_limit: st.body_limit,
-                compression: st.compression,
                 ..State::default()
             };
         }
@@ -819,11 +816,11 @@ mod tests {
         let mut seen = Vec::new();
         let mut previous_end: BTreeMap<i32, i64> = BTreeMap::new();
         while !st.queue.is_empty() {
-            plan_batch(&mut st);
+            plan_batch(&mut st, BodyCompression::default());
             let batch = st.batches.pop_front().unwrap();
             let records = batch.records.unwrap();
             let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
-            let size = body::encode_body(&refs, st.compression).len();
+            let size = body::encode_body(&refs, BodyCompression::default()).len();
             assert!(size <= max, "{size} > {max}");
             if !st.queue.is_empty() {
                 assert!(size as f64 > max as f64 * 0.9, "batch well filled: {size}");
@@ -847,7 +844,7 @@ mod tests {
     #[test]
     fn a_small_queue_goes_in_one_batch() {
         let mut st = queue_of(100, 3);
-        plan_batch(&mut st);
+        plan_batch(&mut st, BodyCompression::default());
         assert!(st.queue.is_empty());
         assert_eq!(st.batches.len(), 1);
         assert_eq!(st.queued_bytes, 0);
@@ -857,7 +854,7 @@ mod tests {
     #[test]
     fn recorded_ranges_are_skipped_when_read_again() {
         let mut st = queue_of(10, 1);
-        plan_batch(&mut st);
+        plan_batch(&mut st, BodyCompression::default());
         let end = st.batches[0].ranges.get(0).unwrap().end;
         let (bytes, _) = crate::anon_record::transform(
             &crate::record::encode_capnp(
@@ -955,7 +952,7 @@ mod props {
             let mut previous_end: BTreeMap<i32, i64> = BTreeMap::new();
             let mut refusals = too_large.into_iter();
             while !st.queue.is_empty() {
-                plan_batch(&mut st);
+                plan_batch(&mut st, BodyCompression::default());
                 prop_assert_eq!(st.batches.len(), 1);
                 // Sometimes the proxy says 413: the loader re-plans smaller from the same queue.
                 if refusals.next().unwrap_or(false) && st.body_limit > 4096 {
@@ -967,7 +964,7 @@ mod props {
                 let batch = st.batches.pop_front().unwrap();
                 let records = batch.records.unwrap();
                 let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
-                let size = body::encode_body(&refs, st.compression).len();
+                let size = body::encode_body(&refs, BodyCompression::default()).len();
                 prop_assert!(size <= st.body_limit || records.len() == 1, "{} > {}", size, st.body_limit);
                 let mine: Vec<(i32, i64)> = records.iter().map(|b| (b.partition, b.offset)).collect();
                 // Exactly the records inside the ranges: none outside, no other inside.
