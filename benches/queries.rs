@@ -314,6 +314,62 @@ async fn load(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fills rollups that a later migration added to a database already holding data (their views
+/// only see new inserts): each view's own SELECT over `http_log`, one day at a time. A target is
+/// named like its view without `_mv`.
+async fn backfill(ch: &Ch, a: &Args) -> anyhow::Result<()> {
+    let db = &a.database;
+    if ch
+        .scalar(&format!("SELECT count() FROM {db}.http_log"))
+        .await?
+        == 0.0
+    {
+        return Ok(());
+    }
+    let views = ch
+        .query(
+            &format!(
+                "SELECT name, replaceAll(as_select, '\\n', ' ') FROM system.tables \
+                 WHERE database = '{db}' AND engine = 'MaterializedView' FORMAT TSVRaw"
+            ),
+            &[],
+        )
+        .await?;
+    for line in views.lines() {
+        let (view, select) = line.split_once('\t').expect("two columns");
+        let target = view.trim_end_matches("_mv");
+        if ch
+            .scalar(&format!("SELECT count() FROM {db}.{target}"))
+            .await?
+            > 0.0
+        {
+            continue;
+        }
+        let t = Instant::now();
+        let start = DATA_END_S - a.days * 86_400;
+        for day in 0..a.days {
+            let from = start + day * 86_400;
+            let filter = format!(
+                "timestamp >= toDateTime({from}) AND timestamp < toDateTime({})",
+                from + 86_400
+            );
+            ch.query(
+                &format!(
+                    "INSERT INTO {db}.{target} {select} SETTINGS additional_table_filters = \
+                     {{'{db}.http_log': '{filter}'}}"
+                ),
+                &[],
+            )
+            .await?;
+        }
+        println!(
+            "backfill: {target} from http_log in {:.0} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 async fn parts_report(ch: &Ch, db: &str, raw_rows: f64) -> anyhow::Result<()> {
     let sql = format!(
         "SELECT table, count(), sum(rows), sum(data_compressed_bytes), sum(data_uncompressed_bytes) \
@@ -418,6 +474,9 @@ struct Table {
     requests: &'static str,
     resource: bool,
     ip: bool,
+    /// Holds per-hour `topK` summaries (migration 005) instead of sums: answers top-10 panels
+    /// only, over whole hours.
+    sketch: bool,
 }
 
 const RAW: Table = Table {
@@ -426,6 +485,7 @@ const RAW: Table = Table {
     requests: "count()",
     resource: true,
     ip: true,
+    sketch: false,
 };
 const TOTALS: Table = Table {
     name: "http_log_totals",
@@ -433,6 +493,7 @@ const TOTALS: Table = Table {
     requests: "sum(requests)",
     resource: true,
     ip: true,
+    sketch: false,
 };
 const BY_RESOURCE: Table = Table {
     name: "http_log_totals_by_resource",
@@ -440,6 +501,7 @@ const BY_RESOURCE: Table = Table {
     requests: "sum(requests)",
     resource: true,
     ip: false,
+    sketch: false,
 };
 const BY_IP: Table = Table {
     name: "http_log_totals_by_ip",
@@ -447,6 +509,7 @@ const BY_IP: Table = Table {
     requests: "sum(requests)",
     resource: false,
     ip: true,
+    sketch: false,
 };
 const BY_STATUS: Table = Table {
     name: "http_log_totals_by_status",
@@ -454,6 +517,7 @@ const BY_STATUS: Table = Table {
     requests: "sum(requests)",
     resource: false,
     ip: false,
+    sketch: false,
 };
 
 const BY_RESOURCE_1H: Table = Table {
@@ -486,10 +550,38 @@ fn tiered(q: &Query) -> Table {
     }
 }
 
+const TOP_1H: Table = Table {
+    name: "http_log_top_1h",
+    ts: "ts",
+    requests: "",
+    resource: false,
+    ip: false,
+    sketch: true,
+};
+
+/// Windows up to this long are answered from `http_log` by the `top` route: its daily partitions
+/// and resource-first key make a short exact top 10 cheaper than any rollup (measured, 1 h).
+const TOP_RAW_MAX_SECS: u64 = 3 * 3600;
+
+/// [`tiered`] plus migration 005 for top-10 panels: short windows from the raw table, longer
+/// whole-hour windows without a resource (top IPs) or IP (top resources) filter from the hourly
+/// summaries; the other filter combinations stay on the exact rollups.
+fn top(q: &Query) -> Table {
+    let whole_hours = q.from % 3600 == 0 && q.to % 3600 == 0;
+    match q.panel {
+        Panel::Series(_) => tiered(q),
+        _ if q.to - q.from <= TOP_RAW_MAX_SECS => RAW,
+        Panel::TopIps if q.filters.resource.is_none() && whole_hours => TOP_1H,
+        Panel::TopResources if q.filters.ip.is_none() && whole_hours => TOP_1H,
+        _ => tiered(q),
+    }
+}
+
 fn route(name: &str, q: &Query) -> Table {
     match name {
         "shipped" => TOTALS,
         "tiered" => tiered(q),
+        "top" => top(q),
         "raw" => RAW,
         other => panic!("unknown route {other}"),
     }
@@ -525,6 +617,9 @@ fn sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
         params.push(("ip".into(), ip.clone()));
     }
     let (name, reqs) = (t.name, t.requests);
+    if t.sketch {
+        return sketch_sql(db, t, q, params);
+    }
     let body = match q.panel {
         Panel::Series(bucket) => format!(
             "SELECT toStartOfInterval({ts}, INTERVAL {bucket} SECOND) AS t, {reqs} AS requests, \
@@ -545,6 +640,38 @@ fn sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
         format!("{body} SETTINGS use_query_cache = 0 FORMAT TSV"),
         params,
     )
+}
+
+/// A top-10 panel from the hourly summaries: one row per hour of the window (0 and '*' stand for
+/// "any status" and "any cache status"), merged, first 10 of the merged 20, ranked by the lower
+/// bound `count - error` (see sql/005_http_log_top.sql for why that is the exact count of a busy
+/// item).
+fn sketch_sql(
+    db: &str,
+    t: Table,
+    q: &Query,
+    mut params: Vec<(String, String)>,
+) -> (String, Vec<(String, String)>) {
+    assert!(q.filters.resource.is_none() && q.filters.ip.is_none());
+    params.push(("s".into(), q.filters.status.unwrap_or(0).to_string()));
+    params.push((
+        "c".into(),
+        q.filters.cache.clone().unwrap_or_else(|| "*".into()),
+    ));
+    let (item, state) = match q.panel {
+        Panel::TopIps => ("remote_addr", "top_ips"),
+        Panel::TopResources => ("resource_id", "top_resources"),
+        Panel::Series(_) => unreachable!("summaries answer top-10 panels only"),
+    };
+    let name = t.name;
+    let sql = format!(
+        "SELECT tupleElement(t, 1) AS {item}, tupleElement(t, 2) - tupleElement(t, 3) AS requests FROM \
+         (SELECT arrayJoin(topKMerge(20, 15, 'counts')({state})) AS t FROM {db}.{name} \
+          WHERE ts >= {{from:DateTime}} AND ts < {{to:DateTime}} \
+          AND response_status = {{s:UInt16}} AND cache_status = {{c:String}}) \
+         ORDER BY requests DESC, {item} LIMIT 10 SETTINGS use_query_cache = 0 FORMAT TSV"
+    );
+    (sql, params)
 }
 
 struct Window {
@@ -579,6 +706,7 @@ const WINDOWS: [Window; 4] = [
 fn sample_queries(a: &Args, w: &Window, rng: &mut StdRng, pool: &[AnonRecord]) -> Vec<Query> {
     let data_start = DATA_END_S - a.days * 86_400;
     let pick = |rng: &mut StdRng, mask: u8, panel: Panel| {
+        let is_series = matches!(panel, Panel::Series(_));
         let r = &pool[rng.random_range(0..pool.len())];
         let filters = Filters {
             resource: (mask & 1 != 0).then_some(r.resource_id),
@@ -589,7 +717,12 @@ fn sample_queries(a: &Args, w: &Window, rng: &mut StdRng, pool: &[AnonRecord]) -
         // A window anywhere inside the data (the whole span for 30 d), aligned to its bucket up
         // to an hour, as a dashboard snaps its time range: minutes for 1 h and 24 h, hours for
         // 7 d and 30 d.
-        let align = u64::from(w.bucket).min(3600);
+        // Top-10 panels snap to whole hours (the summaries of migration 005 are hourly).
+        let align = if is_series {
+            u64::from(w.bucket).min(3600)
+        } else {
+            3600
+        };
         let latest_start = DATA_END_S.saturating_sub(w.secs).max(data_start);
         let steps = (latest_start - data_start) / align;
         let from = data_start + align * rng.random_range(0..=steps);
@@ -817,6 +950,44 @@ async fn run_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
                 pct(&raws, 0.5) / pct(&ours, 0.5),
                 pct(&raws, 0.99) / pct(&ours, 0.99),
                 pct(&ratios, 0.5),
+            );
+        }
+    }
+    // Top-10 panels per table that answered them: the routes mix tables by filter combination.
+    println!();
+    println!("Top-10 panels by the table that answered, wall ms:");
+    println!();
+    println!("| window | panel | route | table | n | p50 | p95 | p99 | max | rows read max |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|");
+    for w in &WINDOWS {
+        let mut keys: Vec<(&str, &str, &str)> = timings
+            .iter()
+            .filter(|t| t.window == w.label && t.panel != "series")
+            .map(|t| (t.panel, t.route.as_str(), t.table))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        for (panel, r, table) in keys {
+            let sel: Vec<&Timing> = timings
+                .iter()
+                .filter(|t| {
+                    t.window == w.label && t.panel == panel && t.route == r && t.table == table
+                })
+                .collect();
+            let wall = sorted(sel.iter().map(|t| t.wall_ms));
+            let rows = sorted(
+                sel.iter()
+                    .filter_map(|t| server.get(&t.query_id).map(|s| s.1)),
+            );
+            println!(
+                "| {} | {panel} | {r} | {table} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
+                w.label,
+                sel.len(),
+                pct(&wall, 0.5),
+                pct(&wall, 0.95),
+                pct(&wall, 0.99),
+                wall.last().copied().unwrap_or(f64::NAN),
+                rows.last().copied().unwrap_or(f64::NAN),
             );
         }
     }
@@ -1125,6 +1296,7 @@ async fn main() -> anyhow::Result<()> {
         );
         load(&ch, &a).await?;
     }
+    backfill(&ch, &a).await?;
     if a.check_dedup {
         check_dedup(&ch, &a).await?;
     }

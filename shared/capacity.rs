@@ -81,6 +81,18 @@ pub const STATUS_CACHE: Dimensions = Dimensions {
     ],
 };
 
+/// The top-N summaries of migration 005: one row per hour and filter combination, 56 status ×
+/// cache pairs plus 8 "any cache", 7 "any status" and 1 "any" row, whatever the rate. Past a few
+/// records per combination the rows stop growing (slope -1: 72 per bucket), and so do their
+/// bytes: a summary keeps at most 300 counters.
+pub const TOP_SUMMARIES: Dimensions = Dimensions {
+    name: "status or any, cache or any",
+    curve: &[
+        (1_000.0, 72.0 / 1_000.0),
+        (10_000_000.0, 72.0 / 10_000_000.0),
+    ],
+};
+
 /// One table of the schema: its rollup (none for the raw table), bucket and measured size.
 pub struct Table {
     pub name: &'static str,
@@ -90,7 +102,7 @@ pub struct Table {
     pub bytes_per_row: f64,
 }
 
-pub const TABLES: [Table; 7] = [
+pub const TABLES: [Table; 8] = [
     // With the codecs of migration 004, after OPTIMIZE FINAL rewrote all 100M rows (18.96 B/row
     // with the codecs of 001 once merges settled). For the rollups: the larger of "merges
     // settled" and "OPTIMIZE FINAL" (docs/BENCHMARKS.md, "Disk space").
@@ -129,7 +141,17 @@ pub const TABLES: [Table; 7] = [
         rollup: Some((&STATUS_CACHE, 3600)),
         bytes_per_row: 11.87,
     },
+    // Full summaries (138,889 records per hour here); fewer records per hour make smaller rows,
+    // so at low rates this is an upper bound.
+    Table {
+        name: "http_log_top_1h",
+        rollup: Some((&TOP_SUMMARIES, 3600)),
+        bytes_per_row: TOP_BYTES_PER_ROW,
+    },
 ];
+
+/// Measured after merges settled (`docs/BENCHMARKS.md`, "Top-N panels").
+const TOP_BYTES_PER_ROW: f64 = 3099.0;
 
 /// Rollup rows per raw row at `n` raw rows per bucket: log-log interpolation of the measured
 /// curve; beyond its ends the end segments' slopes continue, and the result stays in
@@ -267,6 +289,19 @@ mod tests {
                 (get(t) - measured).abs() / measured < 0.02,
                 "{t}: {}",
                 get(t)
+            );
+        }
+    }
+
+    #[test]
+    fn top_summaries_keep_72_rows_an_hour_at_any_real_rate() {
+        for rate in [10.0, 38.6, 1000.0, 100_000.0] {
+            let e = estimate(rate, 30.0 * 86_400.0, 30.0 * 86_400.0);
+            let top = e.iter().find(|e| e.table == "http_log_top_1h").unwrap();
+            assert!(
+                (top.rows - 72.0 * 24.0 * 30.0).abs() < 1.0,
+                "{rate}/s: {}",
+                top.rows
             );
         }
     }

@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "004_http_log_codecs.sql",
         sql: include_str!("../sql/004_http_log_codecs.sql"),
     },
+    Migration {
+        version: 5,
+        name: "005_http_log_top.sql",
+        sql: include_str!("../sql/005_http_log_top.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name

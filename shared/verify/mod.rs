@@ -650,7 +650,8 @@ async fn check_totals(
     let tables = client
         .query(
             "SELECT name FROM system.tables WHERE database = {db:String} \
-             AND startsWith(name, 'http_log_totals_') AND engine LIKE '%MergeTree' \
+             AND (startsWith(name, 'http_log_totals_') OR startsWith(name, 'http_log_top_')) \
+             AND engine LIKE '%MergeTree' \
              ORDER BY name FORMAT TSV",
             &[("db", db)],
         )
@@ -661,10 +662,16 @@ async fn check_totals(
         .lines()
         .filter(|t| t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
     {
+        // The top-N tables hold every filter combination; 0 and '*' rows are the "any" ones.
+        let any = if table.starts_with("http_log_top_") {
+            " AND response_status = 0 AND cache_status = '*'"
+        } else {
+            ""
+        };
         let text = client
             .query(
                 &format!(
-                    "SELECT sum(requests), sum(bytes_sent) FROM {db}.{table} {totals_where} \
+                    "SELECT sum(requests), sum(bytes_sent) FROM {db}.{table} {totals_where}{any} \
                      FORMAT TSV"
                 ),
                 &[],
