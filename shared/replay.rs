@@ -188,8 +188,11 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
     let raw_parts = rebuild_table(&ch, db, "http_log", "timestamp", days, None).await?;
     summary.replaced.insert("http_log".into(), raw_parts);
     for (table, select) in rollups(&ch, db).await? {
-        let from_staging =
-            select.replace(&format!("{db}.http_log "), &format!("{db}.{staging_raw} "));
+        let from_staging = retarget(
+            &select,
+            &format!("{db}.http_log"),
+            &format!("{db}.{staging_raw}"),
+        );
         let parts = rebuild_table(&ch, db, &table, "ts", days, Some(&from_staging)).await?;
         summary.replaced.insert(table, parts);
     }
@@ -285,6 +288,29 @@ fn read_days(
     Ok((kept, read, oldest))
 }
 
+/// `select` reading `to` wherever it read the table `from`. ClickHouse prints a view's SELECT its
+/// own way, so the name can be followed by a space, a `)` or the end; a longer name that starts
+/// with `from` (`http_log_totals`) is a different table and stays.
+fn retarget(select: &str, from: &str, to: &str) -> String {
+    let mut out = String::with_capacity(select.len());
+    let mut rest = select;
+    while let Some(i) = rest.find(from) {
+        let after = &rest[i + from.len()..];
+        let whole = !after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
+        out.push_str(&rest[..i]);
+        out.push_str(if whole { to } else { from });
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Small blocks for INSERTs that carry rollup rows: a `topK` summary (migration 005) takes ~0.2 MB
+/// in memory against ~1 KB on disk, and squashing a month of them into one block exceeded the
+/// server's memory limit (measured: 36,000 rows of `http_log_top_1h`).
+const SMALL_BLOCKS: &str =
+    "SETTINGS max_block_size = 1024, min_insert_block_size_rows = 1024, min_insert_block_size_bytes = 0";
+
 /// Each rollup table fed from `http_log` by a materialized view, with that view's SELECT.
 async fn rollups(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Vec<(String, String)>> {
     let text = ch
@@ -331,8 +357,11 @@ async fn rebuild_table(
             .await?;
         ch.query(&format!("CREATE TABLE {db}.{staging} AS {db}.{table}"), &[])
             .await?;
-        ch.query(&format!("INSERT INTO {db}.{staging} {select}"), &[])
-            .await?;
+        ch.query(
+            &format!("INSERT INTO {db}.{staging} {select} {SMALL_BLOCKS}"),
+            &[],
+        )
+        .await?;
     }
     // Partitions to replace: those the days touch in the live table or in the new rows.
     let mut partitions: Vec<String> = ch
@@ -354,7 +383,7 @@ async fn rebuild_table(
         ch.query(
             &format!(
                 "INSERT INTO {db}.{staging} SELECT * FROM {db}.{table} \
-                 WHERE _partition_id = {{id:String}} AND NOT ({in_days})"
+                 WHERE _partition_id = {{id:String}} AND NOT ({in_days}) {SMALL_BLOCKS}"
             ),
             &[("id", id)],
         )
@@ -380,6 +409,31 @@ async fn rebuild_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retarget_replaces_the_whole_table_name_only() {
+        let select = "SELECT x FROM (SELECT a FROM db.http_log) GROUP BY x";
+        assert_eq!(
+            retarget(select, "db.http_log", "db.staging"),
+            "SELECT x FROM (SELECT a FROM db.staging) GROUP BY x"
+        );
+        assert_eq!(
+            retarget(
+                "SELECT 1 FROM db.http_log GROUP BY ts",
+                "db.http_log",
+                "db.s"
+            ),
+            "SELECT 1 FROM db.s GROUP BY ts"
+        );
+        assert_eq!(
+            retarget("FROM db.http_log", "db.http_log", "db.s"),
+            "FROM db.s"
+        );
+        assert_eq!(
+            retarget("FROM db.http_log_totals", "db.http_log", "db.s"),
+            "FROM db.http_log_totals"
+        );
+    }
 
     #[test]
     fn days_are_validated_and_matched() {
