@@ -35,9 +35,11 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use edgelog::anon_record::{AnonRecord, VERSION};
 use edgelog::anonymize::anonymize_ip;
+use edgelog::clickhouse::ClickHouseClient;
 use edgelog::config::{ProducerSettings, Settings};
 use edgelog::loader::body::encode_native;
 use edgelog::loader::insert::insert_url;
+use edgelog::replay::rollups;
 use edgelog::synth::TrafficModel;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -315,9 +317,9 @@ async fn load(ch: &Ch, a: &Args) -> anyhow::Result<()> {
 }
 
 /// Fills rollups that a later migration added to a database already holding data (their views
-/// only see new inserts): each view's own SELECT over `http_log`, one day at a time. A target is
-/// named like its view without `_mv`.
-async fn backfill(ch: &Ch, a: &Args) -> anyhow::Result<()> {
+/// only see new inserts): each view's own SELECT over `http_log` (as `edgelog replay` finds
+/// them), one day at a time.
+async fn backfill(ch: &Ch, a: &Args, settings: &Settings) -> anyhow::Result<()> {
     let db = &a.database;
     if ch
         .scalar(&format!("SELECT count() FROM {db}.http_log"))
@@ -326,18 +328,8 @@ async fn backfill(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    let views = ch
-        .query(
-            &format!(
-                "SELECT name, replaceAll(as_select, '\\n', ' ') FROM system.tables \
-                 WHERE database = '{db}' AND engine = 'MaterializedView' FORMAT TSVRaw"
-            ),
-            &[],
-        )
-        .await?;
-    for line in views.lines() {
-        let (view, select) = line.split_once('\t').expect("two columns");
-        let target = view.trim_end_matches("_mv");
+    let admin = ClickHouseClient::admin(&settings.clickhouse);
+    for (target, select) in rollups(&admin, db).await? {
         if ch
             .scalar(&format!("SELECT count() FROM {db}.{target}"))
             .await?
@@ -589,6 +581,9 @@ fn route(name: &str, q: &Query) -> Table {
 
 /// SQL and parameters; table names and bucket sizes come from this file, values only as params.
 fn sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
+    if t.sketch {
+        return sketch_sql(db, t, q);
+    }
     assert!(t.resource || q.filters.resource.is_none());
     assert!(t.ip || q.filters.ip.is_none());
     let mut params = vec![
@@ -617,9 +612,6 @@ fn sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
         params.push(("ip".into(), ip.clone()));
     }
     let (name, reqs) = (t.name, t.requests);
-    if t.sketch {
-        return sketch_sql(db, t, q, params);
-    }
     let body = match q.panel {
         Panel::Series(bucket) => format!(
             "SELECT toStartOfInterval({ts}, INTERVAL {bucket} SECOND) AS t, {reqs} AS requests, \
@@ -646,18 +638,17 @@ fn sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
 /// "any status" and "any cache status"), merged, first 10 of the merged 20, ranked by the lower
 /// bound `count - error` (see sql/005_http_log_top.sql for why that is the exact count of a busy
 /// item).
-fn sketch_sql(
-    db: &str,
-    t: Table,
-    q: &Query,
-    mut params: Vec<(String, String)>,
-) -> (String, Vec<(String, String)>) {
+fn sketch_sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
     assert!(q.filters.resource.is_none() && q.filters.ip.is_none());
-    params.push(("s".into(), q.filters.status.unwrap_or(0).to_string()));
-    params.push((
-        "c".into(),
-        q.filters.cache.clone().unwrap_or_else(|| "*".into()),
-    ));
+    let params = vec![
+        ("from".to_string(), q.from.to_string()),
+        ("to".to_string(), q.to.to_string()),
+        ("s".to_string(), q.filters.status.unwrap_or(0).to_string()),
+        (
+            "c".to_string(),
+            q.filters.cache.clone().unwrap_or_else(|| "*".into()),
+        ),
+    ];
     let (item, state) = match q.panel {
         Panel::TopIps => ("remote_addr", "top_ips"),
         Panel::TopResources => ("resource_id", "top_resources"),
@@ -776,6 +767,22 @@ fn sorted(v: impl Iterator<Item = f64>) -> Vec<f64> {
     v
 }
 
+/// Sorted wall times, server times and rows read of a selection of queries.
+struct Spread {
+    wall: Vec<f64>,
+    server: Vec<f64>,
+    rows: Vec<f64>,
+}
+
+fn spread(sel: &[&Timing], server: &HashMap<String, (f64, f64)>) -> Spread {
+    let summary = |t: &Timing| server.get(&t.query_id).copied();
+    Spread {
+        wall: sorted(sel.iter().map(|t| t.wall_ms)),
+        server: sorted(sel.iter().filter_map(|t| summary(t).map(|s| s.0))),
+        rows: sorted(sel.iter().filter_map(|t| summary(t).map(|s| s.1))),
+    }
+}
+
 async fn run_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     let db = &a.database;
 
@@ -880,15 +887,11 @@ async fn run_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
                 if sel.is_empty() {
                     continue;
                 }
-                let wall = sorted(sel.iter().map(|t| t.wall_ms));
-                let srv = sorted(
-                    sel.iter()
-                        .filter_map(|t| server.get(&t.query_id).map(|s| s.0)),
-                );
-                let rows = sorted(
-                    sel.iter()
-                        .filter_map(|t| server.get(&t.query_id).map(|s| s.1)),
-                );
+                let Spread {
+                    wall,
+                    server: srv,
+                    rows,
+                } = spread(&sel, &server);
                 println!(
                     "| {} | {panel} | {r} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} |",
                     w.label,
@@ -974,11 +977,7 @@ async fn run_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
                     t.window == w.label && t.panel == panel && t.route == r && t.table == table
                 })
                 .collect();
-            let wall = sorted(sel.iter().map(|t| t.wall_ms));
-            let rows = sorted(
-                sel.iter()
-                    .filter_map(|t| server.get(&t.query_id).map(|s| s.1)),
-            );
+            let Spread { wall, rows, .. } = spread(&sel, &server);
             println!(
                 "| {} | {panel} | {r} | {table} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} |",
                 w.label,
@@ -1296,7 +1295,7 @@ async fn main() -> anyhow::Result<()> {
         );
         load(&ch, &a).await?;
     }
-    backfill(&ch, &a).await?;
+    backfill(&ch, &a, &settings).await?;
     if a.check_dedup {
         check_dedup(&ch, &a).await?;
     }

@@ -141,17 +141,14 @@ pub const TABLES: [Table; 8] = [
         rollup: Some((&STATUS_CACHE, 3600)),
         bytes_per_row: 11.87,
     },
-    // Full summaries (138,889 records per hour here); fewer records per hour make smaller rows,
-    // so at low rates this is an upper bound.
+    // Full summaries (138,889 records per hour here), after merges settled (docs/BENCHMARKS.md,
+    // "Top-N panels"); fewer records per hour make smaller rows, so at low rates an upper bound.
     Table {
         name: "http_log_top_1h",
         rollup: Some((&TOP_SUMMARIES, 3600)),
-        bytes_per_row: TOP_BYTES_PER_ROW,
+        bytes_per_row: 3099.0,
     },
 ];
-
-/// Measured after merges settled (`docs/BENCHMARKS.md`, "Top-N panels").
-const TOP_BYTES_PER_ROW: f64 = 3099.0;
 
 /// Rollup rows per raw row at `n` raw rows per bucket: log-log interpolation of the measured
 /// curve; beyond its ends the end segments' slopes continue, and the result stays in

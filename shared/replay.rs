@@ -312,7 +312,7 @@ const SMALL_BLOCKS: &str =
     "SETTINGS max_block_size = 1024, min_insert_block_size_rows = 1024, min_insert_block_size_bytes = 0";
 
 /// Each rollup table fed from `http_log` by a materialized view, with that view's SELECT.
-async fn rollups(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Vec<(String, String)>> {
+pub async fn rollups(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Vec<(String, String)>> {
     let text = ch
         .query(
             "SELECT name, replaceAll(as_select, '\\n', ' ') FROM system.tables \
