@@ -222,7 +222,12 @@ async fn a_zombie_with_the_same_transactional_id_is_fenced() {
     .unwrap();
     let mut successor = spawn_anonymizer(&s, "same");
     // The successor's init_transactions fences the zombie: its next transactional call fails
-    // fatally and it exits non-zero on its own.
+    // fatally and it exits non-zero on its own. That call needs input on the zombie's partitions
+    // after the fencing: the successor joins the group only once its transactions are
+    // initialised, so wait for both members before producing. (Producing at once let the zombie,
+    // idle and not yet fenced, commit the whole second batch itself; then it never made another
+    // transactional call and the test timed out waiting for it to exit.)
+    wait_group_stable(&s.anonymizer.group_id, 2).await;
     s.producer.count = Some(1_000);
     s.producer.seed = 2;
     edgelog::producer::run(&s, std::future::pending::<()>())

@@ -115,38 +115,6 @@ async fn two_loaders_split_the_partitions_and_one_dies_between_insert_and_commit
     b.wait().unwrap();
 }
 
-/// Members of consumer group `group` once it is stable; `None` while it rebalances.
-fn stable_members(group: &str) -> Option<usize> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", KAFKA)
-        .create()
-        .unwrap();
-    let list = c
-        .fetch_group_list(Some(group), Duration::from_secs(10))
-        .ok()?;
-    let g = list.groups().first()?;
-    (g.state() == "Stable").then(|| g.members().len())
-}
-
-async fn wait_members(s: &Settings, n: usize) {
-    let group = s.loader.group_id.clone();
-    wait_for(
-        &format!("the loader group to be stable with {n} member(s)"),
-        Duration::from_secs(60),
-        || {
-            let group = group.clone();
-            async move {
-                tokio::task::spawn_blocking(move || stable_members(&group) == Some(n))
-                    .await
-                    .unwrap()
-                    .then_some(())
-            }
-        },
-    )
-    .await;
-}
-
 /// A second loader joins and leaves again and again while records keep arriving: half the time
 /// cleanly, half the time killed, so the survivor then rebalances alone once the session times
 /// out. That is the case in which a 20-minute chaos run loaded 140 rows twice: the whole
@@ -166,12 +134,12 @@ async fn loaders_joining_and_leaving_under_load_load_every_record_once() {
     let anonymizer = start_anonymizer(&s);
     s.loader.source_address = Some(fresh_loopback_ip());
     let mut a = KillOnDrop::spawn(&mut loader_command(&s));
-    wait_members(&s, 1).await;
+    wait_group_stable(&s.loader.group_id, 1).await;
     for round in 0..8 {
         let mut other = s.clone();
         other.loader.source_address = Some(fresh_loopback_ip());
         let mut b = KillOnDrop::spawn(&mut loader_command(&other));
-        wait_members(&s, 2).await;
+        wait_group_stable(&s.loader.group_id, 2).await;
         if round % 2 == 0 {
             terminate(&b);
             assert!(b.wait().unwrap().success(), "a clean stop exits 0");
@@ -179,7 +147,7 @@ async fn loaders_joining_and_leaving_under_load_load_every_record_once() {
             b.kill().unwrap();
             b.wait().unwrap();
         }
-        wait_members(&s, 1).await;
+        wait_group_stable(&s.loader.group_id, 1).await;
     }
     let report = producer.await.unwrap().unwrap();
     assert_verify_clean(&s, report.sent).await;

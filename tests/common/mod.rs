@@ -84,6 +84,38 @@ where
     }
 }
 
+/// Members of consumer group `group` once it is stable; `None` while it rebalances.
+pub fn stable_members(group: &str) -> Option<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .create()
+        .unwrap();
+    let list = c
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .ok()?;
+    let g = list.groups().first()?;
+    (g.state() == "Stable").then(|| g.members().len())
+}
+
+/// Waits until consumer group `group` is stable with `n` members.
+pub async fn wait_group_stable(group: &str, n: usize) {
+    wait_for(
+        &format!("group {group} to be stable with {n} member(s)"),
+        Duration::from_secs(60),
+        || {
+            let group = group.to_string();
+            async move {
+                tokio::task::spawn_blocking(move || stable_members(&group) == Some(n))
+                    .await
+                    .unwrap()
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 /// A loopback source address unlikely to have used the proxy's budget in the last minute
 /// (nginx budgets per client IP; all of 127.0.0.0/8 reaches the proxy on Linux).
 pub fn fresh_loopback_ip() -> std::net::IpAddr {
