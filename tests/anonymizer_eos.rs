@@ -222,12 +222,27 @@ async fn a_zombie_with_the_same_transactional_id_is_fenced() {
     .unwrap();
     let mut successor = spawn_anonymizer(&s, "same");
     // The successor's init_transactions fences the zombie: its next transactional call fails
-    // fatally and it exits non-zero on its own. That call needs input on the zombie's partitions
-    // after the fencing: the successor joins the group only once its transactions are
-    // initialised, so wait for both members before producing. (Producing at once let the zombie,
-    // idle and not yet fenced, commit the whole second batch itself; then it never made another
-    // transactional call and the test timed out waiting for it to exit.)
-    wait_group_stable(&s.anonymizer.group_id, 2).await;
+    // fatally and it exits non-zero on its own. A zombie with a transaction open is fenced at
+    // once; an idle one only by its next transactional call, which needs input on its partitions
+    // after the fencing. The successor joins the group only once its transactions are
+    // initialised, so produce the second batch once the zombie is gone or both are members.
+    // (Producing at once let an idle zombie commit the whole batch before the successor's
+    // init_transactions; it never made another transactional call and was never fenced.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while zombie.try_wait().unwrap().is_none() {
+        let group = s.anonymizer.group_id.clone();
+        if tokio::task::spawn_blocking(move || stable_members(&group) == Some(2))
+            .await
+            .unwrap()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the successor never joined the group"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     s.producer.count = Some(1_000);
     s.producer.seed = 2;
     edgelog::producer::run(&s, std::future::pending::<()>())
