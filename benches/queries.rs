@@ -466,8 +466,8 @@ struct Table {
     requests: &'static str,
     resource: bool,
     ip: bool,
-    /// Holds per-hour `topK` summaries (migration 005) instead of sums: answers top-10 panels
-    /// only, over whole hours.
+    /// Holds per-hour `topK` summaries (migration 005, with a per-day twin `_1d`) instead of
+    /// sums: answers top-10 panels only, over whole hours.
     sketch: bool,
 }
 
@@ -634,10 +634,10 @@ fn sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
     )
 }
 
-/// A top-10 panel from the hourly summaries: one row per hour of the window (0 and '*' stand for
-/// "any status" and "any cache status"), merged, first 10 of the merged 20, ranked by the lower
-/// bound `count - error` (see sql/005_http_log_top.sql for why that is the exact count of a busy
-/// item).
+/// A top-10 panel from the summaries: the whole days inside the window from `_1d`, the hours at
+/// its ends from `_1h` (0 and '*' stand for "any status" and "any cache status"), merged, first
+/// 10 of the merged 20, ranked by the lower bound `count - error` (see sql/005_http_log_top.sql
+/// for why that is the exact count of a busy item).
 fn sketch_sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) {
     assert!(q.filters.resource.is_none() && q.filters.ip.is_none());
     let params = vec![
@@ -654,12 +654,19 @@ fn sketch_sql(db: &str, t: Table, q: &Query) -> (String, Vec<(String, String)>) 
         Panel::TopResources => ("resource_id", "top_resources"),
         Panel::Series(_) => unreachable!("summaries answer top-10 panels only"),
     };
-    let name = t.name;
+    let hourly = t.name;
+    let daily = hourly.replace("_1h", "_1d");
+    let filter = "response_status = {s:UInt16} AND cache_status = {c:String}";
     let sql = format!(
-        "SELECT tupleElement(t, 1) AS {item}, tupleElement(t, 2) - tupleElement(t, 3) AS requests FROM \
-         (SELECT arrayJoin(topKMerge(20, 15, 'counts')({state})) AS t FROM {db}.{name} \
-          WHERE ts >= {{from:DateTime}} AND ts < {{to:DateTime}} \
-          AND response_status = {{s:UInt16}} AND cache_status = {{c:String}}) \
+        "WITH {{from:DateTime}} AS f, {{to:DateTime}} AS t, \
+           if(toStartOfDay(f) = f, f, toStartOfDay(f) + INTERVAL 1 DAY) AS d1, \
+           greatest(toStartOfDay(t), d1) AS d2 \
+         SELECT tupleElement(x, 1) AS {item}, tupleElement(x, 2) - tupleElement(x, 3) AS requests \
+         FROM (SELECT arrayJoin(topKMerge(20, 15, 'counts')(s)) AS x FROM ( \
+           SELECT {state} AS s FROM {db}.{daily} WHERE ts >= d1 AND ts < d2 AND {filter} \
+           UNION ALL \
+           SELECT {state} AS s FROM {db}.{hourly} \
+           WHERE ts >= f AND ts < t AND (ts < d1 OR ts >= d2) AND {filter})) \
          ORDER BY requests DESC, {item} LIMIT 10 SETTINGS use_query_cache = 0 FORMAT TSV"
     );
     (sql, params)
