@@ -63,21 +63,8 @@ FROM
 )
 GROUP BY GROUPING SETS ((bucket, status, cache), (bucket, status), (bucket, cache), (bucket));
 
-CREATE TABLE IF NOT EXISTS ${database}.http_log_top_1d
-(
-    ts                  DateTime,
-    response_status     UInt16,
-    cache_status        LowCardinality(String),
-    requests            SimpleAggregateFunction(sum, UInt64),
-    bytes_sent          SimpleAggregateFunction(sum, UInt64),
-    top_ips             AggregateFunction(topK(20, 15, 'counts'), String),
-    top_resources       AggregateFunction(topK(20, 15, 'counts'), UInt64)
-)
-ENGINE = AggregatingMergeTree
-PARTITION BY toYYYYMM(ts)
-ORDER BY (response_status, cache_status, ts)
-${totals_ttl_clause}
-SETTINGS non_replicated_deduplication_window = 10000, index_granularity = 64;
+-- The daily twin: the same columns, key, TTL and settings.
+CREATE TABLE IF NOT EXISTS ${database}.http_log_top_1d AS ${database}.http_log_top_1h;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.http_log_top_1d_mv
 TO ${database}.http_log_top_1d
