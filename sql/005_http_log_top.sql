@@ -63,7 +63,7 @@ FROM
 )
 GROUP BY GROUPING SETS ((bucket, status, cache), (bucket, status), (bucket, cache), (bucket));
 
--- The daily twin: the same columns, key, TTL and settings.
+-- The daily twin: the same columns, key, expiry and settings.
 CREATE TABLE IF NOT EXISTS ${database}.http_log_top_1d AS ${database}.http_log_top_1h;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS ${database}.http_log_top_1d_mv
