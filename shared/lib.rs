@@ -28,6 +28,7 @@
 //! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
 //! - [`replay`]: `edgelog replay`: reload whole days from the anonymized topic, swapped in per partition.
+//! - [`backfill`]: `edgelog backfill`: rebuild rollups from the raw table (a view added later starts empty).
 //! - [`status`]: `edgelog status`: positions, lag, pending batch, each stage's `/status`.
 //! - [`verify`]: the exactly-once audit: input offsets versus ClickHouse rows, totals recount.
 //! - [`capacity`]: expected disk use per table for a rate and a retention (`edgelog disk`).
@@ -35,6 +36,7 @@
 pub mod anon_record;
 pub mod anonymize;
 pub mod anonymizer;
+pub mod backfill;
 pub mod capacity;
 pub mod cli;
 pub mod clickhouse;

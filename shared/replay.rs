@@ -67,7 +67,7 @@ impl Days {
     }
 
     /// A ClickHouse condition on `column` (a DateTime) selecting these days.
-    fn condition(&self, column: &str) -> String {
+    pub(crate) fn condition(&self, column: &str) -> String {
         format!(
             "{column} >= toDateTime('{} 00:00:00', 'UTC') AND {column} < toDateTime('{} 00:00:00', 'UTC') + INTERVAL 1 DAY",
             self.first, self.last
@@ -193,7 +193,7 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
             &format!("{db}.http_log"),
             &format!("{db}.{staging_raw}"),
         );
-        let parts = rebuild_table(&ch, db, &table, "ts", days, Some(&from_staging)).await?;
+        let parts = rebuild_table(&ch, db, &table, "ts", days, Some(&[from_staging])).await?;
         summary.replaced.insert(table, parts);
     }
     ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging_raw}"), &[])
@@ -201,7 +201,7 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
     Ok(summary)
 }
 
-fn refuse_if_loader_running(s: &Settings) -> anyhow::Result<()> {
+pub(crate) fn refuse_if_loader_running(s: &Settings) -> anyhow::Result<()> {
     let consumer: BaseConsumer = client_config(&s.kafka, &KafkaOptions::default(), &[])
         .set("group.id", format!("{}-replay", s.loader.group_id))
         .create()?;
@@ -291,7 +291,7 @@ fn read_days(
 /// `select` reading `to` wherever it read the table `from`. ClickHouse prints a view's SELECT its
 /// own way, so the name can be followed by a space, a `)` or the end; a longer name that starts
 /// with `from` (`http_log_totals`) is a different table and stays.
-fn retarget(select: &str, from: &str, to: &str) -> String {
+pub(crate) fn retarget(select: &str, from: &str, to: &str) -> String {
     let mut out = String::with_capacity(select.len());
     let mut rest = select;
     while let Some(i) = rest.find(from) {
@@ -339,29 +339,32 @@ pub async fn rollups(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Vec<(Str
 }
 
 /// Rebuilds the partitions of `table` that `days` touch in a staging copy and swaps them in.
-/// `select`: where the days' rows come from (`None`: the raw staging table itself).
-async fn rebuild_table(
+/// `selects`: where the days' rows come from, inserted one after the other (`None`: the raw
+/// staging table itself).
+pub(crate) async fn rebuild_table(
     ch: &ClickHouseClient,
     db: &str,
     table: &str,
     time_column: &str,
     days: &Days,
-    select: Option<&str>,
+    selects: Option<&[String]>,
 ) -> anyhow::Result<Vec<String>> {
     let staging = format!("{table}{STAGING}");
     let in_days = days.condition(time_column);
     let touched =
         |t: &str| format!("SELECT DISTINCT _partition_id FROM {db}.{t} WHERE {in_days} FORMAT TSV");
-    if let Some(select) = select {
+    if let Some(selects) = selects {
         ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging}"), &[])
             .await?;
         ch.query(&format!("CREATE TABLE {db}.{staging} AS {db}.{table}"), &[])
             .await?;
-        ch.query(
-            &format!("INSERT INTO {db}.{staging} {select} {SMALL_BLOCKS}"),
-            &[],
-        )
-        .await?;
+        for select in selects {
+            ch.query(
+                &format!("INSERT INTO {db}.{staging} {select} {SMALL_BLOCKS}"),
+                &[],
+            )
+            .await?;
+        }
     }
     // Partitions to replace: those the days touch in the live table or in the new rows.
     let mut partitions: Vec<String> = ch
@@ -399,7 +402,7 @@ async fn rebuild_table(
         .await
         .with_context(|| format!("replacing partition {id} of {table}"))?;
     }
-    if select.is_some() {
+    if selects.is_some() {
         ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging}"), &[])
             .await?;
     }

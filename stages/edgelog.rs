@@ -61,6 +61,20 @@ enum Command {
         #[arg(long)]
         to: Option<String>,
     },
+    /// Rebuild rollups from `http_log` for the days it holds whole, per partition atomically: for
+    /// a rollup that a migration added to a database that already had data (its view only sees
+    /// later inserts), or one that `verify` finds differing. Stop the loaders first.
+    Backfill {
+        /// Rollup table to rebuild, e.g. `http_log_top_1h`; repeatable. Default: every rollup.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// First day, YYYY-MM-DD (default: the first day http_log holds whole).
+        #[arg(long, requires = "to")]
+        from: Option<String>,
+        /// Last day, YYYY-MM-DD.
+        #[arg(long, requires = "from")]
+        to: Option<String>,
+    },
     /// GET a stage's health endpoint (e.g. `http://127.0.0.1:9103/readyz`); exit 0 on 200, 1
     /// otherwise. For container health checks in images without curl.
     Probe { url: String },
@@ -138,8 +152,21 @@ async fn main() -> anyhow::Result<()> {
                 println!("kafka topics ok (created now: {created:?})");
             }
             if !kafka_only {
+                let ch = ClickHouseClient::admin(&settings.clickhouse);
+                let db = &settings.clickhouse.database;
+                let before = edgelog::backfill::rollup_tables(&ch, db).await?;
                 let applied = edgelog::setup::apply_schema(&settings).await?;
                 println!("clickhouse schema ok (migrations applied now: {applied:?})");
+                let missing = edgelog::backfill::new_rollups_missing_rows(&ch, db, &before).await?;
+                if !missing.is_empty() {
+                    let flags: Vec<String> =
+                        missing.iter().map(|t| format!("--table {t}")).collect();
+                    println!(
+                        "new rollups hold none of the rows already in {db}.http_log: stop the \
+                         loaders, then run `edgelog backfill {}`",
+                        flags.join(" ")
+                    );
+                }
             }
         }
         Command::Disk { .. } | Command::Probe { .. } => unreachable!("handled before start-up"),
@@ -176,6 +203,20 @@ async fn main() -> anyhow::Result<()> {
                 "replayed {} rows of {}..={} ({} records read)",
                 summary.rows_replayed, days.first, days.last, summary.records_read
             );
+            for (table, partitions) in &summary.replaced {
+                println!("  {table}: partitions {}", partitions.join(", "));
+            }
+        }
+        Command::Backfill { tables, from, to } => {
+            let days = match (from, to) {
+                (Some(from), Some(to)) => Some(edgelog::replay::Days::parse(&from, &to)?),
+                _ => None,
+            };
+            let summary = edgelog::backfill::backfill(&settings, &tables, days.as_ref()).await?;
+            match &summary.days {
+                None => println!("nothing to rebuild: http_log holds no whole day"),
+                Some(d) => println!("rebuilt {}..={} from http_log", d.first, d.last),
+            }
             for (table, partitions) in &summary.replaced {
                 println!("  {table}: partitions {}", partitions.join(", "));
             }

@@ -16,9 +16,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_working_loader_is_ready_and_reports_where_it_stands() {
     require_stack();
-    let mut s = isolated_settings();
-    s.loader.slot_spacing = Duration::from_millis(300);
-    s.loader.source_address = Some(fresh_loopback_ip());
+    let s = fast_loader_settings();
     fill_anonymized_topic(&s, 500).await;
     let health = Health::new(edgelog::loader::stall_limit(&s));
     let addr = serve_health(&health);

@@ -11,9 +11,7 @@ use edgelog::replay::{replay, Days};
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_rebuilds_damaged_days_exactly() {
     require_stack();
-    let mut s = isolated_settings();
-    s.loader.slot_spacing = Duration::from_millis(300);
-    s.loader.source_address = Some(fresh_loopback_ip());
+    let s = fast_loader_settings();
     let produced = fill_anonymized_topic(&s, 3_000).await;
     let good = produced.sent - produced.garbage;
     let db = s.clickhouse.database.clone();

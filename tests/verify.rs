@@ -32,10 +32,8 @@ fn verify_cli(s: &Settings) -> (i32, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_is_clean_after_a_run_and_names_every_discrepancy_after_tampering() {
     require_stack();
-    let mut s = isolated_settings();
+    let mut s = fast_loader_settings();
     s.producer.garbage_share = 0.03;
-    s.loader.slot_spacing = Duration::from_millis(300);
-    s.loader.source_address = Some(fresh_loopback_ip());
     let produced = fill_anonymized_topic(&s, 2000).await;
     let loader = start_loader(&s);
     let report = edgelog::verify::audit_when_drained(&s, Duration::from_secs(120))
