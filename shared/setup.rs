@@ -51,6 +51,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "005_http_log_top.sql",
         sql: include_str!("../sql/005_http_log_top.sql"),
     },
+    Migration {
+        version: 6,
+        name: "006_http_log_totals_by_ip_resource_1d.sql",
+        sql: include_str!("../sql/006_http_log_totals_by_ip_resource_1d.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name
