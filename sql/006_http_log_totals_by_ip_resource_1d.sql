@@ -8,7 +8,8 @@
 -- first: a panel reads one client's rows of the window's days, ~45,000 a day for the busiest
 -- client (10% of all requests), a few granules for most. Measured: 10-33 ms at 1-30 days for the
 -- busiest clients. The cost is ~0.53 rows per raw row at 100M records a month (a pair seldom
--- repeats within a day) but ~4.9 B a row, a sixth of http_log's bytes over the same days.
+-- repeats within a day) but 4.9-6.7 B a row, a sixth to a quarter of http_log's bytes over the
+-- same days.
 --
 -- Buckets are whole UTC days: a panel reads the days its window touches, so its start is rounded
 -- down to midnight (an hourly twin would cost ~0.74 rows per raw row, raw rows read at the edges
