@@ -95,18 +95,22 @@ async fn a_recorded_batch_is_finished_by_whoever_gets_its_partitions() {
     s.topics.partitions = 4;
     s.loader.source_address = Some(fresh_loopback_ip());
     let good = fill_anonymized_topic(&s, 6_000).await.sent;
-    // The first loader records one batch over all four partitions, then dies.
+    // The first loader records one batch over all its partitions, then dies.
     let status = loader_command(&s)
         .env("LOADER_FAILPOINT", "after_record")
         .status()
         .unwrap();
     assert!(!status.success());
+    // The unkeyed producer's sticky partitioner can leave a partition empty; one with no
+    // records has nothing to record.
     let pending = committed_vs_end(&s.loader.group_id, &s.topics.anonymized);
+    let with_records: Vec<_> = pending.iter().filter(|(_, end, _)| *end > 0).collect();
+    assert!(!with_records.is_empty(), "{pending:?}");
     assert!(
-        pending
+        with_records
             .iter()
             .all(|(_, _, m)| m.starts_with("edgelog.batch.v1;")),
-        "recorded on every partition: {pending:?}"
+        "recorded on every partition that has records: {pending:?}"
     );
 
     // Two loaders (two client IPs, two proxy budgets) split the partitions between them.
