@@ -432,8 +432,8 @@ pub struct LoaderSettings {
     pub request_timeout: Duration,
     /// Send `insert_deduplication_token` (ClickHouse >= 22.2). Off = rely on the block hash.
     pub dedup_token: bool,
-    /// `zstd` (default, most rows per body) or `gzip` (for servers such as ClickHouse 22.1 that
-    /// decode only gzip and deflate request bodies).
+    /// `xz` (default, most rows per body), `zstd`, or `gzip` (for servers such as ClickHouse 22.1
+    /// that decode only gzip and deflate request bodies).
     pub body_compression: BodyCompression,
     /// Consumption pauses while this many bytes of records wait for a slot (bounds memory); at
     /// least `max_body_bytes`.
@@ -451,7 +451,7 @@ impl Default for LoaderSettings {
             source_address: None,
             request_timeout: Duration::from_secs(55),
             dedup_token: true,
-            body_compression: BodyCompression::Zstd,
+            body_compression: BodyCompression::Xz,
             max_buffer_bytes: 256 << 20,
             kafka_options: KafkaOptions::default(),
         }
@@ -652,7 +652,7 @@ impl Settings {
         if l.group_id.is_empty() {
             return Err(invalid("loader.group_id", "must not be empty"));
         }
-        // Bodies are built whole in memory, twice (Native, then zstd); far beyond any proxy's
+        // Bodies are built whole in memory, twice (Native, then compressed); far beyond any proxy's
         // limit a value is a typo, not a plan.
         check_range(
             "loader.max_body_bytes",

@@ -21,7 +21,7 @@
 //! - [`anon_record`]: the MessagePack record of the anonymized topic and the stage-one transform.
 //! - [`txn`]: classification of Kafka transactional errors and the retry loop around them.
 //! - [`anonymizer`]: stage one, the transactional consume-transform-produce loop.
-//! - [`loader`]: stage two: batches by offset ranges, Native+zstd bodies, one insert per proxy slot.
+//! - [`loader`]: stage two: batches by offset ranges, Native+xz bodies, one insert per proxy slot.
 //! - [`synth`]: the seeded synthetic traffic model used by the producer and the benchmarks.
 //! - [`kafka`]: librdkafka client configuration built from settings.
 //! - [`producer`]: the synthetic producer's run loop.

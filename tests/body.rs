@@ -115,7 +115,25 @@ async fn clickhouse_decodes_the_insert_body_to_the_records() {
     let s = isolated_settings();
     edgelog::setup::apply_schema(&s).await.unwrap();
     let db = &s.clickhouse.database;
-    let batches = [realistic(5_000, 0), awkward(1), distinct_urls(70_000, 2)];
+    // Every compression the loader offers, each on its own partitions (offsets stay unique).
+    let compressions = [
+        BodyCompression::Xz,
+        BodyCompression::Zstd,
+        BodyCompression::Gzip,
+    ];
+    let batches: Vec<(BodyCompression, Vec<AnonRecord>)> = compressions
+        .iter()
+        .enumerate()
+        .flat_map(|(c, &compression)| {
+            let p = 3 * c as i32;
+            [
+                realistic(5_000, p),
+                awkward(p + 1),
+                distinct_urls(70_000, p + 2),
+            ]
+            .map(|batch| (compression, batch))
+        })
+        .collect();
     // The loader's own client, straight to ClickHouse as the set-up user.
     let client = InsertClient::new(
         "default",
@@ -123,19 +141,19 @@ async fn clickhouse_decodes_the_insert_body_to_the_records() {
         None,
         Duration::from_secs(60),
     );
-    for (i, batch) in batches.iter().enumerate() {
+    for (i, (compression, batch)) in batches.iter().enumerate() {
+        let compression = *compression;
         let refs: Vec<&AnonRecord> = batch.iter().collect();
         let url = insert_url(CLICKHOUSE, db, Some(&format!("body-test-{i}")));
-        let compression = BodyCompression::Zstd;
         let outcome = client
             .send(&url, compression, encode_body(&refs, compression))
             .await;
         assert!(
             matches!(outcome, Outcome::Inserted),
-            "batch {i}: {outcome:?}"
+            "batch {i} ({compression:?}): {outcome:?}"
         );
     }
-    let all: Vec<AnonRecord> = batches.concat();
+    let all: Vec<AnonRecord> = batches.into_iter().flat_map(|(_, batch)| batch).collect();
     let got = rows_in_clickhouse(db).await;
     let want = expected_rows(&all);
     assert_eq!(got.len(), want.len(), "row count");

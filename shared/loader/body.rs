@@ -1,5 +1,5 @@
-//! The insert body: ClickHouse Native format (column by column), zstd-compressed (or gzip, for
-//! servers that take no zstd request bodies).
+//! The insert body: ClickHouse Native format (column by column), xz-compressed (or zstd, or gzip
+//! for servers that take neither).
 //!
 //! Column-wise layout puts similar bytes together and rows are ordered by (resource, url, client)
 //! so compression finds long repeats; row order inside one insert is free because MergeTree sorts
@@ -17,8 +17,11 @@ use crate::anon_record::AnonRecord;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BodyCompression {
-    /// zstd at [`ZSTD_LEVEL`]: the most rows per body (docs/BENCHMARKS.md).
+    /// xz (LZMA2) at [`XZ_PRESET`]: the most rows per body, about 10% more than zstd for the
+    /// same CPU (docs/BENCHMARKS.md).
     #[default]
+    Xz,
+    /// zstd at [`ZSTD_LEVEL`].
     Zstd,
     /// gzip at level 9, for servers that decode only gzip and deflate request bodies (ClickHouse
     /// 22.1, the original image). Fewer rows per body.
@@ -29,8 +32,20 @@ impl BodyCompression {
     /// The `Content-Encoding` header value ClickHouse decodes the body by.
     pub fn content_encoding(self) -> &'static str {
         match self {
+            BodyCompression::Xz => "xz",
             BodyCompression::Zstd => "zstd",
             BodyCompression::Gzip => "gzip",
+        }
+    }
+
+    /// Final body size over the planning size (zstd at [`PLANNING_ZSTD_LEVEL`]) before any
+    /// batch taught better; measured on the producer's traffic, rounded up so that a first body
+    /// rarely needs shrinking (which re-encodes it).
+    pub fn initial_planning_ratio(self) -> f64 {
+        match self {
+            BodyCompression::Xz => 0.78,
+            BodyCompression::Zstd => 0.85,
+            BodyCompression::Gzip => 1.05,
         }
     }
 }
@@ -52,9 +67,14 @@ pub const COLUMNS: [(&str, &str); 11] = [
 ];
 
 /// zstd level of request bodies: the level that fits the most rows under the proxy's 1 MiB
-/// (8.4x uncompressed RowBinary, docs/BENCHMARKS.md) for about 1.8 s of CPU per 64 s slot.
-/// Fixed: the bytes of a rebuilt batch must not change (token-less dedup compares bytes).
+/// for about 2 s of CPU per 64 s slot (docs/BENCHMARKS.md). Fixed, like [`XZ_PRESET`], so that a
+/// rebuilt batch has the same bytes as its first attempt.
 pub const ZSTD_LEVEL: i32 = 19;
+
+/// xz preset of request bodies: xz's own default. Higher presets only enlarge the dictionary,
+/// and a body's input (~8 MB) already fits preset 6's; the "extreme" variants came out larger
+/// on the producer's records.
+pub const XZ_PRESET: u32 = 6;
 
 /// The cheap level batch planning sizes candidates with (scaled by a learned ratio).
 pub const PLANNING_ZSTD_LEVEL: i32 = 3;
@@ -129,10 +149,18 @@ pub fn encode_native(records: &[&AnonRecord]) -> Vec<u8> {
     out
 }
 
-/// The request body for `records`: Native, compressed as `compression` says (zstd at
-/// [`ZSTD_LEVEL`] or gzip at level 9).
+/// The request body for `records`: Native, compressed as `compression` says (xz at
+/// [`XZ_PRESET`], zstd at [`ZSTD_LEVEL`] or gzip at level 9).
 pub fn encode_body(records: &[&AnonRecord], compression: BodyCompression) -> Vec<u8> {
     match compression {
+        BodyCompression::Xz => {
+            // Single-threaded liblzma, bundled (one version everywhere): the output depends only
+            // on the input.
+            let mut xz = liblzma::write::XzEncoder::new(Vec::new(), XZ_PRESET);
+            xz.write_all(&encode_native(records))
+                .expect("writing to a Vec cannot fail");
+            xz.finish().expect("writing to a Vec cannot fail")
+        }
         BodyCompression::Zstd => encode_body_at(records, ZSTD_LEVEL),
         BodyCompression::Gzip => {
             // flate2's gzip header carries no timestamp or file name (mtime 0): the output
@@ -215,6 +243,17 @@ mod tests {
         assert_eq!(&gz[4..8], &[0, 0, 0, 0], "no timestamp in the header");
         let mut native = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut native)
+            .unwrap();
+        assert_eq!(native, encode_native(&[&a]));
+    }
+
+    #[test]
+    fn xz_body_is_the_native_block() {
+        let a = rec(0, 1, 5, "/a");
+        let xz = encode_body(&[&a], BodyCompression::Xz);
+        assert_eq!(&xz[..6], b"\xfd7zXZ\0", "xz magic");
+        let mut native = Vec::new();
+        std::io::Read::read_to_end(&mut liblzma::read::XzDecoder::new(&xz[..]), &mut native)
             .unwrap();
         assert_eq!(native, encode_native(&[&a]));
     }
@@ -485,7 +524,7 @@ mod props {
                 x ^= x << 17;
                 shuffled.swap(i, (x % (i as u64 + 1)) as usize);
             }
-            for c in [BodyCompression::Zstd, BodyCompression::Gzip] {
+            for c in [BodyCompression::Xz, BodyCompression::Zstd, BodyCompression::Gzip] {
                 prop_assert_eq!(encode_body(&refs, c), encode_body(&shuffled, c));
             }
         }

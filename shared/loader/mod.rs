@@ -319,7 +319,7 @@ pub async fn run_with_health(
                 metrics::histogram!("edgelog_loader_rows_per_request").record(rows as f64);
                 metrics::histogram!("edgelog_loader_body_bytes").record(size as f64);
                 // Against the records' MessagePack size on the topic (the body's own uncompressed
-                // Native size is not kept): how much the format and zstd save per request.
+                // Native size is not kept): how much the format and compression save per request.
                 let topic_bytes: usize = batch.records.iter().flatten().map(|b| b.bytes).sum();
                 metrics::gauge!("edgelog_loader_compression_ratio")
                     .set(topic_bytes as f64 / size.max(1) as f64);
@@ -484,7 +484,7 @@ fn plan_batch(st: &mut State, compression: BodyCompression) {
     let ratio = if st.level_ratio > 0.0 {
         st.level_ratio
     } else {
-        INITIAL_LEVEL_RATIO
+        compression.initial_planning_ratio()
     };
     let refs =
         |n: usize| -> Vec<&AnonRecord> { st.queue.iter().take(n).map(|b| &b.record).collect() };
@@ -536,10 +536,6 @@ fn plan_batch(st: &mut State, compression: BodyCompression) {
         body: Some(body),
     });
 }
-
-/// Final-level over planning-level body size before any batch taught better (measured on the
-/// producer's traffic: level 19 bodies are about 0.82 of level 3 ones).
-const INITIAL_LEVEL_RATIO: f64 = 0.85;
 
 /// Puts a batch's records back at the head of the queue (after a 413), to be planned again.
 fn requeue(st: &mut State, batch: Batch) {
