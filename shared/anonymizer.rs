@@ -25,15 +25,10 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{transform, AddressKind};
 use crate::config::Settings;
+use crate::dead_letter::{HEADER_ERROR, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC};
 use crate::health::Health;
 use crate::kafka::{client_config, describe};
 use crate::txn::{with_retries, TxnError, TxnErrorAction};
-
-/// Dead-letter headers naming where a message came from and why it was rejected.
-pub const DLQ_HEADER_TOPIC: &str = "edgelog.source.topic";
-pub const DLQ_HEADER_PARTITION: &str = "edgelog.source.partition";
-pub const DLQ_HEADER_OFFSET: &str = "edgelog.source.offset";
-pub const DLQ_HEADER_ERROR: &str = "edgelog.error";
 
 /// `transactional.id` of an instance: stable across restarts, so a restarted instance fences its
 /// own zombie, and distinct between concurrent instances.
@@ -472,19 +467,19 @@ fn handle(
             let offset = msg.offset().to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header {
-                    key: DLQ_HEADER_TOPIC,
+                    key: HEADER_TOPIC,
                     value: Some(msg.topic()),
                 })
                 .insert(Header {
-                    key: DLQ_HEADER_PARTITION,
+                    key: HEADER_PARTITION,
                     value: Some(&partition),
                 })
                 .insert(Header {
-                    key: DLQ_HEADER_OFFSET,
+                    key: HEADER_OFFSET,
                     value: Some(&offset),
                 })
                 .insert(Header {
-                    key: DLQ_HEADER_ERROR,
+                    key: HEADER_ERROR,
                     value: Some(&error),
                 });
             let mut record = BaseRecord::<[u8], [u8]>::to(&topics.dead_letter)

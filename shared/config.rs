@@ -256,9 +256,14 @@ pub struct TopicSettings {
     /// MessagePack output of the anonymizer, input of the loader.
     #[serde(deserialize_with = "lenient_string")]
     pub anonymized: String,
-    /// Undecodable input, with the original bytes and headers naming where it came from.
+    /// Input that stage one rejects, with the original bytes (or a bounded envelope) and headers
+    /// naming where it came from and why (`shared/dead_letter.rs`).
     #[serde(deserialize_with = "lenient_string")]
     pub dead_letter: String,
+    /// Anonymized records the loader quarantines (undecodable, or rejected by ClickHouse on their
+    /// own), with the same headers.
+    #[serde(deserialize_with = "lenient_string")]
+    pub loader_dead_letter: String,
     /// Partitions used by `edgelog setup` when it creates the topics (1 to [`MAX_PARTITIONS`]).
     pub partitions: i32,
     pub replication_factor: i32,
@@ -274,6 +279,7 @@ impl Default for TopicSettings {
             input: "http_log".into(),
             anonymized: "http_log_anon".into(),
             dead_letter: "http_log_dlq".into(),
+            loader_dead_letter: "http_log_anon_dlq".into(),
             partitions: 4,
             replication_factor: 1,
             retention: Duration::from_secs(7 * 24 * 3600),
@@ -515,6 +521,7 @@ impl Settings {
             ("topics.input", &t.input),
             ("topics.anonymized", &t.anonymized),
             ("topics.dead_letter", &t.dead_letter),
+            ("topics.loader_dead_letter", &t.loader_dead_letter),
         ] {
             check_topic_name(key, topic)?;
         }
@@ -529,6 +536,12 @@ impl Settings {
             return Err(invalid(
                 "topics.dead_letter",
                 "must differ from topics.input and topics.anonymized",
+            ));
+        }
+        if [&t.input, &t.anonymized, &t.dead_letter].contains(&&t.loader_dead_letter) {
+            return Err(invalid(
+                "topics.loader_dead_letter",
+                "must differ from topics.input, topics.anonymized and topics.dead_letter",
             ));
         }
         // A batch's ranges (every partition it spans) go into each partition's commit metadata,
@@ -1049,7 +1062,12 @@ mod tests {
         for name in names.iter().copied().chain([long_identifier.as_str()]) {
             cases.push(("clickhouse.database", name.into()));
         }
-        for key in ["topics.input", "topics.anonymized", "topics.dead_letter"] {
+        for key in [
+            "topics.input",
+            "topics.anonymized",
+            "topics.dead_letter",
+            "topics.loader_dead_letter",
+        ] {
             for name in topics.iter().copied().chain([long_topic.as_str()]) {
                 cases.push((key, name.into()));
             }
@@ -1150,6 +1168,16 @@ mod tests {
                 ("topics.anonymized", "http_log", "topics.anonymized"),
                 ("topics.dead_letter", "http_log", "topics.dead_letter"),
                 ("topics.dead_letter", "http_log_anon", "topics.dead_letter"),
+                (
+                    "topics.loader_dead_letter",
+                    "http_log_dlq",
+                    "topics.loader_dead_letter",
+                ),
+                (
+                    "topics.loader_dead_letter",
+                    "http_log",
+                    "topics.loader_dead_letter",
+                ),
             ] {
                 let err = Settings::load(None, &[(key, value.into())])
                     .unwrap_err()

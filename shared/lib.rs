@@ -16,6 +16,7 @@
 //! - [`telemetry`]: tracing subscriber (human or JSON); the HTTP listener for `/metrics` and health.
 //! - [`health`]: liveness, readiness and status of a stage (pure decisions, shared state).
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `run` function takes.
+//! - [`dead_letter`]: the dead-letter protocol of both stages: headers, reasons, bounded envelope.
 //! - [`record`]: the log record, its Cap'n Proto wire form (input topic).
 //! - [`anonymize`]: the IP anonymization, a pure function.
 //! - [`anon_record`]: the MessagePack record of the anonymized topic and the stage-one transform.
@@ -41,6 +42,7 @@ pub mod capacity;
 pub mod cli;
 pub mod clickhouse;
 pub mod config;
+pub mod dead_letter;
 pub mod health;
 pub mod kafka;
 pub mod loader;

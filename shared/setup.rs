@@ -153,7 +153,7 @@ pub async fn apply_schema(settings: &Settings) -> anyhow::Result<Vec<u32>> {
     Ok(newly)
 }
 
-/// Creates the three topics if missing and sets their `retention.ms`. Returns the topics created.
+/// Creates the four topics if missing and sets their `retention.ms`. Returns the topics created.
 pub async fn create_topics(settings: &Settings) -> anyhow::Result<Vec<String>> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(&settings.kafka, &KafkaOptions::default(), &[])
@@ -161,7 +161,12 @@ pub async fn create_topics(settings: &Settings) -> anyhow::Result<Vec<String>> {
             .context("creating the Kafka admin client")?;
     let t = &settings.topics;
     let retention = t.retention.as_millis().to_string();
-    let names = [&t.input, &t.anonymized, &t.dead_letter];
+    let names = [
+        &t.input,
+        &t.anonymized,
+        &t.dead_letter,
+        &t.loader_dead_letter,
+    ];
     let new_topics: Vec<NewTopic> = names
         .iter()
         .map(|name| {

@@ -18,6 +18,10 @@ fn verify_cli(s: &Settings) -> (i32, String) {
         .env("EDGELOG_TOPICS__INPUT", &s.topics.input)
         .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
         .env("EDGELOG_TOPICS__DEAD_LETTER", &s.topics.dead_letter)
+        .env(
+            "EDGELOG_TOPICS__LOADER_DEAD_LETTER",
+            &s.topics.loader_dead_letter,
+        )
         .env("EDGELOG_ANONYMIZER__GROUP_ID", &s.anonymizer.group_id)
         .env("EDGELOG_LOADER__GROUP_ID", &s.loader.group_id)
         .env("EDGELOG_CLICKHOUSE__DATABASE", &s.clickhouse.database)

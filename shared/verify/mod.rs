@@ -27,9 +27,9 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::ClientContext;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use crate::anonymizer::{DLQ_HEADER_OFFSET, DLQ_HEADER_PARTITION, DLQ_HEADER_TOPIC};
 use crate::clickhouse::ClickHouseClient;
 use crate::config::{KafkaOptions, Settings};
+use crate::dead_letter::{HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC};
 use crate::kafka::{client_config, group_positions, GroupPosition};
 use crate::loader::batch::BatchRanges;
 pub use ranges::OffsetSet;
@@ -494,9 +494,9 @@ fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<(String, i32, i64)> {
             .map(str::to_string)
     };
     Some((
-        get(DLQ_HEADER_TOPIC)?,
-        get(DLQ_HEADER_PARTITION)?.parse().ok()?,
-        get(DLQ_HEADER_OFFSET)?.parse().ok()?,
+        get(HEADER_TOPIC)?,
+        get(HEADER_PARTITION)?.parse().ok()?,
+        get(HEADER_OFFSET)?.parse().ok()?,
     ))
 }
 

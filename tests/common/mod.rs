@@ -48,6 +48,7 @@ pub fn isolated_settings() -> Settings {
     s.topics.input = format!("{id}_in");
     s.topics.anonymized = format!("{id}_anon");
     s.topics.dead_letter = format!("{id}_dlq");
+    s.topics.loader_dead_letter = format!("{id}_anon_dlq");
     s.topics.partitions = 3;
     s.anonymizer.group_id = format!("{id}_anonymizer");
     s.anonymizer.metrics_listen = None;
@@ -294,6 +295,10 @@ pub fn loader_command(s: &Settings) -> std::process::Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
         .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
+        .env(
+            "EDGELOG_TOPICS__LOADER_DEAD_LETTER",
+            &s.topics.loader_dead_letter,
+        )
         .env("EDGELOG_LOADER__GROUP_ID", &s.loader.group_id)
         .env("EDGELOG_LOADER__SLOT_SPACING", "300ms")
         .env("EDGELOG_LOADER__METRICS_LISTEN", "127.0.0.1:0")
