@@ -5,11 +5,13 @@
 //! recorded in `<database>.schema_migrations`. Their statements use `IF NOT EXISTS`, so a set-up
 //! that died half-way can simply run again.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewTopic, ResourceSpecifier,
+    TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -187,24 +189,86 @@ pub async fn create_topics(settings: &Settings) -> anyhow::Result<Vec<String>> {
             Err((name, code)) => bail!("creating topic {name}: {code}"),
         }
     }
-    // Existing topics keep their partitions but get the configured retention.
-    let alters: Vec<AlterConfig> = names
+    // Existing topics keep their partitions and every setting edgelog does not own, and get the
+    // configured retention. Kafka's AlterConfigs (the only alter call rust-rdkafka offers) resets
+    // whatever the request leaves out, so the request carries the topic's current dynamic
+    // settings too; a topic already as wanted is left untouched.
+    let owned = [("retention.ms", retention.as_str())];
+    let specifiers: Vec<ResourceSpecifier> =
+        names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    let described = admin
+        .describe_configs(&specifiers, &opts)
+        .await
+        .context("describing the topics' configuration")?;
+    let mut wanted_per_topic = Vec::new();
+    for (name, result) in names.iter().zip(described) {
+        let resource = result.map_err(|code| anyhow::anyhow!("describing topic {name}: {code}"))?;
+        let current: BTreeMap<String, String> = resource
+            .entries
+            .iter()
+            .filter(|e| e.source == ConfigSource::DynamicTopic && !e.is_read_only)
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        if let Some(wanted) = topic_config_after(&current, &owned) {
+            wanted_per_topic.push((*name, wanted));
+        }
+    }
+    let alters: Vec<AlterConfig> = wanted_per_topic
         .iter()
-        .map(|name| {
-            AlterConfig::new(ResourceSpecifier::Topic(name)).set("retention.ms", &retention)
+        .map(|(name, wanted)| {
+            wanted.iter().fold(
+                AlterConfig::new(ResourceSpecifier::Topic(name)),
+                |a, (k, v)| a.set(k, v),
+            )
         })
         .collect();
-    for result in admin.alter_configs(&alters, &opts).await? {
-        if let Err((resource, code)) = result {
-            bail!("setting retention.ms on {resource:?}: {code}");
+    if !alters.is_empty() {
+        for result in admin.alter_configs(&alters, &opts).await? {
+            if let Err((resource, code)) = result {
+                bail!("setting retention.ms on {resource:?}: {code}");
+            }
         }
     }
     Ok(created)
 }
 
+/// The whole dynamic configuration a topic should have: its `current` dynamic settings with the
+/// `owned` ones set; `None` when nothing would change (so an unchanged topic gets no request).
+pub fn topic_config_after(
+    current: &BTreeMap<String, String>,
+    owned: &[(&str, &str)],
+) -> Option<BTreeMap<String, String>> {
+    let mut wanted = current.clone();
+    for (k, v) in owned {
+        wanted.insert((*k).to_string(), (*v).to_string());
+    }
+    (wanted != *current).then_some(wanted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn topic_config_keeps_what_it_does_not_own() {
+        let current: BTreeMap<String, String> = [
+            ("min.insync.replicas", "2"),
+            ("max.message.bytes", "2000000"),
+            ("retention.ms", "1000"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let wanted = topic_config_after(&current, &[("retention.ms", "5000")]).unwrap();
+        assert_eq!(wanted["min.insync.replicas"], "2");
+        assert_eq!(wanted["max.message.bytes"], "2000000");
+        assert_eq!(wanted["retention.ms"], "5000");
+        assert_eq!(wanted.len(), 3);
+        assert_eq!(
+            topic_config_after(&wanted, &[("retention.ms", "5000")]),
+            None
+        );
+    }
 
     #[test]
     fn statements_split_at_line_end_semicolons_and_skip_comments() {

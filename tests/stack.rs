@@ -167,3 +167,51 @@ async fn the_real_rate_proxy_allows_one_request_per_minute_and_one_mebibyte() {
         .as_u16();
     assert_eq!(status, 413, "bodies over nginx's default 1 MiB are refused");
 }
+
+/// `edgelog setup` owns `retention.ms` only: re-running it on topics an operator tuned keeps
+/// their other settings (Kafka's AlterConfigs would reset whatever the request leaves out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_keeps_topic_settings_it_does_not_own() {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ConfigSource, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    require_stack();
+    let mut settings = isolated_settings();
+    edgelog::setup::create_topics(&settings).await.unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .create()
+        .unwrap();
+    let opts = AdminOptions::new();
+    let topic = settings.topics.anonymized.clone();
+    let tuned = AlterConfig::new(ResourceSpecifier::Topic(&topic))
+        .set("retention.ms", "3600000")
+        .set("min.insync.replicas", "1")
+        .set("max.message.bytes", "2000000")
+        .set("cleanup.policy", "delete");
+    for r in admin.alter_configs([&tuned], &opts).await.unwrap() {
+        r.unwrap();
+    }
+
+    settings.topics.retention = Duration::from_secs(2 * 24 * 3600);
+    edgelog::setup::create_topics(&settings).await.unwrap();
+
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(&topic)], &opts)
+        .await
+        .unwrap();
+    let resource = described.into_iter().next().unwrap().unwrap();
+    let dynamic = |name: &str| {
+        let e = resource.get(name).unwrap();
+        assert_eq!(e.source, ConfigSource::DynamicTopic, "{name}: {e:?}");
+        e.value.clone().unwrap()
+    };
+    assert_eq!(
+        dynamic("retention.ms"),
+        "172800000",
+        "setup's own setting applied"
+    );
+    assert_eq!(dynamic("min.insync.replicas"), "1");
+    assert_eq!(dynamic("max.message.bytes"), "2000000");
+    assert_eq!(dynamic("cleanup.policy"), "delete");
+}
