@@ -29,7 +29,9 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::clickhouse::ClickHouseClient;
 use crate::config::{KafkaOptions, Settings};
-use crate::dead_letter::{HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC};
+use crate::dead_letter::{
+    HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_STAGE, HEADER_TOPIC,
+};
 use crate::kafka::{client_config, group_positions, GroupPosition};
 use crate::loader::batch::BatchRanges;
 pub use ranges::OffsetSet;
@@ -127,6 +129,33 @@ pub struct Report {
     /// `topic:partition` with an open transaction: records behind it are invisible until it
     /// commits or times out, so the audit cannot call the pipeline drained.
     pub open_transactions: Vec<String>,
+    pub dead_letters: DeadLetterSummary,
+    /// Records in the loader's unconfirmed tail that do not decode: the loader quarantines them.
+    pub undecodable_in_flight: u64,
+}
+
+/// What both dead-letter topics hold, by reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadLetterSummary {
+    /// Distinct input offsets per reason label (`dead_letter::Reason`; `unlabelled` for dead
+    /// letters written before reasons existed).
+    pub by_reason: BTreeMap<String, u64>,
+    /// Input offsets dead-lettered more than once by stage one, whose dead letters are
+    /// transactional: a repeat is a broken guarantee.
+    pub repeated_by_anonymizer: u64,
+    /// Repeats by the loader, whose quarantine is at-least-once (a crash between the dead letter
+    /// and its offset commit writes it again): reported, not a failure.
+    pub repeated_by_loader: u64,
+    /// Input offsets dead-lettered by both stages.
+    pub in_both_stages: u64,
+    /// Dead letters that name no input record (e.g. foreign records on the anonymized topic).
+    pub without_input_source: u64,
+}
+
+impl DeadLetterSummary {
+    pub fn is_clean(&self) -> bool {
+        self.repeated_by_anonymizer == 0 && self.in_both_stages == 0
+    }
 }
 
 impl Report {
@@ -134,6 +163,7 @@ impl Report {
         self.partitions.iter().all(PartitionAudit::is_clean)
             && self.foreign_partitions.is_empty()
             && self.totals.is_clean()
+            && self.dead_letters.is_clean()
     }
 
     /// Nothing waiting: every input record anonymized and every anonymized record confirmed.
@@ -215,6 +245,53 @@ impl fmt::Display for Report {
                 self.open_transactions.join(", ")
             )?;
         }
+        let d = &self.dead_letters;
+        if !d.by_reason.is_empty() {
+            let reasons: Vec<String> = d
+                .by_reason
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            writeln!(f, "dead letters by reason: {}", reasons.join(", "))?;
+        }
+        if d.repeated_by_anonymizer > 0 {
+            writeln!(
+                f,
+                "DUPLICATED  {} input offsets dead-lettered more than once by the anonymizer",
+                d.repeated_by_anonymizer
+            )?;
+        }
+        if d.in_both_stages > 0 {
+            writeln!(
+                f,
+                "DUPLICATED  {} input offsets dead-lettered by both stages",
+                d.in_both_stages
+            )?;
+        }
+        if d.repeated_by_loader > 0 {
+            writeln!(
+                f,
+                "note        {} loader dead letters repeated (a quarantine retried after a \
+                 crash; counted once)",
+                d.repeated_by_loader
+            )?;
+        }
+        if d.without_input_source > 0 {
+            writeln!(
+                f,
+                "note        {} dead letters name no input record (foreign records on the \
+                 anonymized topic, quarantined by the loader)",
+                d.without_input_source
+            )?;
+        }
+        if self.undecodable_in_flight > 0 {
+            writeln!(
+                f,
+                "note        {} undecodable records wait in the loader's tail (it quarantines \
+                 them)",
+                self.undecodable_in_flight
+            )?;
+        }
         let t = &self.totals;
         writeln!(
             f,
@@ -280,7 +357,11 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
 
     let open_transactions = open_transactions(settings, &input_positions, &loader_positions);
     let s = settings.clone();
-    let mut partitions = tokio::task::spawn_blocking(move || {
+    let KafkaSide {
+        mut partitions,
+        dead_letters,
+        undecodable_in_flight,
+    } = tokio::task::spawn_blocking(move || {
         read_kafka_side(&s, &input_positions, &loader_positions)
     })
     .await??;
@@ -303,6 +384,8 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
         foreign_partitions,
         totals,
         open_transactions,
+        dead_letters,
+        undecodable_in_flight,
     })
 }
 
@@ -375,12 +458,12 @@ fn positions(s: &Settings, group: &str, topic: &str) -> anyhow::Result<Vec<Group
     }
 }
 
-/// Reads the input topic, the dead-letter topic and the loader's unconfirmed tail.
+/// Reads the input topic, both dead-letter topics and the loader's unconfirmed tail.
 fn read_kafka_side(
     s: &Settings,
     input_positions: &[GroupPosition],
     loader_positions: &[GroupPosition],
-) -> anyhow::Result<Vec<PartitionAudit>> {
+) -> anyhow::Result<KafkaSide> {
     let mut audits: BTreeMap<i32, PartitionAudit> = input_positions
         .iter()
         .map(|p| {
@@ -407,31 +490,44 @@ fn read_kafka_side(
         }
     })?;
 
-    let dlq = positions(s, "edgelog-verify", &s.topics.dead_letter)?;
-    let dlq_spans: Vec<(i32, i64, i64)> =
-        dlq.iter().map(|p| (p.partition, p.low, p.high)).collect();
-    let mut foreign_dead_letters = 0u64;
-    read_topic(
-        s,
-        &s.topics.dead_letter,
-        &dlq_spans,
-        |m| match dead_letter_source(m) {
-            Some((topic, partition, offset)) if topic == s.topics.input => {
-                if let Some(a) = audits.get_mut(&partition) {
-                    a.dead_lettered.insert(offset);
-                }
+    let mut sources: BTreeMap<(i32, i64), DeadLetterSeen> = BTreeMap::new();
+    let mut dead_letters = DeadLetterSummary::default();
+    for topic in [&s.topics.dead_letter, &s.topics.loader_dead_letter] {
+        let Some(spans) = whole_topic(s, topic)? else {
+            tracing::warn!(
+                topic,
+                "dead-letter topic does not exist (run `edgelog setup`)"
+            );
+            continue;
+        };
+        read_topic(s, topic, &spans, |m| match dead_letter_source(m) {
+            Some(source) if source.topic == s.topics.input => {
+                let seen = sources
+                    .entry((source.partition, source.offset))
+                    .or_default();
+                seen.add(&source);
             }
-            _ => foreign_dead_letters += 1,
-        },
-    )?;
-    if foreign_dead_letters > 0 {
-        tracing::warn!(
-            foreign_dead_letters,
-            "dead-letter entries without a source in the input topic were ignored"
-        );
+            _ => dead_letters.without_input_source += 1,
+        })?;
+    }
+    for ((partition, offset), seen) in &sources {
+        if let Some(a) = audits.get_mut(partition) {
+            // Below the log start (deleted) or not yet committed: not this audit's business.
+            if *offset < a.log_start || *offset >= a.committed {
+                continue;
+            }
+            a.dead_lettered.insert(*offset);
+        }
+        *dead_letters
+            .by_reason
+            .entry(seen.reason.clone())
+            .or_default() += 1;
+        dead_letters.repeated_by_anonymizer += u64::from(seen.by_anonymizer > 1);
+        dead_letters.repeated_by_loader += u64::from(seen.by_loader > 1);
+        dead_letters.in_both_stages += u64::from(seen.by_anonymizer > 0 && seen.by_loader > 0);
     }
 
-    let mut undecodable = 0u64;
+    let mut undecodable_in_flight = 0u64;
     read_topic(
         s,
         &s.topics.anonymized,
@@ -442,16 +538,9 @@ fn read_kafka_side(
                     a.in_flight.insert(r.source_offset);
                 }
             }
-            _ => undecodable += 1,
+            _ => undecodable_in_flight += 1,
         },
     )?;
-    if undecodable > 0 {
-        bail!(
-            "{undecodable} records in the unconfirmed tail of {} do not decode as anonymized \
-             records; the loader stops on them too",
-            s.topics.anonymized
-        );
-    }
     for a in audits.values_mut() {
         a.dead_lettered = a.dead_lettered.intersection(&a.auditable());
         a.in_flight = a.in_flight.intersection(&a.auditable());
@@ -466,7 +555,54 @@ fn read_kafka_side(
             )
         })?;
     }
-    Ok(audits.into_values().collect())
+    Ok(KafkaSide {
+        partitions: audits.into_values().collect(),
+        dead_letters,
+        undecodable_in_flight,
+    })
+}
+
+struct KafkaSide {
+    partitions: Vec<PartitionAudit>,
+    dead_letters: DeadLetterSummary,
+    undecodable_in_flight: u64,
+}
+
+/// How often, by which stage and why one input offset was dead-lettered.
+#[derive(Debug, Default)]
+struct DeadLetterSeen {
+    by_anonymizer: u32,
+    by_loader: u32,
+    reason: String,
+}
+
+impl DeadLetterSeen {
+    fn add(&mut self, source: &DeadLetterSource) {
+        if source.stage.as_deref() == Some("loader") {
+            self.by_loader += 1;
+        } else {
+            self.by_anonymizer += 1;
+        }
+        if self.reason.is_empty() {
+            self.reason = source.reason.clone().unwrap_or_else(|| "unlabelled".into());
+        }
+    }
+}
+
+/// `(partition, log start, end)` of every partition of `topic`; `None` if it does not exist.
+fn whole_topic(s: &Settings, topic: &str) -> anyhow::Result<Option<Vec<(i32, i64, i64)>>> {
+    match group_positions(&s.kafka, "edgelog-verify", topic, KAFKA_TIMEOUT) {
+        Err(KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(None),
+        Err(_) => {
+            let p = positions(s, "edgelog-verify", topic)?;
+            Ok(Some(
+                p.iter().map(|p| (p.partition, p.low, p.high)).collect(),
+            ))
+        }
+        Ok(p) => Ok(Some(
+            p.iter().map(|p| (p.partition, p.low, p.high)).collect(),
+        )),
+    }
 }
 
 /// librdkafka also reports partition ends as client errors; here they are the expected way a read
@@ -483,7 +619,16 @@ impl ClientContext for QuietEof {
 
 impl ConsumerContext for QuietEof {}
 
-fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<(String, i32, i64)> {
+/// Where a dead letter came from, by its headers (`shared/dead_letter.rs`).
+struct DeadLetterSource {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    stage: Option<String>,
+    reason: Option<String>,
+}
+
+fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<DeadLetterSource> {
     let headers = m.headers()?;
     let get = |name: &str| {
         headers
@@ -493,11 +638,13 @@ fn dead_letter_source(m: &BorrowedMessage<'_>) -> Option<(String, i32, i64)> {
             .and_then(|v| std::str::from_utf8(v).ok())
             .map(str::to_string)
     };
-    Some((
-        get(HEADER_TOPIC)?,
-        get(HEADER_PARTITION)?.parse().ok()?,
-        get(HEADER_OFFSET)?.parse().ok()?,
-    ))
+    Some(DeadLetterSource {
+        topic: get(HEADER_TOPIC)?,
+        partition: get(HEADER_PARTITION)?.parse().ok()?,
+        offset: get(HEADER_OFFSET)?.parse().ok()?,
+        stage: get(HEADER_STAGE),
+        reason: get(HEADER_REASON),
+    })
 }
 
 /// Reads `[from, to)` of each `(partition, from, to)` with read_committed, calling `each` for
@@ -751,6 +898,20 @@ mod tests {
     }
 
     #[test]
+    fn loader_dead_letter_repeats_are_a_note_stage_one_repeats_a_failure() {
+        let mut d = DeadLetterSummary {
+            repeated_by_loader: 3,
+            ..DeadLetterSummary::default()
+        };
+        assert!(d.is_clean());
+        d.repeated_by_anonymizer = 1;
+        assert!(!d.is_clean());
+        d.repeated_by_anonymizer = 0;
+        d.in_both_stages = 1;
+        assert!(!d.is_clean());
+    }
+
+    #[test]
     fn the_verdict_names_every_kind_of_discrepancy() {
         let mut a = audit();
         a.landed = set(&[(10, 49), (51, 59), (70, 99)]);
@@ -765,6 +926,13 @@ mod tests {
                 totals_requests: 6,
                 ..TotalsCheck::default()
             },
+            dead_letters: DeadLetterSummary {
+                by_reason: [("undecodable".to_string(), 4), ("too_old".to_string(), 1)].into(),
+                repeated_by_anonymizer: 1,
+                repeated_by_loader: 2,
+                ..DeadLetterSummary::default()
+            },
+            undecodable_in_flight: 0,
         };
         assert!(!report.is_clean());
         let text = report.to_string();
@@ -772,6 +940,9 @@ mod tests {
             "MISSING     partition 0: 60-69",
             "DUPLICATED  partition 0: 20-21",
             "3 rows from source partition 7",
+            "dead letters by reason: too_old 1, undecodable 4",
+            "DUPLICATED  1 input offsets dead-lettered more than once by the anonymizer",
+            "note        2 loader dead letters repeated",
             "FAILED: 10 missing, 2 duplicated, 3 unexpected; totals DIFFER",
         ] {
             assert!(text.contains(needle), "{needle:?} not in\n{text}");
