@@ -26,6 +26,7 @@
 //! - [`synth`]: the seeded synthetic traffic model used by the producer and the benchmarks.
 //! - [`kafka`]: librdkafka client configuration built from settings.
 //! - [`producer`]: the synthetic producer's run loop.
+//! - [`topic_id`]: the id Kafka gives a topic at creation (binds dedup tokens to the topic's life).
 //! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
 //! - [`replay`]: `edgelog replay`: reload whole days from the anonymized topic, swapped in per partition.
@@ -54,6 +55,7 @@ pub mod shutdown;
 pub mod status;
 pub mod synth;
 pub mod telemetry;
+pub mod topic_id;
 pub mod txn;
 pub mod verify;
 

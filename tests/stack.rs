@@ -215,3 +215,47 @@ async fn setup_keeps_topic_settings_it_does_not_own() {
     assert_eq!(dynamic("max.message.bytes"), "2000000");
     assert_eq!(dynamic("cleanup.policy"), "delete");
 }
+
+/// A recreated topic gets a new id: what binds the loader's dedup tokens to the topic's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recreated_topic_has_a_new_id() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+
+    require_stack();
+    let settings = isolated_settings();
+    edgelog::setup::create_topics(&settings).await.unwrap();
+    let topic = settings.topics.anonymized.clone();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", KAFKA)
+        .create()
+        .unwrap();
+    let id = |topic: &str| {
+        edgelog::topic_id::topic_id(admin.inner(), topic, Duration::from_secs(10)).unwrap()
+    };
+    let first = id(&topic);
+    assert_eq!(first.len(), 22, "{first}");
+    assert_ne!(first, edgelog::topic_id::ZERO_TOPIC_ID);
+    assert_eq!(id(&topic), first, "stable while the topic lives");
+    assert_ne!(id(&settings.topics.input), first, "each topic its own");
+
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.delete_topics(&[&topic], &opts).await.unwrap() {
+        r.unwrap();
+    }
+    // Deletion is asynchronous in the controller: create again until the name is free.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        edgelog::setup::create_topics(&settings).await.unwrap();
+        match edgelog::topic_id::topic_id(admin.inner(), &topic, Duration::from_secs(10)) {
+            Ok(second) if second != first => break,
+            _ if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            other => panic!("no new id after recreating {topic}: {other:?}"),
+        }
+    }
+    let missing =
+        edgelog::topic_id::topic_id(admin.inner(), "no_such_topic_x", Duration::from_secs(10));
+    assert!(missing.is_err(), "{missing:?}");
+}
