@@ -118,6 +118,89 @@ impl BatchRanges {
     }
 }
 
+/// Prefix of version 2 of the metadata: the anonymized topic's id, then the ranges.
+pub const METADATA_PREFIX_V2: &str = "edgelog.batch.v2;";
+
+/// A batch's identity: the offset ranges and the incarnation of the topic they index. Offsets
+/// start again at 0 when a topic is deleted and created again (or a deployment moves to another
+/// cluster), so ranges alone could repeat a token ClickHouse still remembers and a new batch would
+/// be dropped as its duplicate. Version 2 binds the token to the topic's id (see
+/// [`crate::topic_id`]); version 1 (no id) is what batches recorded before it carry, and keeps
+/// its own token so that an upgrade finishes such a batch with the token it was first sent with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchId {
+    pub ranges: BatchRanges,
+    /// `None`: a version-1 batch.
+    pub topic_id: Option<String>,
+}
+
+impl BatchId {
+    /// A new (version 2) batch of the topic with id `topic_id`.
+    pub fn new(ranges: BatchRanges, topic_id: &str) -> BatchId {
+        BatchId {
+            ranges,
+            topic_id: Some(topic_id.to_string()),
+        }
+    }
+
+    /// Text stored as offset-commit metadata on every partition of the batch.
+    pub fn to_metadata(&self) -> String {
+        match &self.topic_id {
+            None => self.ranges.to_metadata(),
+            Some(id) => format!("{METADATA_PREFIX_V2}{id};{}", self.ranges),
+        }
+    }
+
+    /// True if `text` describes a pending batch of either version (valid or not).
+    pub fn is_pending(text: &str) -> bool {
+        text.starts_with(METADATA_PREFIX) || text.starts_with(METADATA_PREFIX_V2)
+    }
+
+    /// `Ok(None)` for metadata that is not a pending batch (empty, or someone else's).
+    pub fn from_metadata(text: &str) -> Result<Option<BatchId>, ParseError> {
+        let Some(rest) = text.strip_prefix(METADATA_PREFIX_V2) else {
+            return Ok(BatchRanges::from_metadata(text)?.map(|ranges| BatchId {
+                ranges,
+                topic_id: None,
+            }));
+        };
+        let bad = |why| ParseError {
+            text: text.to_string(),
+            why,
+        };
+        let (id, ranges) = rest.split_once(';').ok_or(bad("missing topic id"))?;
+        if id.is_empty()
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_+/=".contains(&b))
+        {
+            return Err(bad("topic id is not base64"));
+        }
+        let ranges = BatchRanges::from_metadata(&format!("{METADATA_PREFIX}{ranges}"))
+            .map_err(|e| bad(e.why))?
+            .ok_or(bad("no ranges"))?;
+        Ok(Some(BatchId::new(ranges, id)))
+    }
+
+    /// `insert_deduplication_token`: a UUIDv5 of the topic name, its id (version 2) and the
+    /// ranges. The same batch gives the same token whichever instance rebuilds it.
+    pub fn dedup_token(&self, topic: &str) -> String {
+        match &self.topic_id {
+            None => self.ranges.dedup_token(topic),
+            Some(id) => {
+                let name = format!("{topic};{id};{}", self.ranges);
+                uuid::Uuid::new_v5(&TOKEN_NAMESPACE, name.as_bytes()).to_string()
+            }
+        }
+    }
+}
+
+impl fmt::Display for BatchId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.ranges, f)
+    }
+}
+
 /// Namespace of the dedup-token UUIDs (a fixed random UUID; changing it changes every token).
 const TOKEN_NAMESPACE: uuid::Uuid =
     uuid::Uuid::from_u128(0x6f1c_2b1e_9d1a_4d7e_8a53_0c7b_e2f4_a901);
@@ -197,6 +280,45 @@ mod tests {
     }
 
     #[test]
+    fn version_2_binds_the_token_to_the_topic_id_and_keeps_version_1_tokens() {
+        let ranges = BatchRanges::new(vec![r(0, 1, 5), r(1, 2, 3)]).unwrap();
+        let v2 = BatchId::new(ranges.clone(), "q0tVAdSgTqWZLH3SVZ1ywA");
+        assert_eq!(
+            v2.to_metadata(),
+            "edgelog.batch.v2;q0tVAdSgTqWZLH3SVZ1ywA;0:1-5,1:2-3"
+        );
+        assert_eq!(
+            BatchId::from_metadata(&v2.to_metadata()).unwrap(),
+            Some(v2.clone())
+        );
+        let recreated = BatchId::new(ranges.clone(), "Zm9vYmFyYmF6cXV4cXV1eA");
+        assert_ne!(v2.dedup_token("t"), recreated.dedup_token("t"));
+        // A batch recorded by the previous version is finished with the token it was sent with.
+        let v1 = BatchId::from_metadata(&ranges.to_metadata())
+            .unwrap()
+            .unwrap();
+        assert_eq!(v1.topic_id, None);
+        assert_eq!(v1.dedup_token("t"), ranges.dedup_token("t"));
+        assert_eq!(
+            v1.dedup_token("t"),
+            "3a67865b-8985-5881-a540-8afa9f2a9a6a",
+            "version-1 tokens never change"
+        );
+        assert!(BatchId::is_pending(&v1.to_metadata()) && BatchId::is_pending(&v2.to_metadata()));
+        assert_eq!(BatchId::from_metadata("").unwrap(), None);
+        for text in [
+            "edgelog.batch.v2;",
+            "edgelog.batch.v2;0:1-5",
+            "edgelog.batch.v2;;0:1-5",
+            "edgelog.batch.v2;a b;0:1-5",
+            "edgelog.batch.v2;abc;",
+            "edgelog.batch.v2;abc;0:5-1",
+        ] {
+            assert!(BatchId::from_metadata(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
     fn metadata_fits_kafkas_default_limit_for_many_partitions() {
         let b = BatchRanges::new(
             (0..100)
@@ -204,8 +326,9 @@ mod tests {
                 .collect(),
         )
         .unwrap();
+        let v2 = BatchId::new(b, "q0tVAdSgTqWZLH3SVZ1ywA");
         assert!(
-            b.to_metadata().len() < 4096,
+            v2.to_metadata().len() < 4096,
             "offset.metadata.max.bytes defaults to 4096"
         );
     }
