@@ -2,14 +2,16 @@
 //!
 //! - `/healthz` (liveness): the processing loop came round within [`LIVENESS_WINDOW`]. A loop that
 //!   has not is stuck; the orchestrator should restart the process.
-//! - `/readyz` (readiness): partitions are assigned, and work has not been waiting longer than the
-//!   stage's stall limit without a success (a committed transaction, a confirmed insert). Idle
-//!   with nothing to do is ready.
+//! - `/readyz` (readiness): no dependency (Kafka, ClickHouse, the proxy) is known to be down,
+//!   partitions are assigned, and work has not been waiting longer than the stage's stall limit
+//!   without a success (a committed transaction, a confirmed insert). Idle with nothing to do is
+//!   ready.
 //! - `/status`: a few `key: value` lines an operator (or `edgelog status`) reads.
 //!
 //! The stages only report events; the decisions are the pure functions [`liveness`] and
 //! [`readiness`].
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +29,8 @@ pub struct HealthState {
     pub pending_since: Option<Instant>,
     /// Stage-specific lines for `/status`.
     pub details: Vec<(&'static str, String)>,
+    /// Dependencies known to be down: name -> (why, since when).
+    pub down: BTreeMap<&'static str, (String, Instant)>,
 }
 
 /// Shared between a stage's loop (which reports) and the HTTP listener (which reads).
@@ -48,6 +52,7 @@ impl Health {
                 last_success: None,
                 pending_since: None,
                 details: Vec::new(),
+                down: BTreeMap::new(),
             }),
             stall_after,
         })
@@ -86,6 +91,23 @@ impl Health {
         });
     }
 
+    /// `dependency` (e.g. "kafka", "clickhouse") failed: the stage is unready until [`Self::up`].
+    /// The first reason and time are kept while it stays down.
+    pub fn down(&self, dependency: &'static str, why: &str) {
+        self.update(|s| {
+            s.down
+                .entry(dependency)
+                .or_insert_with(|| (why.to_string(), Instant::now()));
+        });
+    }
+
+    /// `dependency` answered again.
+    pub fn up(&self, dependency: &'static str) {
+        self.update(|s| {
+            s.down.remove(dependency);
+        });
+    }
+
     pub fn details(&self, details: Vec<(&'static str, String)>) {
         self.update(|s| s.details = details);
     }
@@ -114,6 +136,12 @@ pub fn liveness(now: Instant, s: &HealthState) -> Result<String, String> {
 /// `Ok(reason)` when ready, `Err(reason)` when not.
 pub fn readiness(now: Instant, s: &HealthState, stall_after: Duration) -> Result<String, String> {
     liveness(now, s)?;
+    if let Some((name, (why, since))) = s.down.iter().next() {
+        return Err(format!(
+            "{name} unavailable for {:.0} s: {why}",
+            now.saturating_duration_since(*since).as_secs_f64()
+        ));
+    }
     if s.assigned == 0 {
         return Err("no partitions assigned".into());
     }
@@ -167,7 +195,24 @@ mod tests {
             last_success: None,
             pending_since: None,
             details: vec![("next proxy slot", "in 3.0 s".into())],
+            down: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn a_dependency_down_makes_the_stage_unready_with_the_reason() {
+        let h = Health::new(Duration::from_secs(60));
+        h.assigned(2);
+        h.down("kafka", "all brokers down");
+        h.down("kafka", "a later reason does not replace the first");
+        let now = Instant::now() + Duration::from_secs(5);
+        let err = readiness(now, &h.snapshot(), h.stall_after).unwrap_err();
+        assert!(
+            err.starts_with("kafka unavailable for 5 s: all brokers down"),
+            "{err}"
+        );
+        h.up("kafka");
+        assert!(readiness(now, &h.snapshot(), h.stall_after).is_ok());
     }
 
     #[test]

@@ -1,11 +1,18 @@
 //! librdkafka client configuration from settings.
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 
 use crate::config::{is_secret_key, KafkaOptions, KafkaSettings};
+use crate::health::Health;
+use crate::log_gate::LogGate;
 
 /// A client config: `defaults` (the stage's own choices) < `kafka.options` < the stage's
 /// `kafka_options`. What an operator sets always wins; the caller re-asserts the few properties a
@@ -170,3 +177,94 @@ mod tests {
         );
     }
 }
+
+/// What a client's librdkafka reports about its connection to the cluster: errors mark Kafka down
+/// on the stage's [`Health`] (unready, with the reason) and every kind of error or log line is
+/// logged at a bounded rate ([`LogGate`]). The stage marks Kafka up again when a call succeeds.
+/// Each stage's client contexts forward `error` and `log` here.
+#[derive(Debug, Default)]
+pub struct KafkaWatch {
+    health: Option<Arc<Health>>,
+    gate: LogGate,
+}
+
+impl KafkaWatch {
+    pub fn new(health: Option<Arc<Health>>) -> KafkaWatch {
+        KafkaWatch {
+            health,
+            gate: LogGate::default(),
+        }
+    }
+
+    pub fn error(&self, error: &KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code();
+        if code.is_some_and(means_cluster_unreachable) {
+            if let Some(h) = &self.health {
+                h.down("kafka", &format!("{error}: {reason}"));
+            }
+        }
+        let kind = format!("error {code:?}");
+        if let Some(suppressed) = self.gate.admit(&kind, Instant::now()) {
+            tracing::warn!(target: "librdkafka", %error, reason, suppressed, "Kafka client error");
+        }
+    }
+
+    pub fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        use RDKafkaLogLevel::*;
+        if matches!(level, Info | Debug) {
+            tracing::debug!(target: "librdkafka", facility, message);
+            return;
+        }
+        let Some(suppressed) = self.gate.admit(&format!("log {facility}"), Instant::now()) else {
+            return;
+        };
+        match level {
+            Emerg | Alert | Critical | Error => {
+                tracing::error!(target: "librdkafka", facility, message, suppressed)
+            }
+            Warning => tracing::warn!(target: "librdkafka", facility, message, suppressed),
+            _ => tracing::info!(target: "librdkafka", facility, message, suppressed),
+        }
+    }
+
+    /// A call to the cluster succeeded.
+    pub fn reachable(&self) {
+        if let Some(h) = &self.health {
+            h.up("kafka");
+        }
+    }
+}
+
+/// Errors that mean the client cannot reach the cluster (as opposed to one failed request).
+pub fn means_cluster_unreachable(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::Resolve
+            | RDKafkaErrorCode::Authentication
+            | RDKafkaErrorCode::SaslAuthenticationFailed
+            | RDKafkaErrorCode::SSL
+    )
+}
+
+/// A client context that only watches ([`KafkaWatch`]): for producers and admin clients that need
+/// no callbacks of their own.
+pub struct WatchedContext(pub Arc<KafkaWatch>);
+
+impl ClientContext for WatchedContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.0.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.0.error(&error, reason);
+    }
+}
+
+impl rdkafka::producer::ProducerContext for WatchedContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+impl rdkafka::consumer::ConsumerContext for WatchedContext {}

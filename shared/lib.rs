@@ -15,6 +15,7 @@
 //! - [`config`]: figment settings (defaults < TOML file < `EDGELOG_` environment), validation.
 //! - [`telemetry`]: tracing subscriber (human or JSON); the HTTP listener for `/metrics` and health.
 //! - [`health`]: liveness, readiness and status of a stage (pure decisions, shared state).
+//! - [`log_gate`]: log a repeating condition (a dead broker) at a bounded rate, with counts.
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `run` function takes.
 //! - [`dead_letter`]: the dead-letter protocol of both stages: headers, reasons, bounded envelope.
 //! - [`record`]: the log record, its Cap'n Proto wire form (input topic).
@@ -47,6 +48,7 @@ pub mod dead_letter;
 pub mod health;
 pub mod kafka;
 pub mod loader;
+pub mod log_gate;
 pub mod producer;
 pub mod record;
 pub mod replay;
