@@ -353,6 +353,9 @@ pub struct ProducerSettings {
     pub malformed_ip_share: f64,
     /// Share of messages that are not Cap'n Proto at all (exercise the dead-letter path).
     pub garbage_share: f64,
+    /// Share of records that stage one dead-letters under its default validity policy (times
+    /// out of range, oversized fields, text that is not UTF-8, truncated frames).
+    pub hostile_share: f64,
     /// Extra librdkafka options for this producer.
     pub kafka_options: KafkaOptions,
 }
@@ -373,6 +376,7 @@ impl Default for ProducerSettings {
             ipv6_share: 0.05,
             malformed_ip_share: 0.001,
             garbage_share: 0.0,
+            hostile_share: 0.0,
             kafka_options: KafkaOptions::default(),
         }
     }
@@ -618,6 +622,7 @@ impl Settings {
             ("producer.ipv6_share", p.ipv6_share),
             ("producer.malformed_ip_share", p.malformed_ip_share),
             ("producer.garbage_share", p.garbage_share),
+            ("producer.hostile_share", p.hostile_share),
         ] {
             if !(0.0..=1.0).contains(&share) {
                 return Err(invalid(

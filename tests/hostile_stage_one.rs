@@ -607,3 +607,31 @@ async fn a_hostile_corpus_lands_once_each_in_the_output_or_the_dead_letters() {
     );
     child.kill().unwrap();
 }
+
+/// The synthetic producer's hostile records, end to end: stage one dead-letters them, none
+/// reaches ClickHouse, and `verify` accounts for their offsets as dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_records_never_reach_clickhouse_and_verify_accounts_for_them() {
+    require_stack();
+    let mut s = fast_loader_settings();
+    s.producer.garbage_share = 0.01;
+    s.producer.hostile_share = 0.05;
+    let produced = fill_anonymized_topic(&s, 2000).await;
+    assert!(produced.hostile > 40, "{produced:?}");
+    let loader = start_loader(&s);
+    let report = edgelog::verify::audit_when_drained(&s, Duration::from_secs(120))
+        .await
+        .unwrap();
+    loader.stop().await.expect("the loader stops cleanly");
+    assert!(report.is_clean() && report.is_drained(), "{report}");
+    let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
+    let dead: u64 = report
+        .partitions
+        .iter()
+        .map(|p| p.dead_lettered.len())
+        .sum();
+    let rejected = produced.garbage + produced.hostile;
+    assert_eq!(dead, rejected, "{report}");
+    assert_eq!(landed, produced.sent - rejected, "{report}");
+    assert_loaded_exactly_once(&s, produced.sent - rejected).await;
+}
