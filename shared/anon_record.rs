@@ -278,13 +278,16 @@ mod tests {
             " 010.1.1.1 ",
         ];
         for (i, addr) in addrs.into_iter().enumerate() {
+            // Inside the fuzz target's time window (its "now" is 1_780_000_000_000).
             let capnp = encode_capnp(&HttpLogRecord {
                 remote_addr: addr.into(),
+                timestamp_epoch_milli: 1_779_999_999_000,
                 ..input()
             });
-            // decode_anonymize: byte 0 is the IPv6 prefix length, the rest the payload.
+            // decode_anonymize: byte 0 is the IPv6 prefix length, byte 1 the message limit
+            // (0 = 1,000,000), the rest the payload.
             for bits in [0u8, 48, 56, 128] {
-                let mut seed = vec![bits];
+                let mut seed = vec![bits, 0];
                 seed.extend_from_slice(&capnp);
                 std::fs::write(decode_anonymize.join(format!("seed-{i}-{bits}")), seed).unwrap();
             }
