@@ -498,6 +498,7 @@ rust_src = "\n".join(read(p) for p in glob.glob("shared/**/*.rs", recursive=True
 REQUIRED_METRICS = [
     "edgelog_producer_sent_total", "edgelog_anonymizer_records_in_total",
     "edgelog_anonymizer_records_out_total", "edgelog_anonymizer_dead_letter_total",
+    "edgelog_dead_letters_total",
     "edgelog_anonymizer_transactions_committed_total",
     "edgelog_anonymizer_transactions_aborted_total", "edgelog_loader_rows_inserted_total",
     "edgelog_loader_requests_total", "edgelog_loader_lag",

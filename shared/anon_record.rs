@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::anonymize::{anonymize_ip, Anonymized};
+use crate::dead_letter::{Reason, ENVELOPE_OVERHEAD};
 use crate::record::DecodeError;
 
 pub const VERSION: u8 = 1;
@@ -73,7 +74,8 @@ pub enum AddressKind {
 }
 
 /// The whole stage-one transformation of one input message: decode Cap'n Proto (zero-copy),
-/// anonymize the address, encode MessagePack. Pure: the same input gives the same bytes.
+/// anonymize the address, encode MessagePack. Pure: the same input gives the same bytes. No
+/// validity policy and no size check: [`process`] is what stage one runs.
 pub fn transform(
     payload: &[u8],
     source_partition: i32,
@@ -81,29 +83,105 @@ pub fn transform(
     ipv6_prefix_bits: u8,
 ) -> Result<(Vec<u8>, AddressKind), DecodeError> {
     crate::record::with_record(payload, |r| {
-        let anonymized = anonymize_ip(r.remote_addr, ipv6_prefix_bits);
-        let kind = match anonymized {
-            Anonymized::V4(_) => AddressKind::V4,
-            Anonymized::V6(_) => AddressKind::V6,
-            Anonymized::Invalid => AddressKind::Invalid,
-        };
-        let out = AnonRecord::<&str> {
-            version: VERSION,
-            timestamp_epoch_milli: r.timestamp_epoch_milli,
-            resource_id: r.resource_id,
-            bytes_sent: r.bytes_sent,
-            request_time_milli: r.request_time_milli,
-            response_status: r.response_status,
-            cache_status: r.cache_status,
-            method: r.method,
-            remote_addr: anonymized.as_str(),
-            url: r.url,
-            source_partition,
-            source_offset,
-        };
-        let mut buf = Vec::with_capacity(64 + r.url.len());
-        encode_into(&out, &mut buf);
-        (buf, kind)
+        anonymized_bytes(&r, source_partition, source_offset, ipv6_prefix_bits)
+    })
+}
+
+fn anonymized_bytes(
+    r: &crate::record::RecordView<'_>,
+    source_partition: i32,
+    source_offset: i64,
+    ipv6_prefix_bits: u8,
+) -> (Vec<u8>, AddressKind) {
+    let anonymized = match crate::validate::address_to_parse(r.remote_addr) {
+        Some(addr) => anonymize_ip(addr, ipv6_prefix_bits),
+        None => Anonymized::Invalid,
+    };
+    let kind = match anonymized {
+        Anonymized::V4(_) => AddressKind::V4,
+        Anonymized::V6(_) => AddressKind::V6,
+        Anonymized::Invalid => AddressKind::Invalid,
+    };
+    let out = AnonRecord::<&str> {
+        version: VERSION,
+        timestamp_epoch_milli: r.timestamp_epoch_milli,
+        resource_id: r.resource_id,
+        bytes_sent: r.bytes_sent,
+        request_time_milli: r.request_time_milli,
+        response_status: r.response_status,
+        cache_status: r.cache_status,
+        method: r.method,
+        remote_addr: anonymized.as_str(),
+        url: r.url,
+        source_partition,
+        source_offset,
+    };
+    let mut buf = Vec::with_capacity(64 + r.url.len());
+    encode_into(&out, &mut buf);
+    (buf, kind)
+}
+
+/// What stage one needs to decide about one record, fixed at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageOne {
+    pub ipv6_prefix_bits: u8,
+    pub policy: crate::validate::Policy,
+    /// The effective `message.max.bytes` of the output: the smallest of the producer's and the
+    /// topics' limits (see `anonymizer::effective_limit`).
+    pub max_message_bytes: usize,
+}
+
+/// Stage one's decision for one input message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Produce these bytes to the anonymized topic.
+    Record { bytes: Vec<u8>, kind: AddressKind },
+    /// Dead-letter the original payload with this reason and error text.
+    DeadLetter { reason: Reason, error: String },
+}
+
+/// True when a record of `len` payload bytes fits a topic whose effective limit is
+/// `max_message_bytes`: the same room [`crate::dead_letter::DeadLetterPayload`] keeps for headers
+/// and Kafka's framing, so that the broker never sees a record the size check let through.
+pub fn fits(len: usize, max_message_bytes: usize) -> bool {
+    len.saturating_add(ENVELOPE_OVERHEAD) <= max_message_bytes
+}
+
+/// The whole per-record decision of stage one: decode → validate → anonymize → encode → size
+/// check. Pure (`now_ms` is given), so the anonymizer, the property tests and the fuzz target run
+/// the very same decision. Deciding size here, before `send()`, matters: a size the broker
+/// rejects arrives in a delivery report and makes the whole transaction abortable.
+pub fn process(
+    payload: &[u8],
+    source_partition: i32,
+    source_offset: i64,
+    stage: &StageOne,
+    now_ms: u64,
+) -> Outcome {
+    let decided = crate::record::with_record(payload, |r| {
+        if let Err(rejection) = crate::validate::check(&r, &stage.policy, now_ms) {
+            return Outcome::DeadLetter {
+                reason: rejection.reason,
+                error: rejection.error,
+            };
+        }
+        let (bytes, kind) =
+            anonymized_bytes(&r, source_partition, source_offset, stage.ipv6_prefix_bits);
+        if !fits(bytes.len(), stage.max_message_bytes) {
+            return Outcome::DeadLetter {
+                reason: Reason::RecordTooLarge,
+                error: format!(
+                    "anonymized record has {} bytes; with {ENVELOPE_OVERHEAD} bytes kept for framing it exceeds the effective message.max.bytes {}",
+                    bytes.len(),
+                    stage.max_message_bytes
+                ),
+            };
+        }
+        Outcome::Record { bytes, kind }
+    });
+    decided.unwrap_or_else(|e| Outcome::DeadLetter {
+        reason: Reason::Undecodable,
+        error: e.to_string(),
     })
 }
 
@@ -200,13 +278,16 @@ mod tests {
             " 010.1.1.1 ",
         ];
         for (i, addr) in addrs.into_iter().enumerate() {
+            // Inside the fuzz target's time window (its "now" is 1_780_000_000_000).
             let capnp = encode_capnp(&HttpLogRecord {
                 remote_addr: addr.into(),
+                timestamp_epoch_milli: 1_779_999_999_000,
                 ..input()
             });
-            // decode_anonymize: byte 0 is the IPv6 prefix length, the rest the payload.
+            // decode_anonymize: byte 0 is the IPv6 prefix length, byte 1 the message limit
+            // (0 = 1,000,000), the rest the payload.
             for bits in [0u8, 48, 56, 128] {
-                let mut seed = vec![bits];
+                let mut seed = vec![bits, 0];
                 seed.extend_from_slice(&capnp);
                 std::fs::write(decode_anonymize.join(format!("seed-{i}-{bits}")), seed).unwrap();
             }
@@ -230,7 +311,39 @@ mod props {
     use super::*;
     use crate::record::encode_capnp;
     use crate::record::props::any_record;
+    use crate::record::HttpLogRecord;
     use proptest::prelude::*;
+
+    const NOW: u64 = 1_780_000_000_000;
+
+    fn stage() -> StageOne {
+        StageOne {
+            ipv6_prefix_bits: 48,
+            policy: crate::validate::Policy::from_settings(&crate::config::Settings::default()),
+            max_message_bytes: 1_000_000,
+        }
+    }
+
+    /// Records near the policy's bounds, so the property sees every verdict, not only rejections.
+    fn plausible_record() -> impl Strategy<Value = HttpLogRecord> {
+        (
+            NOW - 31 * 86_400_000..NOW + 4_000_000,
+            prop_oneof![95u16..605, any::<u16>()],
+            prop_oneof![0usize..300, 8180usize..8200],
+            prop_oneof![Just("1.2.3.4".to_string()), ".{0,70}"],
+        )
+            .prop_map(|(ts, status, url_len, addr)| HttpLogRecord {
+                timestamp_epoch_milli: ts,
+                resource_id: 1,
+                bytes_sent: 100,
+                request_time_milli: 5,
+                response_status: status,
+                cache_status: "HIT".into(),
+                method: "GET".into(),
+                remote_addr: addr,
+                url: "u".repeat(url_len),
+            })
+    }
 
     fn any_anon_record() -> impl Strategy<Value = AnonRecord> {
         (
@@ -296,7 +409,8 @@ mod props {
         }
 
         /// The fuzz target `decode_anonymize`'s invariant, cheaply on every `cargo test`: any
-        /// payload becomes a decodable record or a dead letter with a reason, never a panic.
+        /// payload becomes a record that decodes, passes the policy and fits, or a dead letter
+        /// with a reason and a text; never a panic.
         #[test]
         fn any_payload_is_a_record_or_a_reason(
             payload in prop_oneof![
@@ -310,19 +424,33 @@ mod props {
                         }
                         bytes
                     }),
+                plausible_record().prop_map(|r| encode_capnp(&r)),
             ],
+            limit in prop_oneof![Just(1_000_000usize), 4096usize..4500],
         ) {
-            match transform(&payload, 0, 0, 48) {
-                Ok((bytes, _)) => {
+            let stage = StageOne { max_message_bytes: limit, ..stage() };
+            match process(&payload, 0, 0, &stage, NOW) {
+                Outcome::Record { bytes, kind } => {
+                    prop_assert!(fits(bytes.len(), limit));
                     let out = decode(&bytes).unwrap();
                     let input = crate::record::decode_capnp(&payload).unwrap();
-                    let expected = anonymize_ip(&input.remote_addr, 48);
-                    prop_assert_eq!(out.remote_addr.as_str(), expected.as_str());
+                    crate::record::with_record(&payload, |v| {
+                        crate::validate::check(&v, &stage.policy, NOW).unwrap()
+                    }).unwrap();
+                    prop_assert_eq!(kind == AddressKind::Invalid, out.remote_addr == crate::anonymize::INVALID_MARKER);
+                    prop_assert_eq!(out.url, input.url);
                 }
-                Err(e) => {
-                    let reason = e.to_string();
-                    let detail = reason.strip_prefix("not a Cap'n Proto HttpLogRecord: ").unwrap();
-                    prop_assert!(!detail.trim().is_empty(), "{:?}", reason);
+                Outcome::DeadLetter { reason, error } => {
+                    prop_assert!(!error.trim().is_empty());
+                    prop_assert!(crate::dead_letter::Reason::ALL.contains(&reason));
+                    let decodes = crate::record::decode_capnp(&payload).is_ok();
+                    prop_assert_eq!(reason == Reason::Undecodable, !decodes, "{}", error);
+                    if reason == Reason::Undecodable {
+                        let detail = error.strip_prefix("not a Cap'n Proto HttpLogRecord: ").unwrap();
+                        prop_assert!(!detail.trim().is_empty(), "{:?}", error);
+                    }
+                    let dlq = crate::dead_letter::DeadLetterPayload::of(&payload, limit);
+                    prop_assert!(fits(dlq.bytes.len(), limit.max(ENVELOPE_OVERHEAD)));
                 }
             }
         }
@@ -355,5 +483,106 @@ mod props {
             };
             prop_assert_eq!(out, expected);
         }
+    }
+}
+
+/// Stage one's decision at its boundaries: validity reasons, and the size check just under, at
+/// and just over the effective limit.
+#[cfg(test)]
+mod process_tests {
+    use super::*;
+    use crate::record::{encode_capnp, HttpLogRecord};
+
+    const NOW: u64 = 1_780_000_000_000;
+
+    fn stage(limit: usize) -> StageOne {
+        StageOne {
+            ipv6_prefix_bits: 48,
+            policy: crate::validate::Policy::from_settings(&crate::config::Settings::default()),
+            max_message_bytes: limit,
+        }
+    }
+
+    fn record(url_len: usize) -> HttpLogRecord {
+        HttpLogRecord {
+            timestamp_epoch_milli: NOW,
+            resource_id: 7,
+            bytes_sent: 1,
+            request_time_milli: 1,
+            response_status: 200,
+            cache_status: "HIT".into(),
+            method: "GET".into(),
+            remote_addr: "1.2.3.4".into(),
+            url: "u".repeat(url_len),
+        }
+    }
+
+    fn encoded_len(url_len: usize) -> usize {
+        match process(&encode_capnp(&record(url_len)), 1, 2, &stage(1 << 20), NOW) {
+            Outcome::Record { bytes, .. } => bytes.len(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn size_boundaries() {
+        // str16 header from 256 bytes on: one more URL byte is one more record byte.
+        let url = 1000;
+        let len = encoded_len(url);
+        assert_eq!(encoded_len(url + 1), len + 1);
+        let limit = len + ENVELOPE_OVERHEAD;
+        for (url_len, fits) in [(url - 1, true), (url, true), (url + 1, false)] {
+            let out = process(&encode_capnp(&record(url_len)), 1, 2, &stage(limit), NOW);
+            match out {
+                Outcome::Record { .. } => assert!(fits, "{url_len}"),
+                Outcome::DeadLetter { reason, .. } => {
+                    assert!(!fits, "{url_len}");
+                    assert_eq!(reason, Reason::RecordTooLarge);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reasons() {
+        let s = stage(1_000_000);
+        let run = |r: HttpLogRecord| match process(&encode_capnp(&r), 0, 0, &s, NOW) {
+            Outcome::Record { .. } => None,
+            Outcome::DeadLetter { reason, .. } => Some(reason),
+        };
+        assert_eq!(run(record(10)), None);
+        assert_eq!(
+            run(HttpLogRecord {
+                timestamp_epoch_milli: u64::MAX,
+                ..record(1)
+            }),
+            Some(Reason::TimestampOutOfRange)
+        );
+        assert_eq!(
+            run(HttpLogRecord {
+                response_status: 0,
+                ..record(1)
+            }),
+            Some(Reason::ValueOutOfRange)
+        );
+        assert_eq!(run(record(8193)), Some(Reason::FieldTooLong));
+        let long_addr = HttpLogRecord {
+            remote_addr: "9".repeat(100_000),
+            ..record(1)
+        };
+        assert!(matches!(
+            process(&encode_capnp(&long_addr), 0, 0, &s, NOW),
+            Outcome::Record {
+                kind: AddressKind::Invalid,
+                ..
+            }
+        ));
+        assert!(matches!(
+            process(b"garbage", 0, 0, &s, NOW),
+            Outcome::DeadLetter {
+                reason: Reason::Undecodable,
+                ..
+            }
+        ));
     }
 }

@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
@@ -23,12 +25,16 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use crate::anon_record::{transform, AddressKind};
+use crate::anon_record::{process as decide, AddressKind, Outcome, StageOne};
 use crate::config::Settings;
-use crate::dead_letter::{HEADER_ERROR, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC};
+use crate::dead_letter::{
+    error_text, DeadLetterPayload, Reason, ENVELOPE_OVERHEAD, HEADER_ERROR, HEADER_OFFSET,
+    HEADER_PARTITION, HEADER_REASON, HEADER_STAGE, HEADER_TOPIC,
+};
 use crate::health::Health;
 use crate::kafka::{client_config, describe};
-use crate::txn::{with_retries, TxnError, TxnErrorAction};
+use crate::txn::{classify_produce, with_retries, ProduceErrorAction, TxnError, TxnErrorAction};
+use crate::validate::Policy;
 
 /// `transactional.id` of an instance: stable across restarts, so a restarted instance fences its
 /// own zombie, and distinct between concurrent instances.
@@ -54,6 +60,9 @@ struct Shared {
     state: Mutex<TxnState>,
     health: Arc<Health>,
     txn_id: String,
+    /// `ANONYMIZER_FAILPOINT=send_error_at:<n>`: the n-th `send()` fails (tests only).
+    send_error_at: Option<u64>,
+    sends: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -252,10 +261,11 @@ pub async fn run_with_health(
     shutdown: impl Future,
 ) -> anyhow::Result<()> {
     let settings = settings.clone();
+    let limit = message_limit(&settings).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let stop = stop.clone();
-        tokio::task::spawn_blocking(move || process(&settings, &stop, health))
+        tokio::task::spawn_blocking(move || process(&settings, limit, &stop, health))
     };
     tokio::pin!(worker);
     tokio::select! {
@@ -267,7 +277,12 @@ pub async fn run_with_health(
     }
 }
 
-fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyhow::Result<()> {
+fn process(
+    settings: &Settings,
+    limit: usize,
+    stop: &AtomicBool,
+    health: Arc<Health>,
+) -> anyhow::Result<()> {
     let a = &settings.anonymizer;
     let topics = &settings.topics;
     let txn_id = transactional_id(&a.group_id, &a.instance_id);
@@ -289,6 +304,16 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
         .set("acks", "all")
         .set("transaction.timeout.ms", &txn_timeout_ms)
         .set("message.timeout.ms", &txn_timeout_ms);
+    // librdkafka fills a batch up to message.max.bytes: capped at the smallest topic limit, no
+    // batch is ever refused by a broker for its size (which would abort every transaction).
+    let batch_size = producer_config
+        .get("batch.size")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(limit)
+        .min(limit);
+    producer_config
+        .set("message.max.bytes", limit.to_string())
+        .set("batch.size", batch_size.to_string());
     let mut consumer_config = client_config(
         &settings.kafka,
         &a.kafka_options,
@@ -316,13 +341,24 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
     })
     .map_err(|(_, e)| e)
     .with_context(|| format!("init_transactions for transactional.id {txn_id}"))?;
+    let failpoint = Failpoint::from_env();
     let shared = Arc::new(Shared {
         producer,
         input_topic: topics.input.clone(),
         state: Mutex::new(TxnState::default()),
         health: health.clone(),
         txn_id: txn_id.clone(),
+        send_error_at: match failpoint {
+            Some(Failpoint::SendErrorAt(n)) => Some(n),
+            _ => None,
+        },
+        sends: Default::default(),
     });
+    let stage = StageOne {
+        ipv6_prefix_bits: a.ipv6_prefix_bits,
+        policy: Policy::from_settings(settings),
+        max_message_bytes: limit,
+    };
     health.details(vec![("transactional id", txn_id.clone())]);
     let consumer: BaseConsumer<AnonContext> = consumer_config
         .create_with_context(AnonContext {
@@ -333,9 +369,12 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
     consumer
         .subscribe(&[&topics.input])
         .context("subscribing")?;
-    tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, "anonymizer running");
+    tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, message_max_bytes = limit, "anonymizer running");
 
-    let mut abort_injection = AbortInjection::from_env();
+    let mut abort_injection = match failpoint {
+        Some(Failpoint::AbortEvery(every)) => Some(AbortInjection { every, due: 0 }),
+        _ => None,
+    };
     let result = (|| -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
             let polled = consumer.poll(Duration::from_millis(100));
@@ -361,7 +400,7 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
                     if !state.open {
                         health.work_pending();
                     }
-                    handle(settings, &shared, &mut state, &msg, out_partitions)
+                    handle(settings, &stage, &shared, &mut state, &msg, out_partitions)
                 }
             };
             let outcome = outcome.and_then(|()| {
@@ -383,6 +422,11 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
             match outcome {
                 Ok(()) => {}
                 Err(TxnError::Aborted(e)) => {
+                    // Never rewind with the transaction open: what it already holds would
+                    // commit together with the second copy of the same input.
+                    if let Err(TxnError::Fatal(f)) = shared.abort(&mut state, "abortable error") {
+                        bail!("fatal transactional error while aborting: {f}");
+                    }
                     drop(state);
                     tracing::warn!(error = %e, "transaction aborted; rewinding to the committed offsets");
                     rewind(&consumer)?;
@@ -407,90 +451,89 @@ fn process(settings: &Settings, stop: &AtomicBool, health: Arc<Health>) -> anyho
     result
 }
 
-/// Fault injection for tests: `ANONYMIZER_FAILPOINT=abort_every:<n>` aborts every n-th
-/// transaction instead of committing it, exercising abort-and-rewind against a real broker (an
-/// abortable error from the coordinator is hard to provoke on demand). Unset in production.
+/// Fault injection for tests, from `ANONYMIZER_FAILPOINT` (unset in production):
+/// - `abort_every:<n>` aborts every n-th transaction instead of committing it, exercising
+///   abort-and-rewind against a real broker (an abortable error from the coordinator is hard to
+///   provoke on demand);
+/// - `send_error_at:<n>` makes the n-th `send()` of the process fail with an abortable error, in
+///   the middle of a transaction that already holds records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failpoint {
+    AbortEvery(u64),
+    SendErrorAt(u64),
+}
+
+impl Failpoint {
+    fn from_env() -> Option<Failpoint> {
+        let value = std::env::var("ANONYMIZER_FAILPOINT").ok()?;
+        Some(Failpoint::parse(&value).unwrap_or_else(|| {
+            panic!("unknown ANONYMIZER_FAILPOINT {value:?} (abort_every:<n> or send_error_at:<n>)")
+        }))
+    }
+
+    fn parse(value: &str) -> Option<Failpoint> {
+        let (kind, n) = value.split_once(':')?;
+        let n = n.parse().ok().filter(|&n| n > 0)?;
+        match kind {
+            "abort_every" => Some(Failpoint::AbortEvery(n)),
+            "send_error_at" => Some(Failpoint::SendErrorAt(n)),
+            _ => None,
+        }
+    }
+}
+
 struct AbortInjection {
     every: u64,
     due: u64,
 }
 
 impl AbortInjection {
-    fn from_env() -> Option<AbortInjection> {
-        let value = std::env::var("ANONYMIZER_FAILPOINT").ok()?;
-        let every = value
-            .strip_prefix("abort_every:")
-            .and_then(|n| n.parse().ok())
-            .filter(|&n| n > 0)
-            .unwrap_or_else(|| panic!("unknown ANONYMIZER_FAILPOINT {value:?} (abort_every:<n>)"));
-        Some(AbortInjection { every, due: 0 })
-    }
-
     fn fires(&mut self) -> bool {
         self.due += 1;
         self.due % self.every == 0
     }
 }
 
-/// Transforms one input message into the open transaction.
+/// Transforms one input message into the open transaction: its anonymized record, or its dead
+/// letter, and its offset.
 fn handle(
     settings: &Settings,
+    stage: &StageOne,
     shared: &Shared,
     state: &mut TxnState,
     msg: &BorrowedMessage<'_>,
     out_partitions: i32,
 ) -> Result<(), TxnError> {
     shared.begin_if_needed(state)?;
-    let topics = &settings.topics;
     let payload = msg.payload().unwrap_or(&[]);
     metrics::counter!("edgelog_anonymizer_records_in_total").increment(1);
-    match transform(
+    let outcome = decide(
         payload,
         msg.partition(),
         msg.offset(),
-        settings.anonymizer.ipv6_prefix_bits,
-    ) {
-        Ok((bytes, kind)) => {
+        stage,
+        crate::producer::now_epoch_ms(),
+    );
+    match outcome {
+        Outcome::Record { bytes, kind } => {
             if kind == AddressKind::Invalid {
                 metrics::counter!("edgelog_anonymizer_invalid_addresses_total").increment(1);
             }
             // Output partition follows the input partition, so per-partition order is kept.
-            let record = BaseRecord::<[u8], [u8]>::to(&topics.anonymized)
+            let record = BaseRecord::<[u8], [u8]>::to(&settings.topics.anonymized)
                 .partition(msg.partition().rem_euclid(out_partitions))
                 .payload(&bytes[..]);
-            send(shared, record)?;
-            metrics::counter!("edgelog_anonymizer_records_out_total").increment(1);
-        }
-        Err(e) => {
-            let error = e.to_string();
-            let partition = msg.partition().to_string();
-            let offset = msg.offset().to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: HEADER_TOPIC,
-                    value: Some(msg.topic()),
-                })
-                .insert(Header {
-                    key: HEADER_PARTITION,
-                    value: Some(&partition),
-                })
-                .insert(Header {
-                    key: HEADER_OFFSET,
-                    value: Some(&offset),
-                })
-                .insert(Header {
-                    key: HEADER_ERROR,
-                    value: Some(&error),
-                });
-            let mut record = BaseRecord::<[u8], [u8]>::to(&topics.dead_letter)
-                .payload(payload)
-                .headers(headers);
-            if let Some(key) = msg.key() {
-                record = record.key(key);
+            match send(shared, record)? {
+                None => metrics::counter!("edgelog_anonymizer_records_out_total").increment(1),
+                // The pre-check let it through, yet the client refused it: still this record's
+                // fault alone.
+                Some((reason, e)) => {
+                    dead_letter(settings, stage, shared, msg, reason, &e.to_string())?
+                }
             }
-            send(shared, record)?;
-            metrics::counter!("edgelog_anonymizer_dead_letter_total").increment(1);
-            tracing::debug!(partition = msg.partition(), offset = msg.offset(), %error, "dead-lettered");
+        }
+        Outcome::DeadLetter { reason, error } => {
+            dead_letter(settings, stage, shared, msg, reason, &error)?
         }
     }
     state.next_offsets.insert(msg.partition(), msg.offset() + 1);
@@ -498,18 +541,176 @@ fn handle(
     Ok(())
 }
 
-fn send(shared: &Shared, mut record: BaseRecord<'_, [u8], [u8]>) -> Result<(), TxnError> {
+/// A key longer than this is left off the dead letter: it is not needed to find the record
+/// (the headers name its position) and must not push the envelope past the limit.
+const MAX_DEAD_LETTER_KEY_BYTES: usize = 1024;
+
+/// Sends `msg`'s dead letter: the original payload or a bounded envelope of it, with headers
+/// naming its position, the reason and the stage.
+fn dead_letter(
+    settings: &Settings,
+    stage: &StageOne,
+    shared: &Shared,
+    msg: &BorrowedMessage<'_>,
+    reason: Reason,
+    error: &str,
+) -> Result<(), TxnError> {
+    let payload = msg.payload().unwrap_or(&[]);
+    let envelope = DeadLetterPayload::of(payload, stage.max_message_bytes);
+    let partition = msg.partition().to_string();
+    let offset = msg.offset().to_string();
+    let mut headers = OwnedHeaders::new();
+    for (key, value) in [
+        (HEADER_TOPIC, msg.topic()),
+        (HEADER_PARTITION, &partition),
+        (HEADER_OFFSET, &offset),
+        (HEADER_ERROR, error_text(error)),
+        (HEADER_REASON, reason.label()),
+        (HEADER_STAGE, "anonymizer"),
+    ] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    for (key, value) in envelope.headers() {
+        headers = headers.insert(Header {
+            key,
+            value: Some(&value),
+        });
+    }
+    let mut record = BaseRecord::<[u8], [u8]>::to(&settings.topics.dead_letter)
+        .payload(&envelope.bytes[..])
+        .headers(headers);
+    if let Some(key) = msg.key().filter(|k| k.len() <= MAX_DEAD_LETTER_KEY_BYTES) {
+        record = record.key(key);
+    }
+    if let Some((_, e)) = send(shared, record)? {
+        // The envelope is bounded to fit; a refusal means the limits read at start-up are wrong.
+        return Err(TxnError::Fatal(e));
+    }
+    metrics::counter!("edgelog_anonymizer_dead_letter_total").increment(1);
+    metrics::counter!("edgelog_dead_letters_total", "stage" => "anonymizer", "reason" => reason.label())
+        .increment(1);
+    tracing::debug!(partition = msg.partition(), offset = msg.offset(), %reason, error = error_text(error), "dead-lettered");
+    Ok(())
+}
+
+/// Enqueues `record` into the open transaction. `Ok(None)`: sent. `Ok(Some(..))`: refused for
+/// this record alone (the caller dead-letters it). `Err(Aborted)`: the caller aborts and rewinds.
+fn send(
+    shared: &Shared,
+    mut record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<Option<(Reason, KafkaError)>, TxnError> {
+    let n = shared.sends.fetch_add(1, Ordering::Relaxed) + 1;
+    if shared.send_error_at == Some(n) {
+        tracing::warn!(send = n, "ANONYMIZER_FAILPOINT: failing this send");
+        return Err(TxnError::Aborted(KafkaError::MessageProduction(
+            RDKafkaErrorCode::Fail,
+        )));
+    }
     loop {
-        match shared.producer.send(record) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                // librdkafka's background thread drains the queue.
+        let e = match shared.producer.send(record) {
+            Ok(()) => return Ok(None),
+            Err((e, r)) => {
                 record = r;
-                std::thread::sleep(Duration::from_millis(1));
+                e
             }
-            Err((e, _)) => return Err(TxnError::Aborted(e)),
+        };
+        let action = match &e {
+            KafkaError::MessageProduction(code) => classify_produce(*code),
+            _ => ProduceErrorAction::Abort,
+        };
+        match action {
+            // librdkafka's background thread drains the queue.
+            ProduceErrorAction::Wait => std::thread::sleep(Duration::from_millis(1)),
+            ProduceErrorAction::DeadLetter(reason) => return Ok(Some((reason, e))),
+            ProduceErrorAction::Abort => return Err(TxnError::Aborted(e)),
+            ProduceErrorAction::Fatal => return Err(TxnError::Fatal(e)),
         }
     }
+}
+
+/// The `message.max.bytes` stage one works with: the smallest of the producer's setting and the
+/// output and dead-letter topics' `max.message.bytes` (read from the broker), or an error naming
+/// every value and key when even a dead-letter envelope cannot fit.
+async fn message_limit(settings: &Settings) -> anyhow::Result<usize> {
+    let (key, producer) = producer_message_max_bytes(settings)?;
+    let topics = [&settings.topics.anonymized, &settings.topics.dead_letter];
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(&settings.kafka, &settings.anonymizer.kafka_options, &[])
+            .create()
+            .context("creating the Kafka admin client")?;
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(t.as_str()))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = admin
+        .describe_configs(&specifiers, &opts)
+        .await
+        .context("describing the output topics' configuration")?;
+    let mut limits = Vec::new();
+    for (topic, result) in topics.iter().zip(described) {
+        let resource = result.map_err(|code| {
+            anyhow::anyhow!("describing topic {topic}: {code} (run `edgelog setup`)")
+        })?;
+        let value = resource
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<usize>().ok())
+            .with_context(|| format!("topic {topic} reports no max.message.bytes"))?;
+        limits.push((topic.to_string(), value));
+    }
+    let limit = effective_limit((&key, producer), &limits).map_err(anyhow::Error::msg)?;
+    tracing::info!(limit, producer, ?limits, "effective message.max.bytes");
+    Ok(limit)
+}
+
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// The producer's configured `message.max.bytes` and the settings key it came from.
+fn producer_message_max_bytes(settings: &Settings) -> anyhow::Result<(String, usize)> {
+    let from = |section: &str, v: &str| {
+        v.parse::<usize>()
+            .map(|n| (format!("{section}.message.max.bytes"), n))
+            .with_context(|| format!("`{section}.message.max.bytes` {v:?} is not a number"))
+    };
+    if let Some(v) = settings.anonymizer.kafka_options.get("message.max.bytes") {
+        return from("anonymizer.kafka_options", v);
+    }
+    if let Some(v) = settings.kafka.options.get("message.max.bytes") {
+        return from("kafka.options", v);
+    }
+    Ok((
+        "message.max.bytes (librdkafka default)".into(),
+        LIBRDKAFKA_MESSAGE_MAX_BYTES,
+    ))
+}
+
+/// Smallest effective limit stage one accepts: an envelope's headers and framing plus 1 KiB of
+/// the original bytes, so that a dead letter still shows what the record was.
+pub const MIN_MESSAGE_BYTES: usize = ENVELOPE_OVERHEAD + 1024;
+
+/// Pure: the smallest of the producer's limit and the topics' limits, if it can hold an
+/// envelope; otherwise a message naming each value and where it comes from.
+pub fn effective_limit(
+    (producer_key, producer): (&str, usize),
+    topics: &[(String, usize)],
+) -> Result<usize, String> {
+    let limit = topics.iter().map(|(_, v)| *v).fold(producer, usize::min);
+    if limit >= MIN_MESSAGE_BYTES {
+        return Ok(limit);
+    }
+    let topics: Vec<String> = topics
+        .iter()
+        .map(|(t, v)| format!("topic {t} max.message.bytes = {v}"))
+        .collect();
+    Err(format!(
+        "the output and dead-letter topics cannot hold a dead-letter envelope: {producer_key} = {producer}, {}; the smallest must be at least {MIN_MESSAGE_BYTES} bytes ({ENVELOPE_OVERHEAD} for headers and framing plus 1 KiB of the record)",
+        topics.join(", ")
+    ))
 }
 
 /// After an abort, the consumer's position is past records whose output was discarded: seek every
@@ -555,6 +756,49 @@ fn partition_count(consumer: &BaseConsumer<AnonContext>, topic: &str) -> anyhow:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn effective_limit_is_the_smallest_and_must_hold_an_envelope() {
+        let topics = |a: usize, d: usize| vec![("anon".to_string(), a), ("dlq".to_string(), d)];
+        let p = ("message.max.bytes", 1_000_000);
+        assert_eq!(
+            effective_limit(p, &topics(1_048_588, 1_048_588)),
+            Ok(1_000_000)
+        );
+        assert_eq!(effective_limit(p, &topics(8_000, 1_048_588)), Ok(8_000));
+        assert_eq!(effective_limit(p, &topics(1_048_588, 6_000)), Ok(6_000));
+        assert_eq!(
+            effective_limit(p, &topics(MIN_MESSAGE_BYTES, 1 << 20)),
+            Ok(MIN_MESSAGE_BYTES)
+        );
+        let err = effective_limit(
+            ("anonymizer.kafka_options.message.max.bytes", 1_000_000),
+            &topics(1_048_588, MIN_MESSAGE_BYTES - 1),
+        )
+        .unwrap_err();
+        for part in [
+            "topic dlq max.message.bytes = 5119",
+            "anonymizer.kafka_options.message.max.bytes = 1000000",
+        ] {
+            assert!(err.contains(part), "{err}");
+        }
+        assert!(effective_limit(("k", 2_000), &topics(1 << 20, 1 << 20)).is_err());
+    }
+
+    #[test]
+    fn failpoints_parse() {
+        assert_eq!(
+            Failpoint::parse("abort_every:3"),
+            Some(Failpoint::AbortEvery(3))
+        );
+        assert_eq!(
+            Failpoint::parse("send_error_at:7"),
+            Some(Failpoint::SendErrorAt(7))
+        );
+        for bad in ["abort_every:0", "send_error_at:x", "nope:1", "abort_every"] {
+            assert_eq!(Failpoint::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn transactional_id_is_deterministic_per_instance() {

@@ -353,6 +353,9 @@ pub struct ProducerSettings {
     pub malformed_ip_share: f64,
     /// Share of messages that are not Cap'n Proto at all (exercise the dead-letter path).
     pub garbage_share: f64,
+    /// Share of records that stage one dead-letters under its default validity policy (times
+    /// out of range, oversized fields, text that is not UTF-8, truncated frames).
+    pub hostile_share: f64,
     /// Extra librdkafka options for this producer.
     pub kafka_options: KafkaOptions,
 }
@@ -373,6 +376,7 @@ impl Default for ProducerSettings {
             ipv6_share: 0.05,
             malformed_ip_share: 0.001,
             garbage_share: 0.0,
+            hostile_share: 0.0,
             kafka_options: KafkaOptions::default(),
         }
     }
@@ -398,6 +402,17 @@ pub struct AnonymizerSettings {
     pub txn_timeout: Duration,
     /// IPv6 addresses keep this many leading bits (the network, at most 64); the rest becomes `X`.
     pub ipv6_prefix_bits: u8,
+    /// Records stamped later than now + this are dead-lettered (`timestamp_in_future`): edge
+    /// clocks drift, a record from next year is a broken clock.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    /// Records older than `clickhouse.raw_ttl_days` minus this are dead-lettered
+    /// (`older_than_retention`) instead of being dropped by ClickHouse's TTL at insert: the margin
+    /// is how late the loader may insert a record and still land it.
+    #[serde(with = "humantime_serde")]
+    pub retention_margin: Duration,
+    /// Longest `url` stored, in bytes; longer records are dead-lettered (`field_too_long`).
+    pub max_url_bytes: usize,
     pub kafka_options: KafkaOptions,
 }
 
@@ -413,6 +428,13 @@ impl Default for AnonymizerSettings {
             txn_max_duration: Duration::from_secs(1),
             txn_timeout: Duration::from_secs(60),
             ipv6_prefix_bits: 48,
+            max_future_skew: Duration::from_secs(3600),
+            // A day: far beyond the loader's normal delay (seconds to a minute), and an outage
+            // longer than that is visible on the lag metrics long before.
+            retention_margin: Duration::from_secs(86_400),
+            // nginx's default `large_client_header_buffers` (8 KiB) bounds the request line an
+            // edge accepts, so a longer URL is not one an edge served.
+            max_url_bytes: 8192,
             kafka_options: KafkaOptions::default(),
         }
     }
@@ -600,6 +622,7 @@ impl Settings {
             ("producer.ipv6_share", p.ipv6_share),
             ("producer.malformed_ip_share", p.malformed_ip_share),
             ("producer.garbage_share", p.garbage_share),
+            ("producer.hostile_share", p.hostile_share),
         ] {
             if !(0.0..=1.0).contains(&share) {
                 return Err(invalid(
@@ -661,6 +684,24 @@ impl Settings {
                 "must be between 0 and 128",
             ));
         }
+        check_duration(
+            "anonymizer.max_future_skew",
+            a.max_future_skew,
+            Duration::ZERO,
+            Duration::from_secs(365 * 86_400),
+        )?;
+        let raw_ttl = Duration::from_secs(u64::from(self.clickhouse.raw_ttl_days) * 86_400);
+        if self.clickhouse.raw_ttl_days > 0 && a.retention_margin >= raw_ttl {
+            return Err(invalid(
+                "anonymizer.retention_margin",
+                format!(
+                    "must be shorter than clickhouse.raw_ttl_days ({} days), got {:?}",
+                    self.clickhouse.raw_ttl_days, a.retention_margin
+                ),
+            ));
+        }
+        // A URL must fit a record far below any topic's limit; 1 MiB is Kafka's default.
+        check_range("anonymizer.max_url_bytes", a.max_url_bytes, 1, 1 << 20)?;
         let l = &self.loader;
         if l.group_id.is_empty() {
             return Err(invalid("loader.group_id", "must not be empty"));
@@ -1101,6 +1142,13 @@ mod tests {
             ("anonymizer.ipv6_prefix_bits", 129.into()),
             ("anonymizer.ipv6_prefix_bits", 256.into()),
             ("anonymizer.ipv6_prefix_bits", (-1).into()),
+            ("anonymizer.max_future_skew", "2years".into()),
+            ("anonymizer.max_future_skew", "soon".into()),
+            ("anonymizer.retention_margin", "30days".into()),
+            ("anonymizer.retention_margin", "100days".into()),
+            ("anonymizer.max_url_bytes", 0.into()),
+            ("anonymizer.max_url_bytes", 2_000_000.into()),
+            ("anonymizer.max_url_bytes", (-1).into()),
             ("loader.slot_spacing", "0s".into()),
             ("loader.slot_spacing", "1000years".into()),
             ("loader.request_timeout", "0s".into()),

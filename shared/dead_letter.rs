@@ -38,6 +38,18 @@ pub enum Reason {
     RecordTooLarge,
     /// Stage one: the broker or client refused this one record (invalid message).
     ProduceRejected,
+    /// Stage one: the timestamp is outside ClickHouse `DateTime` (1970-01-01 00:00:00 to
+    /// 2106-02-07 06:28:15 UTC), which would clamp it silently.
+    TimestampOutOfRange,
+    /// Stage one: the timestamp is further in the future than `anonymizer.max_future_skew`.
+    TimestampInFuture,
+    /// Stage one: the record is older than the raw table's TTL minus `anonymizer.retention_margin`;
+    /// ClickHouse would drop it at insert.
+    OlderThanRetention,
+    /// Stage one: a text field is longer than its limit (see `validate`).
+    FieldTooLong,
+    /// Stage one: a numeric field is outside its range (status, bytes sent, request time).
+    ValueOutOfRange,
     /// Loader: a record on the anonymized topic that does not decode (foreign producer, bug).
     AnonUndecodable,
     /// Loader: ClickHouse rejected the record on its own (isolated by bisection).
@@ -47,10 +59,15 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 11] = [
         Reason::Undecodable,
         Reason::RecordTooLarge,
         Reason::ProduceRejected,
+        Reason::TimestampOutOfRange,
+        Reason::TimestampInFuture,
+        Reason::OlderThanRetention,
+        Reason::FieldTooLong,
+        Reason::ValueOutOfRange,
         Reason::AnonUndecodable,
         Reason::ClickhouseRejected,
         Reason::BodyTooLarge,
@@ -61,6 +78,11 @@ impl Reason {
             Reason::Undecodable => "undecodable",
             Reason::RecordTooLarge => "record_too_large",
             Reason::ProduceRejected => "produce_rejected",
+            Reason::TimestampOutOfRange => "timestamp_out_of_range",
+            Reason::TimestampInFuture => "timestamp_in_future",
+            Reason::OlderThanRetention => "older_than_retention",
+            Reason::FieldTooLong => "field_too_long",
+            Reason::ValueOutOfRange => "value_out_of_range",
             Reason::AnonUndecodable => "anon_undecodable",
             Reason::ClickhouseRejected => "clickhouse_rejected",
             Reason::BodyTooLarge => "body_too_large",

@@ -22,6 +22,8 @@ pub struct ProducerReport {
     pub sent: u64,
     /// Of those, garbage payloads (not Cap'n Proto).
     pub garbage: u64,
+    /// Of those, hostile records (stage one dead-letters them; see `producer.hostile_share`).
+    pub hostile: u64,
     /// Acknowledged by the broker.
     pub delivered: u64,
     /// Failed delivery (after librdkafka's own retries).
@@ -165,8 +167,10 @@ fn produce_loop(
             }
         }
         report.sent += 1;
-        if matches!(message, Message::Garbage(_)) {
-            report.garbage += 1;
+        match message {
+            Message::Garbage(_) => report.garbage += 1,
+            Message::Hostile(_) => report.hostile += 1,
+            Message::Record(_) => {}
         }
         metrics::counter!("edgelog_producer_sent_total").increment(1);
         if last_progress.elapsed() >= Duration::from_secs(5) {

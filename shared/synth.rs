@@ -54,13 +54,16 @@ pub enum Message {
     Record(HttpLogRecord),
     /// Bytes that no Cap'n Proto reader accepts (exercises the dead-letter path).
     Garbage(Vec<u8>),
+    /// A record that stage one dead-letters under the default policy (`crate::validate`): a
+    /// field out of range or too long, text that is not UTF-8, a truncated frame.
+    Hostile(Vec<u8>),
 }
 
 impl Message {
     pub fn to_bytes(&self) -> Vec<u8> {
         match self {
             Message::Record(r) => encode_capnp(r),
-            Message::Garbage(b) => b.clone(),
+            Message::Garbage(b) | Message::Hostile(b) => b.clone(),
         }
     }
 }
@@ -78,7 +81,11 @@ pub struct TrafficModel {
     ipv6_share: f64,
     malformed_share: f64,
     garbage_share: f64,
+    hostile_share: f64,
 }
+
+/// How many kinds of hostile record [`TrafficModel`] mixes in (see `hostile`).
+pub const HOSTILE_KINDS: usize = 9;
 
 impl TrafficModel {
     /// Builds the model; settings are assumed validated (`Settings::validated`).
@@ -98,6 +105,7 @@ impl TrafficModel {
             ipv6_share: p.ipv6_share,
             malformed_share: p.malformed_ip_share,
             garbage_share: p.garbage_share,
+            hostile_share: p.hostile_share,
         }
     }
 
@@ -105,6 +113,11 @@ impl TrafficModel {
     pub fn next_message(&mut self, now_ms: u64) -> Message {
         if self.garbage_share > 0.0 && self.rng.random_bool(self.garbage_share) {
             return Message::Garbage(self.garbage());
+        }
+        if self.hostile_share > 0.0 && self.rng.random_bool(self.hostile_share) {
+            let kind = self.rng.random_range(0..HOSTILE_KINDS);
+            let base = self.next_record(now_ms);
+            return Message::Hostile(hostile(kind, base, now_ms));
         }
         Message::Record(self.next_record(now_ms))
     }
@@ -171,6 +184,62 @@ impl TrafficModel {
         bytes.extend((0..len).map(|_| self.rng.random::<u8>()));
         bytes
     }
+}
+
+/// `base` made hostile in way `kind` (0..[`HOSTILE_KINDS`]). Values sit well past the policy's
+/// bounds, so the verdict does not depend on the anonymizer's clock.
+pub fn hostile(kind: usize, base: HttpLogRecord, now_ms: u64) -> Vec<u8> {
+    const DAY: u64 = 86_400_000;
+    let r = match kind {
+        0 => HttpLogRecord {
+            timestamp_epoch_milli: u64::MAX,
+            ..base
+        },
+        1 => HttpLogRecord {
+            timestamp_epoch_milli: now_ms + 400 * DAY,
+            ..base
+        },
+        2 => HttpLogRecord {
+            timestamp_epoch_milli: now_ms.saturating_sub(400 * DAY),
+            ..base
+        },
+        3 => HttpLogRecord {
+            response_status: 1000,
+            ..base
+        },
+        4 => HttpLogRecord {
+            bytes_sent: u64::MAX,
+            ..base
+        },
+        5 => HttpLogRecord {
+            url: format!("{}?{}", base.url, "q".repeat(9000)),
+            ..base
+        },
+        6 => HttpLogRecord {
+            method: "M".repeat(100),
+            ..base
+        },
+        7 => {
+            // A URL whose bytes are then overwritten with bytes that are not UTF-8.
+            let marker = "\u{1}not-utf8\u{1}";
+            let mut bytes = encode_capnp(&HttpLogRecord {
+                url: marker.into(),
+                ..base
+            });
+            if let Some(at) = bytes
+                .windows(marker.len())
+                .position(|w| w == marker.as_bytes())
+            {
+                bytes[at..at + marker.len()].fill(0xff);
+            }
+            return bytes;
+        }
+        _ => {
+            let bytes = encode_capnp(&base);
+            return bytes[..bytes.len() - 8].to_vec();
+        }
+    };
+    encode_capnp(&r)
 }
 
 fn url_for(resource_id: u64, rank: u64) -> String {
@@ -276,8 +345,55 @@ mod tests {
                     records += 1;
                     assert_eq!(decoded.unwrap(), r);
                 }
+                Message::Hostile(_) => unreachable!("hostile_share is 0"),
             }
         }
         assert!(garbage > 1000 && records > 3000, "{garbage} {records}");
+    }
+
+    /// Every hostile kind is dead-lettered by stage one's decision under the default settings,
+    /// and the plain records beside them are not.
+    #[test]
+    fn hostile_records_are_dead_lettered_and_plain_ones_are_not() {
+        use crate::anon_record::{process, Outcome, StageOne};
+        let now = 1_780_000_000_000;
+        let stage = StageOne {
+            ipv6_prefix_bits: 48,
+            policy: crate::validate::Policy::from_settings(&crate::config::Settings::default()),
+            max_message_bytes: 1_000_000,
+        };
+        let mut m = model(|p| {
+            p.hostile_share = 0.3;
+            p.malformed_ip_share = 0.0;
+        });
+        let mut kinds = std::collections::BTreeSet::new();
+        for kind in 0..HOSTILE_KINDS {
+            let bytes = hostile(kind, m.next_record(now), now);
+            match process(&bytes, 0, 0, &stage, now) {
+                Outcome::DeadLetter { reason, .. } => kinds.insert(reason),
+                o => panic!("kind {kind}: {o:?}"),
+            };
+        }
+        assert!(kinds.len() >= 6, "{kinds:?}");
+        let (mut hostile_n, mut plain) = (0, 0);
+        for _ in 0..3000 {
+            let msg = m.next_message(now);
+            let dead = matches!(
+                process(&msg.to_bytes(), 0, 0, &stage, now),
+                Outcome::DeadLetter { .. }
+            );
+            match msg {
+                Message::Hostile(_) => {
+                    hostile_n += 1;
+                    assert!(dead);
+                }
+                Message::Record(_) => {
+                    plain += 1;
+                    assert!(!dead);
+                }
+                Message::Garbage(_) => unreachable!(),
+            }
+        }
+        assert!(hostile_n > 600 && plain > 1500, "{hostile_n} {plain}");
     }
 }

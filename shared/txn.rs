@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
+use crate::dead_letter::Reason;
 
 /// What to do after a transactional call failed (librdkafka's own classification, KIP-98).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,10 +83,73 @@ pub fn with_retries<T>(
     }
 }
 
+/// What to do when `send()` (the enqueue into librdkafka) refuses a record inside a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProduceErrorAction {
+    /// The local queue is full: wait for librdkafka to drain it and send again.
+    Wait,
+    /// The refusal is about this one record: dead-letter it and go on. Retrying or aborting would
+    /// meet the same record again, forever.
+    DeadLetter(Reason),
+    /// Abort the open transaction, then rewind to the committed offsets.
+    Abort,
+    /// The producer is unusable, or the topic is gone: exit, the orchestrator restarts.
+    Fatal,
+}
+
+/// The decision for an error code returned by `send()`. Codes that belong to neither a record
+/// nor a known fatal state abort: the transaction then holds nothing half-done, and a rewind
+/// retries the same input.
+pub fn classify_produce(code: RDKafkaErrorCode) -> ProduceErrorAction {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::QueueFull => ProduceErrorAction::Wait,
+        C::MessageSizeTooLarge | C::InvalidMessageSize => {
+            ProduceErrorAction::DeadLetter(Reason::RecordTooLarge)
+        }
+        C::InvalidMessage | C::InvalidRecord => {
+            ProduceErrorAction::DeadLetter(Reason::ProduceRejected)
+        }
+        // A deleted topic would fail every record: looping on abort helps nobody.
+        C::Fatal
+        | C::Fenced
+        | C::ProducerFenced
+        | C::InvalidProducerEpoch
+        | C::UnknownTopic
+        | C::UnknownPartition
+        | C::UnknownTopicOrPartition => ProduceErrorAction::Fatal,
+        _ => ProduceErrorAction::Abort,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use TxnErrorAction::*;
+
+    #[test]
+    fn produce_error_table() {
+        use RDKafkaErrorCode as C;
+        for (code, expected) in [
+            (C::QueueFull, ProduceErrorAction::Wait),
+            (
+                C::MessageSizeTooLarge,
+                ProduceErrorAction::DeadLetter(Reason::RecordTooLarge),
+            ),
+            (
+                C::InvalidMessage,
+                ProduceErrorAction::DeadLetter(Reason::ProduceRejected),
+            ),
+            (C::Fatal, ProduceErrorAction::Fatal),
+            (C::Fenced, ProduceErrorAction::Fatal),
+            (C::UnknownTopic, ProduceErrorAction::Fatal),
+            (C::State, ProduceErrorAction::Abort),
+            (C::Fail, ProduceErrorAction::Abort),
+            (C::MessageTimedOut, ProduceErrorAction::Abort),
+        ] {
+            assert_eq!(classify_produce(code), expected, "{code:?}");
+        }
+    }
 
     #[test]
     fn classification_table() {

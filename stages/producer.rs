@@ -26,6 +26,9 @@ struct Args {
     /// Share of garbage (non Cap'n Proto) messages; overrides producer.garbage_share.
     #[arg(long)]
     garbage_share: Option<f64>,
+    /// Share of hostile records (dead-lettered by stage one); overrides producer.hostile_share.
+    #[arg(long)]
+    hostile_share: Option<f64>,
 }
 
 #[tokio::main]
@@ -47,13 +50,17 @@ async fn main() -> anyhow::Result<()> {
     if let Some(v) = args.garbage_share {
         overrides.push(("producer.garbage_share", v.into()));
     }
+    if let Some(v) = args.hostile_share {
+        overrides.push(("producer.hostile_share", v.into()));
+    }
     let settings = cli::init(&args.common, &overrides);
     edgelog::telemetry::start_http(settings.producer.metrics_listen, None)?;
     let report = edgelog::producer::run(&settings, edgelog::shutdown::signal()).await?;
     println!(
-        "produced {} messages ({} garbage) to {}: {} delivered, {} failed in {:.1} s = {:.0} records/s",
+        "produced {} messages ({} garbage, {} hostile) to {}: {} delivered, {} failed in {:.1} s = {:.0} records/s",
         report.sent,
         report.garbage,
+        report.hostile,
         settings.topics.input,
         report.delivered,
         report.failed,

@@ -1,34 +1,54 @@
-//! Arbitrary bytes through the anonymizer's per-message function, `anon_record::transform`: the
-//! bytes become either an anonymized record or a dead letter, never a panic or a leak.
+//! Arbitrary bytes through stage one's whole per-record decision, `anon_record::process`
+//! (decode → validate → anonymize → encode → size check): the bytes become either a record that
+//! decodes, passes the validity policy and fits the limit, or a dead letter with a reason, never
+//! a panic or a leak.
 //!
-//! Input layout: byte 0 picks the IPv6 prefix length (any value `config` accepts, 0..=128), the
-//! rest is the Kafka payload. Source partition/offset are fixed: they are copied, not parsed.
+//! Input layout: byte 0 picks the IPv6 prefix length (any value `config` accepts, 0..=128), byte 1
+//! the effective message limit (0 = 1,000,000, else 5,120 + 16 × byte: the smallest limit stage
+//! one starts with and up), the rest is the Kafka payload. "Now" and the source position are
+//! fixed: the policy's time windows are property-tested in `validate`.
 #![no_main]
 
-use edgelog::anon_record::{decode, transform, AddressKind};
-use edgelog::anonymize::{anonymize_ip, INVALID_MARKER};
-use edgelog::record::decode_capnp;
+use edgelog::anon_record::{decode, fits, process, Outcome, StageOne};
+use edgelog::anonymize::{anonymize_ip, Anonymized, INVALID_MARKER};
+use edgelog::config::Settings;
+use edgelog::dead_letter::{DeadLetterPayload, Reason};
+use edgelog::record::{decode_capnp, with_record};
+use edgelog::validate::{address_to_parse, check, Policy};
 use libfuzzer_sys::fuzz_target;
 
+const NOW: u64 = 1_780_000_000_000;
+
 fuzz_target!(|data: &[u8]| {
-    let Some((&first, payload)) = data.split_first() else {
+    let [first, second, payload @ ..] = data else {
         return;
     };
     let prefix_bits = first % 129;
-    match transform(payload, 7, 1234, prefix_bits) {
-        Ok((bytes, kind)) => {
-            let out = decode(&bytes).expect("transform output decodes");
-            let input = decode_capnp(payload).expect("transform accepted it, so it decodes");
-            assert_eq!(
-                out.remote_addr,
-                anonymize_ip(&input.remote_addr, prefix_bits).as_str()
+    let limit = match second {
+        0 => 1_000_000,
+        n => 5_120 + 16 * usize::from(*n),
+    };
+    let stage = StageOne {
+        ipv6_prefix_bits: prefix_bits,
+        policy: Policy::from_settings(&Settings::default()),
+        max_message_bytes: limit,
+    };
+    match process(payload, 7, 1234, &stage, NOW) {
+        Outcome::Record { bytes, .. } => {
+            assert!(
+                fits(bytes.len(), limit),
+                "{} bytes over {limit}",
+                bytes.len()
             );
-            match kind {
-                AddressKind::Invalid => assert_eq!(out.remote_addr, INVALID_MARKER),
-                AddressKind::V4 | AddressKind::V6 => {
-                    assert!(out.remote_addr.ends_with('X'), "{:?}", out.remote_addr)
-                }
-            }
+            let out = decode(&bytes).expect("process output decodes");
+            let input = decode_capnp(payload).expect("process accepted it, so it decodes");
+            with_record(payload, |v| check(&v, &stage.policy, NOW))
+                .unwrap()
+                .expect("process accepted it, so the policy does");
+            let expected = address_to_parse(&input.remote_addr)
+                .map(|a| anonymize_ip(a, prefix_bits))
+                .unwrap_or(Anonymized::Invalid);
+            assert_eq!(out.remote_addr, expected.as_str());
             // The original text survives only when it was the marker itself.
             assert!(
                 out.remote_addr != input.remote_addr || input.remote_addr == INVALID_MARKER,
@@ -59,15 +79,17 @@ fuzz_target!(|data: &[u8]| {
                 )
             );
         }
-        Err(e) => {
-            // The reason goes into the dead letter's `edgelog.error` header; it must say something
-            // beyond the fixed prefix.
-            let reason = e.to_string();
-            let detail = reason
-                .strip_prefix("not a Cap'n Proto HttpLogRecord: ")
-                .expect("fixed prefix");
-            assert!(!detail.trim().is_empty(), "empty reason: {reason:?}");
-            assert!(decode_capnp(payload).is_err(), "the two decoders disagree");
+        Outcome::DeadLetter { reason, error } => {
+            // The error goes into the dead letter's `edgelog.error` header: it must say something.
+            assert!(!error.trim().is_empty(), "empty error for {reason}");
+            assert_eq!(
+                reason == Reason::Undecodable,
+                decode_capnp(payload).is_err(),
+                "the two decoders disagree: {reason} {error}"
+            );
+            let envelope = DeadLetterPayload::of(payload, limit);
+            assert!(fits(envelope.bytes.len(), limit));
+            assert!(payload.starts_with(&envelope.bytes));
         }
     }
 });

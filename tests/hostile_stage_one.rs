@@ -1,0 +1,637 @@
+//! Stage one against hostile input and failing produces, on the real broker with the real
+//! `anonymizer` binary: no record wedges it, is duplicated or vanishes. Every input offset ends up
+//! exactly once in either `http_log_anon` or the dead-letter topic, with the expected reason.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use edgelog::anon_record::{process, Outcome, StageOne};
+use edgelog::config::Settings;
+use edgelog::dead_letter::{self as dl, Reason, ENVELOPE_OVERHEAD};
+use edgelog::record::{encode_capnp, HttpLogRecord};
+use edgelog::validate::{Policy, DATETIME_MAX_MS, MAX_LABEL_BYTES};
+use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::Message;
+
+const DAY: u64 = 86_400_000;
+
+/// Where one input offset ended up.
+#[derive(Debug, Clone)]
+struct Landed {
+    dead_letter: bool,
+    headers: BTreeMap<String, String>,
+    payload: Vec<u8>,
+}
+
+/// Reads the output and the dead-letter topic (read_committed) until `expected` input offsets
+/// were seen and nothing more arrived for 3 s. Returns every landing per (partition, offset).
+fn read_landed(s: &Settings, expected: usize) -> BTreeMap<(i32, i64), Vec<Landed>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka.brokers)
+        .set("group.id", unique("audit"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[&s.topics.anonymized, &s.topics.dead_letter])
+        .unwrap();
+    let mut seen: BTreeMap<(i32, i64), Vec<Landed>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut quiet = Instant::now();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let payload = m.payload().unwrap_or(&[]).to_vec();
+                let headers: BTreeMap<String, String> = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                let v = String::from_utf8_lossy(x.value.unwrap_or(&[]));
+                                (x.key.to_string(), v.into_owned())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let dead_letter = m.topic() == s.topics.dead_letter;
+                let key = if dead_letter {
+                    (
+                        headers[dl::HEADER_PARTITION].parse().unwrap(),
+                        headers[dl::HEADER_OFFSET].parse().unwrap(),
+                    )
+                } else {
+                    let r = edgelog::anon_record::decode(&payload).unwrap();
+                    (r.source_partition, r.source_offset)
+                };
+                seen.entry(key).or_default().push(Landed {
+                    dead_letter,
+                    headers,
+                    payload,
+                });
+                quiet = Instant::now();
+            }
+            Some(Err(e)) => panic!("{e}"),
+            None if seen.len() >= expected && quiet.elapsed() >= Duration::from_secs(3) => break,
+            None => {}
+        }
+    }
+    assert!(
+        seen.len() >= expected,
+        "only {} of {expected} input offsets arrived",
+        seen.len()
+    );
+    seen
+}
+
+/// Writes `payloads` to partition 0 of the input topic, in order (offsets 0, 1, ...).
+fn produce(s: &Settings, payloads: &[Vec<u8>]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka.brokers)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    for p in payloads {
+        producer
+            .send(
+                BaseRecord::<(), [u8]>::to(&s.topics.input)
+                    .partition(0)
+                    .payload(&p[..]),
+            )
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+async fn set_topic_limit(s: &Settings, topic: &str, bytes: usize) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &s.kafka.brokers)
+        .create()
+        .unwrap();
+    let value = bytes.to_string();
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(topic))
+        .set("max.message.bytes", &value)
+        .set("retention.ms", "604800000");
+    for r in admin
+        .alter_configs(&[alter], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}
+
+fn now_ms() -> u64 {
+    edgelog::producer::now_epoch_ms()
+}
+
+fn record(ts: u64) -> HttpLogRecord {
+    HttpLogRecord {
+        timestamp_epoch_milli: ts,
+        resource_id: 7,
+        bytes_sent: 1234,
+        request_time_milli: 12,
+        response_status: 200,
+        cache_status: "HIT".into(),
+        method: "GET".into(),
+        remote_addr: "10.1.2.3".into(),
+        url: "/r7/a.jpg".into(),
+    }
+}
+
+/// `r` encoded, then the bytes of `marker` (a unique text placed in one field) overwritten with
+/// bytes that are not UTF-8.
+fn with_invalid_utf8(r: HttpLogRecord, marker: &str) -> Vec<u8> {
+    let mut bytes = encode_capnp(&r);
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker.as_bytes())
+        .expect("marker encoded verbatim");
+    bytes[at..at + marker.len()].fill(0xff);
+    bytes
+}
+
+fn assert_exactly_once(seen: &BTreeMap<(i32, i64), Vec<Landed>>, n: usize) {
+    for offset in 0..n as i64 {
+        let landed = seen.get(&(0, offset)).map(Vec::len).unwrap_or(0);
+        assert_eq!(landed, 1, "input offset {offset} landed {landed} times");
+    }
+    assert_eq!(seen.len(), n, "nothing unexpected: {:?}", seen.keys());
+}
+
+/// `landed` is a dead letter of stage one with `reason`, and its headers name it fully.
+fn assert_dead_letter(s: &Settings, offset: i64, landed: &Landed, reason: Reason) {
+    assert!(landed.dead_letter, "offset {offset} was not dead-lettered");
+    let h = &landed.headers;
+    assert_eq!(
+        h[dl::HEADER_REASON],
+        reason.label(),
+        "offset {offset}: {h:?}"
+    );
+    assert_eq!(h[dl::HEADER_STAGE], "anonymizer");
+    assert_eq!(h[dl::HEADER_TOPIC], s.topics.input);
+    assert_eq!(h[dl::HEADER_PARTITION], "0");
+    assert!(!h[dl::HEADER_ERROR].is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_error_mid_transaction_aborts_it_and_nothing_is_duplicated() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.anonymizer.txn_max_records = 300;
+    edgelog::setup::create_topics(&s).await.unwrap();
+    let payloads: Vec<Vec<u8>> = (0..1_000)
+        .map(|_| encode_capnp(&record(now_ms())))
+        .collect();
+    produce(&s, &payloads);
+    // The 150th send fails with an abortable error while its transaction holds 149 records.
+    // Rewinding without aborting would commit those 149 together with their second copies.
+    let mut child = KillOnDrop::spawn(
+        anonymizer_command(&s, "0").env("ANONYMIZER_FAILPOINT", "send_error_at:150"),
+    );
+    let seen = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || read_landed(&s, 1_000)
+    })
+    .await
+    .unwrap();
+    assert_exactly_once(&seen, 1_000);
+    assert!(seen.values().all(|l| !l[0].dead_letter));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the anonymizer keeps running"
+    );
+    child.kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_record_is_dead_lettered_and_its_neighbours_land_once() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.anonymizer.txn_max_records = 300;
+    edgelog::setup::create_topics(&s).await.unwrap();
+    // The producer's limit, not the topic's: 6000 bytes, so 1904 bytes of room for a record.
+    let limit = 6_000;
+    let room = limit - ENVELOPE_OVERHEAD;
+    let big = HttpLogRecord {
+        url: "u".repeat(3_000),
+        ..record(now_ms())
+    };
+    let big_bytes = encode_capnp(&big);
+    let mut payloads: Vec<Vec<u8>> = (0..20).map(|_| encode_capnp(&record(now_ms()))).collect();
+    payloads.insert(10, big_bytes.clone());
+    produce(&s, &payloads);
+    let mut child = KillOnDrop::spawn(
+        anonymizer_command(&s, "0")
+            .env(
+                "EDGELOG_ANONYMIZER__KAFKA_OPTIONS__MESSAGE_MAX_BYTES",
+                limit.to_string(),
+            )
+            .env("EDGELOG_ANONYMIZER__MAX_URL_BYTES", "100000"),
+    );
+    let seen = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || read_landed(&s, 21)
+    })
+    .await
+    .unwrap();
+    assert_exactly_once(&seen, 21);
+    for (&(_, offset), landed) in &seen {
+        if offset == 10 {
+            let l = &landed[0];
+            assert_dead_letter(&s, offset, l, Reason::RecordTooLarge);
+            // It does not fit whole: a truncated envelope with the original's size and hash.
+            assert_eq!(l.payload, big_bytes[..room]);
+            assert_eq!(
+                l.headers[dl::HEADER_ORIGINAL_SIZE],
+                big_bytes.len().to_string()
+            );
+            let hash = dl::DeadLetterPayload::of(&big_bytes, limit)
+                .truncated
+                .unwrap()
+                .1;
+            assert_eq!(l.headers[dl::HEADER_ORIGINAL_SHA256], hash);
+        } else {
+            assert!(!landed[0].dead_letter, "offset {offset}");
+        }
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the anonymizer keeps running"
+    );
+    child.kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_that_cannot_hold_an_envelope_stop_the_start_naming_them() {
+    require_stack();
+    let s = isolated_settings();
+    edgelog::setup::create_topics(&s).await.unwrap();
+    set_topic_limit(&s, &s.topics.dead_letter, 5_000).await;
+    let output = anonymizer_command(&s, "0")
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for part in [
+        format!("topic {} max.message.bytes = 5000", s.topics.dead_letter),
+        "message.max.bytes (librdkafka default) = 1000000".to_string(),
+    ] {
+        assert!(stderr.contains(&part), "{part:?} not in {stderr}");
+    }
+}
+
+/// Every boundary stage one decides on, each as one input record, through the real binary with
+/// the output topic's `max.message.bytes` lowered to 12,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_corpus_lands_once_each_in_the_output_or_the_dead_letters() {
+    require_stack();
+    let mut s = isolated_settings();
+    s.anonymizer.max_url_bytes = 100_000;
+    let s = s.validated().unwrap();
+    edgelog::setup::create_topics(&s).await.unwrap();
+    let limit = 12_000;
+    set_topic_limit(&s, &s.topics.anonymized, limit).await;
+
+    let policy = Policy::from_settings(&s);
+    let (skew, age) = (policy.max_future_skew_ms, policy.max_age_ms.unwrap());
+    let now = now_ms();
+    // The anonymizer's clock reads later than `now` by up to the test's duration: the accepted
+    // cases lean inwards by 2 minutes, the rejected ones outwards.
+    let slack = 120_000;
+    // The output size of a record with a URL of `n` bytes (offsets below 128 encode alike).
+    let stage = StageOne {
+        ipv6_prefix_bits: 48,
+        policy,
+        max_message_bytes: usize::MAX,
+    };
+    let size_of = |n: usize| match process(
+        &encode_capnp(&HttpLogRecord {
+            url: "u".repeat(n),
+            ..record(now)
+        }),
+        0,
+        1,
+        &stage,
+        now,
+    ) {
+        Outcome::Record { bytes, .. } => bytes.len(),
+        o => panic!("{o:?}"),
+    };
+    let at_limit = limit - ENVELOPE_OVERHEAD - (size_of(1000) - 1000);
+    assert_eq!(size_of(at_limit) + ENVELOPE_OVERHEAD, limit);
+
+    use Reason::*;
+    let r = record;
+    let url = |n: usize| HttpLogRecord {
+        url: "u".repeat(n),
+        ..r(now)
+    };
+    let long_label = "L".repeat(MAX_LABEL_BYTES + 1);
+    let good = encode_capnp(&r(now));
+    let mut trailing = good.clone();
+    trailing.extend_from_slice(&[0; 8]);
+    let cases: Vec<(&str, Vec<u8>, Option<Reason>)> = vec![
+        ("plain", good.clone(), None),
+        ("size: just under", encode_capnp(&url(at_limit - 1)), None),
+        ("size: at the limit", encode_capnp(&url(at_limit)), None),
+        (
+            "size: just over",
+            encode_capnp(&url(at_limit + 1)),
+            Some(RecordTooLarge),
+        ),
+        (
+            "size: far over",
+            encode_capnp(&url(50_000)),
+            Some(RecordTooLarge),
+        ),
+        (
+            "url: over max_url_bytes",
+            encode_capnp(&url(100_001)),
+            Some(FieldTooLong),
+        ),
+        ("ts: 0", encode_capnp(&r(0)), Some(OlderThanRetention)),
+        (
+            "ts: DateTime max",
+            encode_capnp(&r(DATETIME_MAX_MS)),
+            Some(TimestampInFuture),
+        ),
+        (
+            "ts: DateTime max + 1 s",
+            encode_capnp(&r(DATETIME_MAX_MS + 1000)),
+            Some(TimestampOutOfRange),
+        ),
+        (
+            "ts: u64::MAX",
+            encode_capnp(&r(u64::MAX)),
+            Some(TimestampOutOfRange),
+        ),
+        (
+            "ts: now + skew - 1 s",
+            encode_capnp(&r(now + skew - 1000)),
+            None,
+        ),
+        (
+            "ts: now + skew + 1 s",
+            encode_capnp(&r(now + skew + slack)),
+            Some(TimestampInFuture),
+        ),
+        (
+            "ts: now - age + margin",
+            encode_capnp(&r(now - age + slack)),
+            None,
+        ),
+        (
+            "ts: now - age - 1 s",
+            encode_capnp(&r(now - age - 1000)),
+            Some(OlderThanRetention),
+        ),
+        (
+            "ts: now - 40 days",
+            encode_capnp(&r(now - 40 * DAY)),
+            Some(OlderThanRetention),
+        ),
+        (
+            "status 0",
+            encode_capnp(&HttpLogRecord {
+                response_status: 0,
+                ..r(now)
+            }),
+            Some(ValueOutOfRange),
+        ),
+        (
+            "status 99",
+            encode_capnp(&HttpLogRecord {
+                response_status: 99,
+                ..r(now)
+            }),
+            Some(ValueOutOfRange),
+        ),
+        (
+            "status 100",
+            encode_capnp(&HttpLogRecord {
+                response_status: 100,
+                ..r(now)
+            }),
+            None,
+        ),
+        (
+            "status 599",
+            encode_capnp(&HttpLogRecord {
+                response_status: 599,
+                ..r(now)
+            }),
+            None,
+        ),
+        (
+            "status 600",
+            encode_capnp(&HttpLogRecord {
+                response_status: 600,
+                ..r(now)
+            }),
+            Some(ValueOutOfRange),
+        ),
+        (
+            "status u16::MAX",
+            encode_capnp(&HttpLogRecord {
+                response_status: u16::MAX,
+                ..r(now)
+            }),
+            Some(ValueOutOfRange),
+        ),
+        (
+            "resource_id u64::MAX",
+            encode_capnp(&HttpLogRecord {
+                resource_id: u64::MAX,
+                ..r(now)
+            }),
+            None,
+        ),
+        (
+            "bytes_sent u64::MAX",
+            encode_capnp(&HttpLogRecord {
+                bytes_sent: u64::MAX,
+                ..r(now)
+            }),
+            Some(ValueOutOfRange),
+        ),
+        (
+            "request_time u64::MAX",
+            encode_capnp(&HttpLogRecord {
+                request_time_milli: u64::MAX,
+                ..r(now)
+            }),
+            Some(ValueOutOfRange),
+        ),
+        (
+            "method too long",
+            encode_capnp(&HttpLogRecord {
+                method: long_label.clone(),
+                ..r(now)
+            }),
+            Some(FieldTooLong),
+        ),
+        (
+            "cache_status too long",
+            encode_capnp(&HttpLogRecord {
+                cache_status: long_label.clone(),
+                ..r(now)
+            }),
+            Some(FieldTooLong),
+        ),
+        (
+            "address 100 KB: stored as invalid",
+            encode_capnp(&HttpLogRecord {
+                remote_addr: "9".repeat(100_000),
+                ..r(now)
+            }),
+            None,
+        ),
+        (
+            "address empty: stored as invalid",
+            encode_capnp(&HttpLogRecord {
+                remote_addr: String::new(),
+                ..r(now)
+            }),
+            None,
+        ),
+        (
+            "utf-8: url",
+            with_invalid_utf8(
+                HttpLogRecord {
+                    url: "@@URL@@".into(),
+                    ..r(now)
+                },
+                "@@URL@@",
+            ),
+            Some(Undecodable),
+        ),
+        (
+            "utf-8: method",
+            with_invalid_utf8(
+                HttpLogRecord {
+                    method: "@@MTH@@".into(),
+                    ..r(now)
+                },
+                "@@MTH@@",
+            ),
+            Some(Undecodable),
+        ),
+        (
+            "utf-8: cache_status",
+            with_invalid_utf8(
+                HttpLogRecord {
+                    cache_status: "@@CST@@".into(),
+                    ..r(now)
+                },
+                "@@CST@@",
+            ),
+            Some(Undecodable),
+        ),
+        (
+            "utf-8: remote_addr",
+            with_invalid_utf8(
+                HttpLogRecord {
+                    remote_addr: "@@ADR@@".into(),
+                    ..r(now)
+                },
+                "@@ADR@@",
+            ),
+            Some(Undecodable),
+        ),
+        ("empty payload", Vec::new(), Some(Undecodable)),
+        ("garbage", b"garbage: not capnp".to_vec(), Some(Undecodable)),
+        (
+            "truncated frame",
+            good[..good.len() / 2].to_vec(),
+            Some(Undecodable),
+        ),
+        ("trailing bytes", trailing, Some(Undecodable)),
+        ("garbage, 100 KB", vec![0xab; 100_000], Some(Undecodable)),
+        ("plain, last", good.clone(), None),
+    ];
+    let payloads: Vec<Vec<u8>> = cases.iter().map(|(_, p, _)| p.clone()).collect();
+    produce(&s, &payloads);
+    let mut child = KillOnDrop::spawn(
+        anonymizer_command(&s, "0").env("EDGELOG_ANONYMIZER__MAX_URL_BYTES", "100000"),
+    );
+    let seen = tokio::task::spawn_blocking({
+        let s = s.clone();
+        let n = cases.len();
+        move || read_landed(&s, n)
+    })
+    .await
+    .unwrap();
+    assert_exactly_once(&seen, cases.len());
+    for (offset, (name, payload, expected)) in cases.iter().enumerate() {
+        let landed = &seen[&(0, offset as i64)][0];
+        match expected {
+            None => {
+                assert!(
+                    !landed.dead_letter,
+                    "{name}: dead-lettered {:?}",
+                    landed.headers
+                );
+                assert!(landed.payload.len() + ENVELOPE_OVERHEAD <= limit, "{name}");
+            }
+            Some(reason) => {
+                assert_dead_letter(&s, offset as i64, landed, *reason);
+                let truncated = payload.len() + ENVELOPE_OVERHEAD > limit;
+                assert_eq!(
+                    landed.headers.contains_key(dl::HEADER_ORIGINAL_SIZE),
+                    truncated,
+                    "{name}"
+                );
+                let kept = if truncated {
+                    limit - ENVELOPE_OVERHEAD
+                } else {
+                    payload.len()
+                };
+                assert_eq!(landed.payload, payload[..kept], "{name}");
+            }
+        }
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the anonymizer keeps running"
+    );
+    child.kill().unwrap();
+}
+
+/// The synthetic producer's hostile records, end to end: stage one dead-letters them, none
+/// reaches ClickHouse, and `verify` accounts for their offsets as dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_records_never_reach_clickhouse_and_verify_accounts_for_them() {
+    require_stack();
+    let mut s = fast_loader_settings();
+    s.producer.garbage_share = 0.01;
+    s.producer.hostile_share = 0.05;
+    let produced = fill_anonymized_topic(&s, 2000).await;
+    assert!(produced.hostile > 40, "{produced:?}");
+    let loader = start_loader(&s);
+    let report = edgelog::verify::audit_when_drained(&s, Duration::from_secs(120))
+        .await
+        .unwrap();
+    loader.stop().await.expect("the loader stops cleanly");
+    assert!(report.is_clean() && report.is_drained(), "{report}");
+    let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
+    let dead: u64 = report
+        .partitions
+        .iter()
+        .map(|p| p.dead_lettered.len())
+        .sum();
+    let rejected = produced.garbage + produced.hostile;
+    assert_eq!(dead, rejected, "{report}");
+    assert_eq!(landed, produced.sent - rejected, "{report}");
+    assert_loaded_exactly_once(&s, produced.sent - rejected).await;
+}
