@@ -17,11 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
@@ -32,7 +31,9 @@ use crate::dead_letter::{
     HEADER_PARTITION, HEADER_REASON, HEADER_STAGE, HEADER_TOPIC,
 };
 use crate::health::Health;
-use crate::kafka::{client_config, describe};
+use crate::kafka::{
+    client_config, describe, means_cluster_unreachable, KafkaWatch, WatchedContext,
+};
 use crate::txn::{classify_produce, with_retries, ProduceErrorAction, TxnError, TxnErrorAction};
 use crate::validate::Policy;
 
@@ -55,7 +56,8 @@ struct TxnState {
 }
 
 struct Shared {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<WatchedContext>,
+    watch: Arc<KafkaWatch>,
     input_topic: String,
     state: Mutex<TxnState>,
     health: Arc<Health>,
@@ -118,6 +120,7 @@ impl Shared {
                     .record(elapsed.as_secs_f64());
                 tracing::debug!(records = state.records, ?elapsed, "transaction committed");
                 self.health.success();
+                self.watch.reachable();
                 self.health.details(vec![
                     ("transactional id", self.txn_id.clone()),
                     (
@@ -180,7 +183,7 @@ impl Shared {
 /// first, but its flush polls in 100 ms steps while the `ThreadedProducer`'s own thread consumes
 /// the delivery events, so each commit would sleep 100 ms. Zero-timeout flushes in a short loop
 /// skip that wait (see docs/BENCHMARKS.md for the before/after).
-fn drain_in_flight(producer: &ThreadedProducer<DefaultProducerContext>) -> Result<(), KafkaError> {
+fn drain_in_flight(producer: &ThreadedProducer<WatchedContext>) -> Result<(), KafkaError> {
     loop {
         match producer.flush(Duration::ZERO) {
             Ok(()) => return Ok(()),
@@ -207,6 +210,15 @@ struct AnonContext {
 impl ClientContext for AnonContext {
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
         crate::kafka::record_lag(&statistics, "edgelog_anonymizer_lag");
+        self.shared.watch.observe(&statistics);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.shared.watch.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.shared.watch.error(&error, reason);
     }
 }
 
@@ -261,20 +273,108 @@ pub async fn run_with_health(
     shutdown: impl Future,
 ) -> anyhow::Result<()> {
     let settings = settings.clone();
-    let limit = message_limit(&settings).await?;
+    let watch = Arc::new(KafkaWatch::new(Some(health.clone())));
+    tokio::pin!(shutdown);
+    let limit = tokio::select! {
+        limit = wait_for_message_limit(&settings, &watch) => limit?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before the cluster answered");
+            return Ok(());
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let stop = stop.clone();
-        tokio::task::spawn_blocking(move || process(&settings, limit, &stop, health))
+        tokio::task::spawn_blocking(move || process(&settings, limit, &stop, health, watch))
     };
     tokio::pin!(worker);
     tokio::select! {
         r = &mut worker => r?,
         _ = shutdown => {
             stop.store(true, Ordering::Relaxed);
-            worker.await?
+            // The last commit waits for the cluster; with the cluster gone it would wait out
+            // the transaction timeout. Leaving it open is safe: the coordinator aborts it on
+            // timeout, or the restarted instance fences and aborts it at once.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut worker).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    tracing::warn!(grace = ?SHUTDOWN_GRACE, "the last transaction did not finish in time; exiting with it open (it will be aborted)");
+                    Ok(())
+                }
+            }
         }
     }
+}
+
+/// How long a stopping anonymizer waits for its last transaction to commit.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Per attempt of a start-up call to the cluster: short, so a stop request is seen soon.
+const STARTUP_ATTEMPT: Duration = Duration::from_secs(5);
+
+/// [`message_limit`], retried while the cluster cannot be reached (the stage stays unready, with
+/// the reason on `/readyz`); other errors (a missing topic, limits that cannot work) are final.
+async fn wait_for_message_limit(
+    settings: &Settings,
+    watch: &Arc<KafkaWatch>,
+) -> anyhow::Result<usize> {
+    loop {
+        match message_limit(settings, watch).await {
+            Ok(limit) => {
+                watch.reachable();
+                return Ok(limit);
+            }
+            Err(e) if unreachable_cluster(&e) => {
+                watch.unreachable(
+                    e.downcast_ref::<KafkaError>().expect("checked"),
+                    "reading the topics' max.message.bytes at start-up",
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// True if `e` is a Kafka error that means "no answer from the cluster", not a refusal.
+fn unreachable_cluster(e: &anyhow::Error) -> bool {
+    let code = match e.downcast_ref::<KafkaError>() {
+        Some(KafkaError::AdminOp(code)) => Some(*code),
+        Some(other) => other.rdkafka_error_code(),
+        None => None,
+    };
+    code.is_some_and(|c| {
+        means_cluster_unreachable(c)
+            || matches!(
+                c,
+                RDKafkaErrorCode::OperationTimedOut
+                    | RDKafkaErrorCode::BrokerTransportFailure
+                    | RDKafkaErrorCode::RequestTimedOut
+            )
+    })
+}
+
+/// `init_transactions` in short attempts until it succeeds (`Ok(true)`), `stop` is set
+/// (`Ok(false)`) or it fails for good. Retriable failures while the cluster is away are the
+/// expected case, reported through `watch`.
+fn init_transactions(
+    producer: &ThreadedProducer<WatchedContext>,
+    watch: &KafkaWatch,
+    stop: &AtomicBool,
+) -> anyhow::Result<bool> {
+    while !stop.load(Ordering::Relaxed) {
+        match producer.init_transactions(STARTUP_ATTEMPT) {
+            Ok(()) => {
+                watch.reachable();
+                return Ok(true);
+            }
+            Err(e) if crate::txn::classify(&e) == TxnErrorAction::Retry => {
+                watch.unreachable(&e, "init_transactions");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(false)
 }
 
 fn process(
@@ -282,6 +382,7 @@ fn process(
     limit: usize,
     stop: &AtomicBool,
     health: Arc<Health>,
+    watch: Arc<KafkaWatch>,
 ) -> anyhow::Result<()> {
     let a = &settings.anonymizer;
     let topics = &settings.topics;
@@ -333,17 +434,18 @@ fn process(
         );
     tracing::info!(producer = %describe(&producer_config), consumer = %describe(&consumer_config), "anonymizer starting");
 
-    let producer: ThreadedProducer<DefaultProducerContext> = producer_config
-        .create()
+    let producer: ThreadedProducer<WatchedContext> = producer_config
+        .create_with_context(WatchedContext(watch.clone()))
         .context("creating the transactional producer")?;
-    with_retries("init_transactions", || {
-        producer.init_transactions(a.txn_timeout)
-    })
-    .map_err(|(_, e)| e)
-    .with_context(|| format!("init_transactions for transactional.id {txn_id}"))?;
+    if !init_transactions(&producer, &watch, stop)
+        .with_context(|| format!("init_transactions for transactional.id {txn_id}"))?
+    {
+        return Ok(()); // stopped while waiting for the cluster
+    }
     let failpoint = Failpoint::from_env();
     let shared = Arc::new(Shared {
         producer,
+        watch: watch.clone(),
         input_topic: topics.input.clone(),
         state: Mutex::new(TxnState::default()),
         health: health.clone(),
@@ -634,22 +736,20 @@ fn send(
 /// The `message.max.bytes` stage one works with: the smallest of the producer's setting and the
 /// output and dead-letter topics' `max.message.bytes` (read from the broker), or an error naming
 /// every value and key when even a dead-letter envelope cannot fit.
-async fn message_limit(settings: &Settings) -> anyhow::Result<usize> {
+async fn message_limit(settings: &Settings, watch: &Arc<KafkaWatch>) -> anyhow::Result<usize> {
     let (key, producer) = producer_message_max_bytes(settings)?;
     let topics = [&settings.topics.anonymized, &settings.topics.dead_letter];
-    let admin: AdminClient<DefaultClientContext> =
+    let admin: AdminClient<WatchedContext> =
         client_config(&settings.kafka, &settings.anonymizer.kafka_options, &[])
-            .create()
+            .create_with_context(WatchedContext(watch.clone()))
             .context("creating the Kafka admin client")?;
     let specifiers: Vec<ResourceSpecifier<'_>> = topics
         .iter()
         .map(|t| ResourceSpecifier::Topic(t.as_str()))
         .collect();
-    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
-    let described = admin
-        .describe_configs(&specifiers, &opts)
-        .await
-        .context("describing the output topics' configuration")?;
+    let opts = AdminOptions::new().request_timeout(Some(STARTUP_ATTEMPT));
+    // The Kafka error stays the outermost error: the caller tells "cluster unreachable" by it.
+    let described = admin.describe_configs(&specifiers, &opts).await?;
     let mut limits = Vec::new();
     for (topic, result) in topics.iter().zip(described) {
         let resource = result.map_err(|code| {

@@ -227,6 +227,29 @@ impl KafkaWatch {
         }
     }
 
+    /// The stage itself found the cluster unreachable (a call timed out, no broker answered).
+    pub fn unreachable(&self, error: &KafkaError, during: &str) {
+        if let Some(h) = &self.health {
+            h.down("kafka", &format!("{during}: {error}"));
+        }
+        let kind = format!("unreachable {during}");
+        if let Some(suppressed) = self.gate.admit(&kind, Instant::now()) {
+            tracing::warn!(%error, during, suppressed, "Kafka cluster unreachable; retrying");
+        }
+    }
+
+    /// From a statistics callback: a connection to any broker is up, so the cluster answers.
+    /// (Errors mark Kafka down at once; this is how an idle stage sees it come back.)
+    pub fn observe(&self, stats: &Statistics) {
+        if stats
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP")
+        {
+            self.reachable();
+        }
+    }
+
     /// A call to the cluster succeeded.
     pub fn reachable(&self) {
         if let Some(h) = &self.health {
