@@ -444,6 +444,11 @@ pub struct LoaderSettings {
     /// Consumption pauses while this many bytes of records wait for a slot (bounds memory); at
     /// least `max_body_bytes`.
     pub max_buffer_bytes: usize,
+    /// Most UTC days (of the records' timestamps) one insert may touch, 1 to 1000. `http_log` has
+    /// a partition per day and ClickHouse refuses an insert spanning more than
+    /// `max_partitions_per_insert_block` (100 by default) partitions; one UTC day overlaps at most
+    /// two days of the server's time zone, so the default 50 fits the default limit anywhere.
+    pub max_days_per_batch: usize,
     pub kafka_options: KafkaOptions,
 }
 
@@ -459,6 +464,7 @@ impl Default for LoaderSettings {
             dedup_token: true,
             body_compression: BodyCompression::Xz,
             max_buffer_bytes: 256 << 20,
+            max_days_per_batch: 50,
             kafka_options: KafkaOptions::default(),
         }
     }
@@ -694,6 +700,7 @@ impl Settings {
             Duration::from_millis(1),
             Duration::from_secs(3600),
         )?;
+        check_range("loader.max_days_per_batch", l.max_days_per_batch, 1, 1000)?;
         Ok(self)
     }
 
