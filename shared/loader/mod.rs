@@ -1140,6 +1140,26 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_touches_at_most_max_days() {
+        let mut st = queue_of(0, 1);
+        let day = 86_400_000u64;
+        for i in 0..30i64 {
+            let mut r = TrafficModel::new(&ProducerSettings::default()).next_record(0);
+            r.timestamp_epoch_milli = 1_700_000_000_000 + (i as u64 / 10) * day;
+            let (bytes, _) =
+                crate::anon_record::transform(&crate::record::encode_capnp(&r), 0, i, 48).unwrap();
+            buffer(&mut st, 0, i, &bytes).unwrap();
+        }
+        plan_batch(&mut st, BodyCompression::default(), 2);
+        assert_eq!(
+            st.batches[0].ranges.to_string(),
+            "0:0-20",
+            "two days of ten records"
+        );
+        assert_eq!(st.queue.len(), 10);
+    }
+
+    #[test]
     fn a_small_queue_goes_in_one_batch() {
         let mut st = queue_of(100, 3);
         plan_batch(&mut st, BodyCompression::default(), usize::MAX);

@@ -67,17 +67,20 @@ pub(super) fn replace_refused(st: &mut State, batch: Batch, refusal: Refusal) ->
         st.batches.push_front(Batch::planned(owned));
         return Next::Replanned;
     }
-    match refusal {
-        Refusal::TooLarge { size } => {
-            st.body_limit.refused(size);
+    if let Refusal::TooLarge { size } = refusal {
+        st.body_limit.refused(size);
+        if st.batches.is_empty() {
+            // Nothing after it but the queue, whose records follow it on every partition:
+            // re-plan from the queue, as large as the lowered limit allows.
             super::requeue_records(st, owned);
+            return Next::Replanned;
         }
-        Refusal::Rejected => {
-            let (first, second) = halves(owned);
-            st.batches.push_front(Batch::planned(second));
-            st.batches.push_front(Batch::planned(first));
-        }
+        // Batches wait behind it: re-queued records would go after them and break the order
+        // commits need (each partition's offset only moves past what is loaded). Halve instead.
     }
+    let (first, second) = halves(owned);
+    st.batches.push_front(Batch::planned(second));
+    st.batches.push_front(Batch::planned(first));
     Next::Replanned
 }
 
@@ -204,6 +207,24 @@ mod tests {
     }
 
     #[test]
+    fn a_413_with_batches_behind_halves_to_keep_the_order() {
+        let mut st = state(&[0]);
+        st.batches.push_back(batch(&[(0, 9)], false));
+        let b = batch(&[(0, 1), (0, 2), (0, 3)], true);
+        assert!(matches!(
+            replace_refused(&mut st, b, Refusal::TooLarge { size: 900_000 }),
+            Next::Replanned
+        ));
+        assert!(st.queue.is_empty(), "not behind the waiting batch");
+        let order: Vec<Vec<(i32, i64)>> = st.batches.iter().map(positions).collect();
+        assert_eq!(
+            order,
+            vec![vec![(0, 1)], vec![(0, 2), (0, 3)], vec![(0, 9)]]
+        );
+        assert_eq!(st.body_limit.get(), 675_000);
+    }
+
+    #[test]
     fn an_inherited_batch_is_re_planned_over_our_partitions_only() {
         // Partition 1 now belongs to another loader, which finishes its own part.
         let mut st = state(&[0, 2]);
@@ -233,5 +254,135 @@ mod tests {
             Next::NotOurs(_)
         ));
         assert!(st.batches.is_empty() && st.release.is_empty());
+    }
+
+    /// Whole runs: batches planned from a queue, some refused (413 at random, rejected whenever
+    /// they hold a poison record), replaced, recorded and loaded. Every good record is loaded
+    /// once, every poison record quarantined once, and at every step the commit metadata names
+    /// only batches holding nothing already loaded (what a crash there would rebuild and send).
+    mod props {
+        use super::*;
+        use crate::loader::body::BodyCompression;
+        use crate::loader::{buffer, plan_batch};
+        use proptest::prelude::*;
+        use std::collections::BTreeMap;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+
+            #[test]
+            fn refusals_never_lose_duplicate_or_leave_stale_metadata(
+                items in prop::collection::vec((0i32..3, 1i64..3, any::<bool>()), 1..40),
+                poison_rate in 0u8..4,
+                too_large in prop::collection::vec(any::<bool>(), 64),
+            ) {
+                let mut st = state(&[0, 1, 2]);
+                let mut next = [0i64; 3];
+                let mut good = Vec::new();
+                let mut poison = Vec::new();
+                for (i, &(p, gap, coin)) in items.iter().enumerate() {
+                    let o = next[p as usize];
+                    next[p as usize] += gap;
+                    let bad = coin && (i as u8 % 4) < poison_rate;
+                    let mut b = buffered(p, o);
+                    if bad {
+                        b.record.url = "/poison".into();
+                        poison.push((p, o));
+                    } else {
+                        good.push((p, o));
+                    }
+                    buffer(&mut st, p, o, &crate::anon_record::encode(&b.record)).unwrap();
+                }
+                let mut metadata: BTreeMap<i32, BatchRanges> = BTreeMap::new();
+                let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+                let mut loaded: Vec<(i32, i64)> = Vec::new();
+                let mut quarantined: Vec<(i32, i64)> = Vec::new();
+                let mut refusals = too_large.into_iter().cycle();
+                let mut steps = 0;
+                while !st.queue.is_empty() || !st.batches.is_empty() {
+                    steps += 1;
+                    prop_assert!(steps < 2_000, "no progress");
+                    if st.batches.is_empty() {
+                        plan_batch(&mut st, BodyCompression::Zstd, usize::MAX);
+                    }
+                    let mut batch = st.batches.pop_front().unwrap();
+                    if !batch.recorded {
+                        // What `record_ranges` commits.
+                        let mut commits = Vec::new();
+                        for r in std::mem::take(&mut st.release) {
+                            if batch.ranges.get(r.partition).is_none() {
+                                metadata.remove(&r.partition);
+                                commits.push((r.partition, r.start));
+                            }
+                        }
+                        for r in batch.ranges.ranges() {
+                            metadata.insert(r.partition, batch.ranges.clone());
+                            commits.push((r.partition, r.start));
+                        }
+                        for (p, o) in commits {
+                            let before = committed.insert(p, o).unwrap_or(0);
+                            prop_assert!(before <= o, "partition {} committed back from {} to {}", p, before, o);
+                        }
+                        batch.recorded = true;
+                    }
+                    for (p, m) in &metadata {
+                        prop_assert!(
+                            !loaded.iter().any(|&(lp, lo)| m.contains(lp, lo)),
+                            "partition {}'s metadata {} would re-send loaded records", p, m
+                        );
+                    }
+                    let positions = positions(&batch);
+                    let next = if positions.iter().any(|x| poison.contains(x)) {
+                        Some(Refusal::Rejected)
+                    } else if positions.len() > 1 && refusals.next().unwrap() {
+                        // (A 413 for one record alone is quarantined, by design: not simulated.)
+                        Some(Refusal::TooLarge { size: st.body_limit.get() })
+                    } else {
+                        None
+                    };
+                    let done = match next {
+                        None => {
+                            loaded.extend(positions);
+                            Some(batch.ranges.clone())
+                        }
+                        Some(refusal) => match replace_refused(&mut st, batch, refusal) {
+                            Next::Quarantine(b) => {
+                                quarantined.extend(super::positions(&b));
+                                Some(b.ranges)
+                            }
+                            Next::NotOurs(_) => panic!("every partition is ours"),
+                            Next::Replanned => None,
+                        },
+                    };
+                    if let Some(ranges) = done {
+                        // What `commit_done` commits.
+                        for r in ranges.ranges() {
+                            metadata.remove(&r.partition);
+                            let before = committed.insert(r.partition, r.end).unwrap_or(0);
+                            prop_assert!(before <= r.end, "partition {} committed back", r.partition);
+                        }
+                        // Everything below a committed offset is loaded or quarantined.
+                        for &(p, o) in good.iter().chain(&poison) {
+                            if committed.get(&p).is_some_and(|&c| o < c) {
+                                prop_assert!(
+                                    loaded.contains(&(p, o)) || quarantined.contains(&(p, o)),
+                                    "{}:{} committed past but never loaded", p, o
+                                );
+                            }
+                        }
+                    }
+                }
+                let mut sorted = loaded.clone();
+                sorted.sort();
+                sorted.dedup();
+                prop_assert_eq!(sorted.len(), loaded.len(), "loaded twice");
+                good.sort();
+                prop_assert_eq!(sorted, good);
+                quarantined.sort();
+                poison.sort();
+                prop_assert_eq!(quarantined, poison);
+                prop_assert!(metadata.is_empty(), "stale metadata left: {:?}", metadata);
+            }
+        }
     }
 }
