@@ -15,6 +15,13 @@
 //! exactly one copy. Rebalance events (queued by the callback, which runs inside any poll, even
 //! one that then times out) are applied before a batch is planned, and no record below the
 //! committed offset read at assignment is ever queued.
+//!
+//! No record can stop the loader or keep it retrying: what it cannot load goes to the loader's
+//! dead-letter topic ([`quarantine`]), durably, before any commit passes it. Undecodable records
+//! when read; a record whose body alone is over the limit when its batch of one is encoded; a
+//! batch ClickHouse refuses for its content ([`classify`]) or the proxy refuses for its size is
+//! replaced by smaller ones (`refused.rs`) down to the one record that cannot pass. Batches are
+//! planned by the pure rules of [`plan`] (days per insert, body limit).
 
 pub mod batch;
 pub mod body;
