@@ -56,10 +56,15 @@ enum Item {
 async fn write_anonymized(s: &Settings, items: Vec<(i32, Item)>) {
     edgelog::setup::create_topics(s).await.unwrap();
     edgelog::setup::apply_schema(s).await.unwrap();
+    produce(s, items).await;
+}
+
+/// Writes `items` to the anonymized topic (records up to 4 MB: the topic must take them).
+async fn produce(s: &Settings, items: Vec<(i32, Item)>) {
     let producer: FutureProducer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", KAFKA)
         .set("enable.idempotence", "true")
-        .set("message.max.bytes", "1000000")
+        .set("message.max.bytes", "4000000")
         .create()
         .unwrap();
     for (partition, item) in items {
@@ -181,6 +186,19 @@ async fn drop_database(s: &Settings) {
         .query(&format!("DROP DATABASE {}", s.clickhouse.database), &[])
         .await
         .unwrap();
+}
+
+/// Incompressible printable text of `len` characters.
+fn noise(len: usize) -> String {
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect()
 }
 
 /// Lines of the fast proxy's access log sent from `ip`, by HTTP status.
@@ -452,15 +470,7 @@ async fn a_record_too_large_for_any_body_is_quarantined() {
     s.loader.max_body_bytes = 16_384;
     let t0 = now_ms();
     // Incompressible text: a body holding it cannot get under 16 kB.
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let huge: String = (0..200_000)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'!' + (x % 90) as u8)
-        })
-        .collect();
+    let huge = noise(200_000);
     let mut items = Vec::new();
     for i in 0..200i64 {
         let p = (i % 3) as i32;
@@ -485,5 +495,76 @@ async fn a_record_too_large_for_any_body_is_quarantined() {
     assert_eq!(anon_record::decode(&l.payload).unwrap().url, huge);
     let statuses = proxy_statuses(s.loader.source_address.unwrap());
     assert_eq!(statuses.get(&413), None, "never sent: {statuses:?}");
+    drop_database(&s).await;
+}
+
+/// One record that fits `loader.max_body_bytes` (3 MB) but not nginx's 1 MiB: the proxy answers
+/// 413 to every batch holding it. The loader lowers its body limit, loads the records around
+/// it, sends it alone, and on that 413 quarantines it (as a bounded envelope: it is larger than
+/// a dead letter may be) instead of retrying it for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_the_proxy_refuses_alone_is_quarantined_not_retried() {
+    require_stack();
+    let mut s = fast_loader_settings();
+    s.loader.max_body_bytes = 3_000_000;
+    edgelog::setup::create_topics(&s).await.unwrap();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    // The anonymized topic must take a 1.5 MB record (set-up leaves Kafka's 1 MB default).
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin_client: AdminClient<rdkafka::client::DefaultClientContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .create()
+            .unwrap();
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(&s.topics.anonymized))
+        .set("max.message.bytes", "4000000")
+        .set("retention.ms", "604800000");
+    for r in admin_client
+        .alter_configs(&[alter], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    let t0 = now_ms();
+    let huge = noise(1_500_000);
+    let items: Vec<(i32, Item)> = (0..300i64)
+        .map(|i| {
+            let p = (i % 3) as i32;
+            let url = if i == 150 {
+                huge.clone()
+            } else {
+                format!("/b/{i}")
+            };
+            (p, Item::Good(record(p, i, t0, url)))
+        })
+        .collect();
+    produce(&s, items).await;
+    let loader = start_loader(&s);
+    wait_loaded(&s, 299).await;
+    loader.stop().await.unwrap();
+    assert_loaded_exactly_once(&s, 299).await;
+    let letters = read_dead_letters(&s);
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let l = &letters[0];
+    assert_eq!(l.get(HEADER_REASON), "body_too_large");
+    assert_eq!(
+        (l.get(HEADER_PARTITION), l.get(HEADER_OFFSET)),
+        ("0", "150")
+    );
+    assert!(
+        l.get("edgelog.error").contains("413"),
+        "{:?}",
+        l.get("edgelog.error")
+    );
+    let original = anon_record::encode(&record(0, 150, t0, huge));
+    assert_eq!(
+        l.get("edgelog.original.size"),
+        original.len().to_string(),
+        "a bounded envelope of the record"
+    );
+    assert!(original.starts_with(&l.payload));
+    let statuses = proxy_statuses(s.loader.source_address.unwrap());
+    assert!(statuses.get(&413).is_some_and(|&n| n >= 1), "{statuses:?}");
     drop_database(&s).await;
 }
