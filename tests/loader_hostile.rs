@@ -568,3 +568,98 @@ async fn a_record_the_proxy_refuses_alone_is_quarantined_not_retried() {
     assert!(statuses.get(&413).is_some_and(|&n| n >= 1), "{statuses:?}");
     drop_database(&s).await;
 }
+
+/// A batch recorded by a loader that is gone, spanning three partitions, with a record
+/// ClickHouse refuses on partition 1. Two loaders inherit it (one owns partitions 0 and 1, the
+/// other 2): each sends it whole under its token, each re-plans only its own partitions when it
+/// is refused, and only the owner of partition 1 quarantines the record. Whatever the timing of
+/// the group, every valid record lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_inherited_batch_is_re_planned_by_each_owner_over_its_own_partitions() {
+    require_stack();
+    let s = fast_loader_settings();
+    let db = s.clickhouse.database.clone();
+    let t0 = now_ms();
+    let mut items = Vec::new();
+    for p in 0..3 {
+        for i in 0..40i64 {
+            items.push((p, Item::Good(record(p, i, t0, format!("/i/{p}/{i}")))));
+        }
+    }
+    items.push((1, Item::Good(record(1, 999, t0, "/poison".into()))));
+    for i in 40..45i64 {
+        items.push((1, Item::Good(record(1, i, t0, format!("/i/1/{i}")))));
+    }
+    write_anonymized(&s, items).await;
+    admin()
+        .query(
+            &format!("ALTER TABLE {db}.http_log ADD CONSTRAINT no_poison CHECK url != '/poison'"),
+            &[],
+        )
+        .await
+        .unwrap();
+    // What the loader that died had recorded: one batch over everything.
+    let ranges = edgelog::loader::batch::BatchRanges::new(vec![
+        edgelog::loader::batch::PartitionRange {
+            partition: 0,
+            start: 0,
+            end: 40,
+        },
+        edgelog::loader::batch::PartitionRange {
+            partition: 1,
+            start: 0,
+            end: 46,
+        },
+        edgelog::loader::batch::PartitionRange {
+            partition: 2,
+            start: 0,
+            end: 40,
+        },
+    ])
+    .unwrap();
+    {
+        use rdkafka::consumer::CommitMode;
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", KAFKA)
+            .set("group.id", &s.loader.group_id)
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let metadata = ranges.to_metadata();
+        let mut tpl = TopicPartitionList::new();
+        for r in ranges.ranges() {
+            let mut e = tpl.add_partition(&s.topics.anonymized, r.partition);
+            e.set_offset(Offset::Offset(r.start)).unwrap();
+            e.set_metadata(metadata.as_str());
+        }
+        c.commit(&tpl, CommitMode::Sync).unwrap();
+    }
+    let mut other = s.clone();
+    other.loader.source_address = Some(fresh_loopback_ip());
+    let (a, b) = (start_loader(&s), start_loader(&other));
+    wait_loaded(&s, 125).await;
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    assert_loaded_exactly_once(&s, 125).await;
+    eprintln!(
+        "requests by status: {:?} and {:?}",
+        proxy_statuses(s.loader.source_address.unwrap()),
+        proxy_statuses(other.loader.source_address.unwrap())
+    );
+    let letters = read_dead_letters(&s);
+    let distinct: std::collections::BTreeSet<(String, String)> = letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l.get(HEADER_REASON), "clickhouse_rejected");
+            (
+                l.get(HEADER_PARTITION).to_string(),
+                l.get(HEADER_OFFSET).to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        distinct.into_iter().collect::<Vec<_>>(),
+        vec![("1".to_string(), "999".to_string())]
+    );
+    drop_database(&s).await;
+}
