@@ -1211,7 +1211,8 @@ mod props {
     fn anon(partition: i32, offset: i64, url_len: usize, resource: u64) -> AnonRecord {
         AnonRecord {
             version: 1,
-            timestamp_epoch_milli: 1_700_000_000_000 + offset.unsigned_abs(),
+            // Seven hours apart: a batch spans days, which planning bounds.
+            timestamp_epoch_milli: 1_700_000_000_000 + offset.unsigned_abs() * 25_200_000,
             resource_id: resource,
             bytes_sent: offset.unsigned_abs().wrapping_mul(2_654_435_761),
             request_time_milli: 3,
@@ -1262,6 +1263,7 @@ mod props {
             limit in 4096usize..12_000,
             bytes_per_row in 1.0f64..500.0,
             too_large in prop::collection::vec(any::<bool>(), 8),
+            max_days in prop_oneof![1usize..4, Just(usize::MAX)],
         ) {
             let mut st = State {
                 bytes_per_row,
@@ -1277,8 +1279,17 @@ mod props {
             let mut previous_end: BTreeMap<i32, i64> = BTreeMap::new();
             let mut refusals = too_large.into_iter();
             while !st.queue.is_empty() {
-                plan_batch(&mut st, BodyCompression::default(), usize::MAX);
+                plan_batch(&mut st, BodyCompression::default(), max_days);
                 prop_assert_eq!(st.batches.len(), 1);
+                let mut days: Vec<u64> = st.batches[0]
+                    .records
+                    .iter()
+                    .flatten()
+                    .map(|b| b.record.timestamp_epoch_milli / 86_400_000)
+                    .collect();
+                days.sort();
+                days.dedup();
+                prop_assert!(days.len() <= max_days, "{} days", days.len());
                 // Sometimes the proxy says 413: the loader re-plans smaller from the same queue.
                 if refusals.next().unwrap_or(false) && st.body_limit.get() > 4096 {
                     let batch = st.batches.pop_front().unwrap();
