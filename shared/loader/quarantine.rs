@@ -122,7 +122,19 @@ impl DeadLetters {
         config
             .set("enable.idempotence", "true")
             .set("acks", "all")
-            .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string());
+            .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+            // The loop waits for the delivery report: give up (and exit, to be restarted) well
+            // before /healthz would call it stuck (330 s), e.g. when the topic does not exist.
+            .set("message.timeout.ms", "120000");
+        // Zero from the start, so an alert on the rate sees the series before the first one.
+        for reason in [
+            Reason::AnonUndecodable,
+            Reason::BodyTooLarge,
+            Reason::ClickhouseRejected,
+        ] {
+            metrics::counter!("edgelog_dead_letters_total", "stage" => "loader", "reason" => reason.label())
+                .increment(0);
+        }
         Ok(DeadLetters {
             producer: config
                 .create()
