@@ -51,6 +51,7 @@ use batch::{BatchRanges, PartitionRange};
 use body::BodyCompression;
 use insert::{insert_url, InsertClient, Outcome};
 use plan::BodyLimit;
+use quarantine::{after_refusal, commit_quarantined, flush_dead_letters, quarantine};
 use quarantine::{DeadLetter, DeadLetters};
 use refused::{replace_refused, Next, Refusal};
 
@@ -900,87 +901,6 @@ fn finish(
         }
     }
     Ok(())
-}
-
-/// Sends the pending dead letters of undecodable records and waits until Kafka has them all.
-async fn flush_dead_letters(st: &mut State, dead_letters: &DeadLetters) -> anyhow::Result<()> {
-    if st.undecodable.is_empty() {
-        return Ok(());
-    }
-    dead_letters.send_all(&st.undecodable).await?;
-    for letter in std::mem::take(&mut st.undecodable) {
-        let to = st.quarantined_to.entry(letter.anon_partition).or_default();
-        *to = (*to).max(letter.anon_offset + 1);
-    }
-    Ok(())
-}
-
-/// With nothing queued or batched, every record below a dead-lettered one is loaded: dead-letter
-/// what is pending and commit past it all.
-async fn commit_quarantined(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    st: &mut State,
-    dead_letters: &DeadLetters,
-) -> anyhow::Result<()> {
-    flush_dead_letters(st, dead_letters).await?;
-    let mut tpl = TopicPartitionList::new();
-    for (&p, &to) in st
-        .quarantined_to
-        .iter()
-        .filter(|(p, _)| st.assigned.contains(p))
-    {
-        let mut e = tpl.add_partition(topic, p);
-        e.set_offset(Offset::Offset(to))?;
-        e.set_metadata("");
-        let skip = st.skip_below.entry(p).or_default();
-        *skip = (*skip).max(to);
-    }
-    if tpl.count() > 0 {
-        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
-            .context("committing past quarantined records")?;
-    }
-    st.quarantined_to.clear();
-    Ok(())
-}
-
-/// Dead-letters the records of `batch` (one, refused on its own) and commits past it.
-async fn quarantine(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    st: &mut State,
-    dead_letters: &DeadLetters,
-    batch: Batch,
-    reason: Reason,
-    why: String,
-) -> anyhow::Result<()> {
-    let letters: Vec<DeadLetter> = batch
-        .records
-        .iter()
-        .flatten()
-        .map(|b| DeadLetter::of_record(reason, why.clone(), b.partition, b.offset, &b.record))
-        .collect();
-    dead_letters.send_all(&letters).await?;
-    finish(consumer, topic, st, &batch.ranges)
-}
-
-/// Carries out what [`replace_refused`] decided.
-async fn after_refusal(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    st: &mut State,
-    dead_letters: &DeadLetters,
-    next: Next,
-    reason: Reason,
-    why: String,
-) -> anyhow::Result<()> {
-    match next {
-        Next::Replanned => Ok(()),
-        Next::NotOurs(batch) => finish(consumer, topic, st, &batch.ranges),
-        Next::Quarantine(batch) => {
-            quarantine(consumer, topic, st, dead_letters, batch, reason, why).await
-        }
-    }
 }
 
 /// Reads exactly the records of `ranges` again (read_committed, by assignment, outside the group).

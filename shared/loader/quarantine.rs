@@ -5,14 +5,16 @@
 //!
 //! Ordering is the whole guarantee: a dead letter is acknowledged by every in-sync replica
 //! (idempotent producer, `acks=all`, the delivery report awaited) before any offset commit moves
-//! past its record. A crash in between sends it again on the next attempt; `verify` counts
-//! distinct input offsets, so a repeated dead letter is harmless.
+//! past its record. A crash in between sends it again on the next attempt, so a reader (`verify`
+//! among them) counts distinct positions, never letters.
 
 use std::time::Duration;
 
 use anyhow::Context;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::anon_record::AnonRecord;
 use crate::config::Settings;
@@ -22,6 +24,9 @@ use crate::dead_letter::{
     HEADER_TOPIC,
 };
 use crate::kafka::client_config;
+
+use super::refused::Next;
+use super::{finish, Batch, LoaderContext, State};
 
 /// Largest dead letter the loader writes: librdkafka's default `message.max.bytes`, below the
 /// broker's default `max.message.bytes` (1048588). Larger payloads become a bounded envelope.
@@ -181,6 +186,92 @@ impl DeadLetters {
             .increment(1);
         tracing::warn!(reason = %letter.reason, partition = letter.anon_partition, offset = letter.anon_offset, source = ?letter.source, error = %error_text(&letter.error), "record quarantined in the loader's dead-letter topic");
         Ok(())
+    }
+}
+
+// In the loop: when dead letters are sent, and what is committed after them.
+
+/// Sends the pending dead letters of undecodable records and waits until Kafka has them all.
+pub(super) async fn flush_dead_letters(
+    st: &mut State,
+    dead_letters: &DeadLetters,
+) -> anyhow::Result<()> {
+    if st.undecodable.is_empty() {
+        return Ok(());
+    }
+    dead_letters.send_all(&st.undecodable).await?;
+    for letter in std::mem::take(&mut st.undecodable) {
+        let to = st.quarantined_to.entry(letter.anon_partition).or_default();
+        *to = (*to).max(letter.anon_offset + 1);
+    }
+    Ok(())
+}
+
+/// With nothing queued or batched, every record below a dead-lettered one is loaded: dead-letter
+/// what is pending and commit past it all.
+pub(super) async fn commit_quarantined(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    dead_letters: &DeadLetters,
+) -> anyhow::Result<()> {
+    flush_dead_letters(st, dead_letters).await?;
+    let mut tpl = TopicPartitionList::new();
+    for (&p, &to) in st
+        .quarantined_to
+        .iter()
+        .filter(|(p, _)| st.assigned.contains(p))
+    {
+        let mut e = tpl.add_partition(topic, p);
+        e.set_offset(Offset::Offset(to))?;
+        e.set_metadata("");
+        let skip = st.skip_below.entry(p).or_default();
+        *skip = (*skip).max(to);
+    }
+    if tpl.count() > 0 {
+        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
+            .context("committing past quarantined records")?;
+    }
+    st.quarantined_to.clear();
+    Ok(())
+}
+
+/// Dead-letters the records of `batch` (one, refused on its own) and commits past it.
+pub(super) async fn quarantine(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    dead_letters: &DeadLetters,
+    batch: Batch,
+    reason: Reason,
+    why: String,
+) -> anyhow::Result<()> {
+    let letters: Vec<DeadLetter> = batch
+        .records
+        .iter()
+        .flatten()
+        .map(|b| DeadLetter::of_record(reason, why.clone(), b.partition, b.offset, &b.record))
+        .collect();
+    dead_letters.send_all(&letters).await?;
+    finish(consumer, topic, st, &batch.ranges)
+}
+
+/// Carries out what [`super::refused::replace_refused`] decided.
+pub(super) async fn after_refusal(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    dead_letters: &DeadLetters,
+    next: Next,
+    reason: Reason,
+    why: String,
+) -> anyhow::Result<()> {
+    match next {
+        Next::Replanned => Ok(()),
+        Next::NotOurs(batch) => finish(consumer, topic, st, &batch.ranges),
+        Next::Quarantine(batch) => {
+            quarantine(consumer, topic, st, dead_letters, batch, reason, why).await
+        }
     }
 }
 
