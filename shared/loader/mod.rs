@@ -187,6 +187,8 @@ struct State {
     release: Vec<PartitionRange>,
     /// Records ClickHouse refused on their own since the last successful insert.
     rejected_in_a_row: u32,
+    /// Dead letters written by this process, by reason (for `/status`).
+    dead_lettered: BTreeMap<Reason, u64>,
 }
 
 /// This many records in a row refused by ClickHouse on their own, with no insert passing in
@@ -550,6 +552,18 @@ fn status_details(
             ),
         ),
         ("body limit", format!("{} bytes", st.body_limit.get())),
+        (
+            "dead-lettered",
+            if st.dead_lettered.is_empty() {
+                "none".to_string()
+            } else {
+                st.dead_lettered
+                    .iter()
+                    .map(|(reason, n)| format!("{n} {reason}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
     ]
 }
 
@@ -767,6 +781,7 @@ fn handle_rebalance(
                 level_ratio: st.level_ratio,
                 body_limit: st.body_limit,
                 rejected_in_a_row: st.rejected_in_a_row,
+                dead_lettered: std::mem::take(&mut st.dead_lettered),
                 ..State::default()
             };
         }

@@ -201,6 +201,7 @@ pub(super) async fn flush_dead_letters(
     }
     dead_letters.send_all(&st.undecodable).await?;
     for letter in std::mem::take(&mut st.undecodable) {
+        *st.dead_lettered.entry(letter.reason).or_default() += 1;
         let to = st.quarantined_to.entry(letter.anon_partition).or_default();
         *to = (*to).max(letter.anon_offset + 1);
     }
@@ -253,6 +254,7 @@ pub(super) async fn quarantine(
         .map(|b| DeadLetter::of_record(reason, why.clone(), b.partition, b.offset, &b.record))
         .collect();
     dead_letters.send_all(&letters).await?;
+    *st.dead_lettered.entry(reason).or_default() += letters.len() as u64;
     finish(consumer, topic, st, &batch.ranges)
 }
 
