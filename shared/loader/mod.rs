@@ -191,11 +191,6 @@ struct State {
     dead_lettered: BTreeMap<Reason, u64>,
 }
 
-/// This many records in a row refused by ClickHouse on their own, with no insert passing in
-/// between, is not a few bad records but something systematic (a schema change, an encoder bug):
-/// stop rather than quarantine everything.
-const MAX_REJECTED_IN_A_ROW: u32 = 10;
-
 /// Runs stage two until `shutdown` completes or a permanent error stops it.
 pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<()> {
     run_with_health(settings, Health::new(stall_limit(settings)), shutdown).await
@@ -477,8 +472,8 @@ pub async fn run_with_health(
                 let next = replace_refused(&mut st, batch, Refusal::Rejected);
                 if matches!(next, Next::Quarantine(_)) {
                     st.rejected_in_a_row += 1;
-                    if st.rejected_in_a_row >= MAX_REJECTED_IN_A_ROW {
-                        bail!("ClickHouse refused {} records in a row on their own with no insert passing in between; this looks systematic (schema, encoder), not a few bad records: stopping, nothing committed past the last one: {why}", st.rejected_in_a_row);
+                    if st.rejected_in_a_row >= l.max_rejected_in_a_row {
+                        bail!("ClickHouse refused {} records in a row on their own with no insert passing in between (loader.max_rejected_in_a_row): this looks systematic (schema, encoder), not a few bad records; stopping, nothing committed past the last one: {why}", st.rejected_in_a_row);
                     }
                 }
                 after_refusal(
