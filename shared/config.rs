@@ -466,6 +466,15 @@ pub struct LoaderSettings {
     /// Consumption pauses while this many bytes of records wait for a slot (bounds memory); at
     /// least `max_body_bytes`.
     pub max_buffer_bytes: usize,
+    /// Most UTC days (of the records' timestamps) one insert may touch, 1 to 1000. `http_log` has
+    /// a partition per day and ClickHouse refuses an insert spanning more than
+    /// `max_partitions_per_insert_block` (100 by default) partitions; one UTC day overlaps at most
+    /// two days of the server's time zone, so the default 50 fits the default limit anywhere.
+    pub max_days_per_batch: usize,
+    /// Records ClickHouse refuses on their own, in a row with no insert passing in between, after
+    /// which the loader stops instead of quarantining more: that many is taken for something
+    /// systematic (a schema change, an encoder bug), not bad records. At least 1.
+    pub max_rejected_in_a_row: u32,
     pub kafka_options: KafkaOptions,
 }
 
@@ -481,6 +490,8 @@ impl Default for LoaderSettings {
             dedup_token: true,
             body_compression: BodyCompression::Xz,
             max_buffer_bytes: 256 << 20,
+            max_days_per_batch: 50,
+            max_rejected_in_a_row: 10,
             kafka_options: KafkaOptions::default(),
         }
     }
@@ -734,6 +745,13 @@ impl Settings {
             l.request_timeout,
             Duration::from_millis(1),
             Duration::from_secs(3600),
+        )?;
+        check_range("loader.max_days_per_batch", l.max_days_per_batch, 1, 1000)?;
+        check_range(
+            "loader.max_rejected_in_a_row",
+            l.max_rejected_in_a_row,
+            1,
+            u32::MAX,
         )?;
         Ok(self)
     }
@@ -1121,6 +1139,10 @@ mod tests {
             ("loader.max_body_bytes", 1e20.into()),
             ("loader.max_buffer_bytes", 0.into()),
             ("loader.max_buffer_bytes", (-5).into()),
+            ("loader.max_days_per_batch", 0.into()),
+            ("loader.max_days_per_batch", 1001.into()),
+            ("loader.max_rejected_in_a_row", 0.into()),
+            ("loader.max_rejected_in_a_row", (-1).into()),
             ("topics.partitions", 0.into()),
             ("topics.partitions", (-3).into()),
             ("topics.partitions", 101.into()),

@@ -3,7 +3,10 @@
 //! bounded envelope that makes every dead letter fit its topic.
 //!
 //! A dead letter always names its **input** position (`http_log` partition and offset): `verify`
-//! accounts for every input offset as loaded or dead-lettered, whichever stage rejected it.
+//! accounts for every input offset as loaded or dead-lettered, whichever stage rejected it. The
+//! one exception is a record the loader cannot decode (`anon_undecodable`): its input position is
+//! unknown, so its `edgelog.source.*` headers name the anonymized topic, partition and offset.
+//! Loader dead letters also carry `edgelog.anon.*`, the position on the anonymized topic.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -22,6 +25,12 @@ pub const HEADER_ERROR: &str = "edgelog.error";
 pub const HEADER_REASON: &str = "edgelog.reason";
 /// The stage that rejected it: `anonymizer` or `loader`.
 pub const HEADER_STAGE: &str = "edgelog.stage";
+/// Loader dead letters: the anonymized topic the record was read from.
+pub const HEADER_ANON_TOPIC: &str = "edgelog.anon.topic";
+/// Loader dead letters: the record's partition on the anonymized topic, decimal.
+pub const HEADER_ANON_PARTITION: &str = "edgelog.anon.partition";
+/// Loader dead letters: the record's offset on the anonymized topic, decimal.
+pub const HEADER_ANON_OFFSET: &str = "edgelog.anon.offset";
 /// Present only on a truncated envelope: the original payload's size in bytes, decimal.
 pub const HEADER_ORIGINAL_SIZE: &str = "edgelog.original.size";
 /// Present only on a truncated envelope: SHA-256 of the original payload, lowercase hex.

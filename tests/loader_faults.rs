@@ -25,6 +25,8 @@ enum Fault {
     Drop,
     /// ClickHouse unreachable behind the proxy.
     BadGateway,
+    /// nginx's body limit refusal (a proxy briefly configured smaller): nothing reaches ClickHouse.
+    TooLarge,
     /// The loader process is SIGKILLed once its request has been sent in full; the insert then
     /// reaches ClickHouse and lands, with nobody left to hear the answer.
     KillSenderThenLand,
@@ -163,6 +165,15 @@ async fn fault_proxy(
             }
             Some(Fault::BadGateway) => {
                 respond(&mut stream, 502, "", b"<html>502 Bad Gateway</html>").await
+            }
+            Some(Fault::TooLarge) => {
+                respond(
+                    &mut stream,
+                    413,
+                    "",
+                    b"<html>413 Request Entity Too Large</html>",
+                )
+                .await
             }
             None => {
                 let (status, code, body) = forward(&target, &headers, body).await;
@@ -349,6 +360,57 @@ async fn a_body_over_the_proxys_limit_is_re_planned_smaller_never_dropped() {
         .filter(|l| l.starts_with(&format!("{ip} ")) && l.contains("\" 413 "))
         .count();
     assert!(refused >= 1, "nginx refused at least one body as too large");
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}
+
+/// One 413 from a proxy briefly configured smaller: the loader plans smaller bodies for a while,
+/// then climbs back to `max_body_bytes` as inserts pass, and loads everything once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_body_limit_climbs_back_after_a_transient_413() {
+    require_stack();
+    let (proxy_url, seen) = start_fault_proxy(vec![Fault::TooLarge], Default::default()).await;
+    let mut s = isolated_settings();
+    s.clickhouse.url = proxy_url;
+    s.loader.slot_spacing = Duration::from_millis(150);
+    let max = 40_000;
+    s.loader.max_body_bytes = max;
+    s.loader.body_compression = BodyCompression::Zstd;
+    // Over 30 full bodies of ~3,000 rows: room for the climb back.
+    fill_anonymized_topic(&s, 100_000).await;
+    let loader = start_loader(&s);
+    let db = s.clickhouse.database.clone();
+    wait_for("all rows", Duration::from_secs(180), || {
+        let db = db.clone();
+        async move {
+            (count(format!("SELECT count() FROM {db}.http_log")).await >= 100_000).then_some(())
+        }
+    })
+    .await;
+    loader.stop().await.unwrap();
+    assert_loaded_exactly_once(&s, 100_000).await;
+
+    let sizes: Vec<usize> = seen.lock().unwrap().iter().map(|r| r.body_len).collect();
+    eprintln!("body sizes: {sizes:?}");
+    let refused = sizes[0];
+    assert!(
+        sizes[1] <= refused * 3 / 4,
+        "planned smaller after the 413: {sizes:?}"
+    );
+    // While the refusal is recent, bodies stay under 7/8 of the refused one (BodyLimit).
+    assert!(
+        sizes[1..16].iter().all(|&b| b <= refused / 8 * 7),
+        "kept under the recent refusal: {sizes:?}"
+    );
+    // Then full bodies again, before the last (which takes what is left).
+    assert!(
+        sizes[16..sizes.len() - 1]
+            .iter()
+            .any(|&b| b as f64 > max as f64 * 0.9),
+        "the limit climbed back to loader.max_body_bytes: {sizes:?}"
+    );
     admin()
         .query(&format!("DROP DATABASE {db}"), &[])
         .await

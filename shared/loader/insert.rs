@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::config::Secret;
 use crate::loader::body::{BodyCompression, COLUMNS};
+use crate::loader::classify::{classify_clickhouse, ErrorClass};
 
 /// Settings pinned on every insert. A retried batch must be cut into the same blocks as the first
 /// attempt (dedup works per block), so block sizes are fixed here, never left to server defaults.
@@ -71,30 +72,13 @@ pub enum Outcome {
     /// Might or might not have landed (5xx, 504, timeout, refused): send the same batch again in
     /// the next slot; the dedup token makes a second landing a no-op.
     Transient(String),
-    /// ClickHouse rejected the request for a reason a retry cannot fix (schema, auth, bad data):
-    /// stop consuming, commit nothing, alert.
+    /// ClickHouse rejected the request for a reason no batch can get past (schema, auth,
+    /// settings): stop consuming, commit nothing, alert.
     Permanent(String),
+    /// ClickHouse refused this batch for what is in it (a value, too many partitions): it will
+    /// never pass as it is, smaller batches can. Split it; a single record is quarantined.
+    Rejected(String),
 }
-
-/// ClickHouse exception codes that a later retry can succeed after.
-const TRANSIENT_CLICKHOUSE_CODES: &[u32] = &[
-    3,   // UNEXPECTED_END_OF_FILE (body cut by a dying connection)
-    159, // TIMEOUT_EXCEEDED
-    164, // READONLY (e.g. during a restart)
-    202, // TOO_MANY_SIMULTANEOUS_QUERIES
-    209, // SOCKET_TIMEOUT
-    210, // NETWORK_ERROR
-    236, // ABORTED
-    241, // MEMORY_LIMIT_EXCEEDED
-    242, // TABLE_IS_READ_ONLY
-    252, // TOO_MANY_PARTS
-    319, // UNKNOWN_STATUS_OF_INSERT
-    335, // BARRIER_TIMEOUT
-    394, // QUERY_WAS_CANCELLED
-    425, // SYSTEM_ERROR
-    439, // CANNOT_SCHEDULE_TASK
-    999, // KEEPER_EXCEPTION
-];
 
 /// Classifies an HTTP answer. `clickhouse_code` is the `X-ClickHouse-Exception-Code` header: its
 /// presence tells a ClickHouse error from one made by the proxy.
@@ -112,10 +96,11 @@ pub fn classify_response(status: u16, clickhouse_code: Option<u32>, body: &str) 
         (200, Some(_)) => Outcome::Transient(detail()),
         (503, None) => Outcome::SlotBusy,
         (413, _) => Outcome::TooLarge,
-        (_, Some(code)) if TRANSIENT_CLICKHOUSE_CODES.contains(&code) => {
-            Outcome::Transient(detail())
-        }
-        (_, Some(_)) => Outcome::Permanent(detail()),
+        (_, Some(code)) => match classify_clickhouse(code, body) {
+            ErrorClass::Retriable => Outcome::Transient(detail()),
+            ErrorClass::Permanent => Outcome::Permanent(detail()),
+            ErrorClass::BatchCannotPass => Outcome::Rejected(detail()),
+        },
         (401 | 403, None) => Outcome::Permanent(detail()),
         _ => Outcome::Transient(detail()),
     }
@@ -256,6 +241,18 @@ mod tests {
             Transient(_)
         ));
         assert!(matches!(
+            classify_response(
+                500,
+                Some(252),
+                "Too many partitions for single INSERT block (more than 100)"
+            ),
+            Rejected(_)
+        ));
+        assert!(matches!(
+            classify_response(500, Some(469), "Constraint `c` is violated"),
+            Rejected(_)
+        ));
+        assert!(matches!(
             classify_response(503, Some(202), "too many queries"),
             Transient(_)
         ));
@@ -269,6 +266,10 @@ mod tests {
         ));
         assert!(matches!(
             classify_response(400, Some(27), "Cannot parse input"),
+            Rejected(_)
+        ));
+        assert!(matches!(
+            classify_response(400, Some(115), "Unknown setting"),
             Permanent(_)
         ));
         assert!(matches!(

@@ -15,10 +15,21 @@
 //! exactly one copy. Rebalance events (queued by the callback, which runs inside any poll, even
 //! one that then times out) are applied before a batch is planned, and no record below the
 //! committed offset read at assignment is ever queued.
+//!
+//! No record can stop the loader or keep it retrying: what it cannot load goes to the loader's
+//! dead-letter topic ([`quarantine`]), durably, before any commit passes it. Undecodable records
+//! when read; a record whose body alone is over the limit when its batch of one is encoded; a
+//! batch ClickHouse refuses for its content ([`classify`]) or the proxy refuses for its size is
+//! replaced by smaller ones (`refused.rs`) down to the one record that cannot pass. Batches are
+//! planned by the pure rules of [`plan`] (days per insert, body limit).
 
 pub mod batch;
 pub mod body;
+pub mod classify;
 pub mod insert;
+pub mod plan;
+pub mod quarantine;
+mod refused;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -33,11 +44,16 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
 use crate::config::Settings;
+use crate::dead_letter::Reason;
 use crate::health::Health;
 use crate::kafka::{client_config, describe};
-use batch::BatchRanges;
+use batch::{BatchRanges, PartitionRange};
 use body::BodyCompression;
 use insert::{insert_url, InsertClient, Outcome};
+use plan::BodyLimit;
+use quarantine::{after_refusal, commit_quarantined, flush_dead_letters, quarantine};
+use quarantine::{DeadLetter, DeadLetters};
+use refused::{replace_refused, Next, Refusal};
 
 /// Crash injection for tests: `LOADER_FAILPOINT=<step>` aborts the process (as a crash would) at
 /// that step of a batch's cycle. Read once at start; unset in production.
@@ -108,6 +124,31 @@ struct Batch {
     body: Option<Vec<u8>>,
 }
 
+impl Batch {
+    /// A new batch of `records` (per partition a contiguous run, in offset order): its ranges
+    /// hold exactly these records. Recorded before it is sent.
+    fn planned(records: Vec<Buffered>) -> Batch {
+        let ranges = BatchRanges::covering(records.iter().map(|b| (b.partition, b.offset)))
+            .expect("a batch has records");
+        Batch {
+            ranges,
+            records: Some(records),
+            recorded: false,
+            body: None,
+        }
+    }
+
+    /// A batch found in commit metadata: rebuilt from its ranges before it is sent.
+    fn recorded(ranges: BatchRanges) -> Batch {
+        Batch {
+            ranges,
+            records: None,
+            recorded: true,
+            body: None,
+        }
+    }
+}
+
 /// A record read from the anonymized topic, with its position there (batches are keyed by it).
 struct Buffered {
     partition: i32,
@@ -132,8 +173,22 @@ struct State {
     bytes_per_row: f64,
     /// Final-level body size over planning-level size, learned from the last batch.
     level_ratio: f64,
-    /// Largest body to plan: `max_body_bytes`, lowered whenever the proxy answers 413.
-    body_limit: usize,
+    /// Largest body to plan: `max_body_bytes`, lowered by a 413, raised again by inserts.
+    body_limit: BodyLimit,
+    /// Undecodable records read, whose dead letters are not yet acknowledged. Sent before any
+    /// offset commit, so no commit ever passes a record without its dead letter being durable.
+    undecodable: Vec<DeadLetter>,
+    /// Per partition: one past the last dead-lettered undecodable record that no commit has
+    /// passed yet. Committed when nothing else is left to load (a batch's commit passes the
+    /// others).
+    quarantined_to: BTreeMap<i32, i64>,
+    /// This loader's partitions of replaced batches whose commit metadata still names them; the
+    /// next recording clears it ([`refused`]).
+    release: Vec<PartitionRange>,
+    /// Records ClickHouse refused on their own since the last successful insert.
+    rejected_in_a_row: u32,
+    /// Dead letters written by this process, by reason (for `/status`).
+    dead_lettered: BTreeMap<Reason, u64>,
 }
 
 /// Runs stage two until `shutdown` completes or a permanent error stops it.
@@ -192,10 +247,12 @@ pub async fn run_with_health(
         l.request_timeout,
     );
 
+    let dead_letters = DeadLetters::new(settings)?;
+
     let failpoint = Failpoint::from_env();
     let mut st = State {
         bytes_per_row: 20.0,
-        body_limit: l.max_body_bytes,
+        body_limit: BodyLimit::new(l.max_body_bytes),
         ..State::default()
     };
     let mut next_slot = Instant::now();
@@ -210,6 +267,11 @@ pub async fn run_with_health(
     loop {
         absorb(&consumer, &topic, &mut st, &events, None)?;
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
+        if st.batches.is_empty() && st.queue.is_empty() {
+            // Only undecodable records left to pass: quarantine them and commit past them now,
+            // or their partitions would show a lag until some later record arrives.
+            commit_quarantined(&consumer, &topic, &mut st, &dead_letters).await?;
+        }
 
         let work = !st.batches.is_empty() || !st.queue.is_empty();
         health.beat();
@@ -250,7 +312,7 @@ pub async fn run_with_health(
             let planning = Instant::now();
             // Short of a full body, give the consumer up to a second to deliver more (right after
             // start-up the first fetches are still arriving); otherwise take what is ready.
-            let target_rows = (st.body_limit as f64 / st.bytes_per_row.max(1.0)) as usize;
+            let target_rows = (st.body_limit.get() as f64 / st.bytes_per_row.max(1.0)) as usize;
             let fill_until = Instant::now() + Duration::from_secs(1);
             while !st.paused && st.queued_bytes < l.max_buffer_bytes {
                 let patience = if st.queue.len() < target_rows && Instant::now() < fill_until {
@@ -270,25 +332,30 @@ pub async fn run_with_health(
             if apply_rebalances(&consumer, &topic, &mut st, &events)? || st.queue.is_empty() {
                 continue; // a rebalance took the work away
             }
-            plan_batch(&mut st, l.body_compression);
+            plan_batch(&mut st, l.body_compression, l.max_days_per_batch);
             planning_lead = next_planning_lead(planning.elapsed(), l.slot_spacing);
             if Instant::now() < next_slot {
                 continue; // planned ahead: the batch waits for its slot
             }
         }
+        // Every undecodable record read so far, including any inside this batch's ranges, is
+        // dead-lettered before the batch is recorded or committed.
+        flush_dead_letters(&mut st, &dead_letters).await?;
         let batch = st.batches.front_mut().expect("planned or recovered");
         if batch.records.is_none() {
             let rebuilt = rebuild(settings, &batch.ranges).await?;
             if rebuilt.is_empty() {
-                // Retention deleted all of it (logged as data loss by `rebuild`): nothing to send.
+                // Retention deleted all of it (logged as data loss by `rebuild`), or it held only
+                // undecodable records (dead-lettered before it was recorded): nothing to send.
                 let batch = st.batches.pop_front().expect("present");
-                commit_done(&consumer, &topic, &st.assigned, &batch.ranges)?;
+                finish(&consumer, &topic, &mut st, &batch.ranges)?;
                 continue;
             }
             batch.records = Some(rebuilt);
         }
         if !batch.recorded {
-            record_ranges(&consumer, &topic, &batch.ranges)?;
+            let release = std::mem::take(&mut st.release);
+            record_ranges(&consumer, &topic, &batch.ranges, &release, &st.assigned)?;
             batch.recorded = true;
             Failpoint::hit(failpoint, Failpoint::AfterRecord);
         }
@@ -300,6 +367,26 @@ pub async fn run_with_health(
                 body::encode_body(&refs, l.body_compression)
             })
             .clone();
+        if records.len() == 1 && body.len() > l.max_body_bytes {
+            // No proxy configured for `max_body_bytes` takes it: quarantine without a slot.
+            let batch = st.batches.pop_front().expect("present");
+            let why = format!(
+                "this record alone makes a {}-byte body, over loader.max_body_bytes = {}",
+                body.len(),
+                l.max_body_bytes
+            );
+            quarantine(
+                &consumer,
+                &topic,
+                &mut st,
+                &dead_letters,
+                batch,
+                Reason::BodyTooLarge,
+                why,
+            )
+            .await?;
+            continue;
+        }
         let token = l.dedup_token.then(|| batch.ranges.dedup_token(&topic));
         let url = insert_url(
             &settings.clickhouse.url,
@@ -317,14 +404,18 @@ pub async fn run_with_health(
             Outcome::TooLarge => "too_large",
             Outcome::Transient(_) => "transient",
             Outcome::Permanent(_) => "permanent",
+            Outcome::Rejected(_) => "rejected",
         };
         metrics::counter!("edgelog_loader_requests_total", "outcome" => label).increment(1);
         last_outcome = label;
         match outcome {
             Outcome::Inserted => {
                 let batch = st.batches.pop_front().expect("present");
-                commit_done(&consumer, &topic, &st.assigned, &batch.ranges)?;
+                finish(&consumer, &topic, &mut st, &batch.ranges)?;
                 health.success();
+                st.body_limit.inserted();
+                st.rejected_in_a_row = 0;
+                metrics::gauge!("edgelog_loader_body_limit_bytes").set(st.body_limit.get() as f64);
                 last_insert = Some((Instant::now(), rows));
                 st.bytes_per_row = size as f64 / rows.max(1) as f64;
                 // What one instance can sustain at this compression: a full body per slot.
@@ -354,10 +445,47 @@ pub async fn run_with_health(
                 // nginx refused the body before ClickHouse saw it, so the batch never existed for
                 // ClickHouse: lower the limit and re-plan smaller (its ranges are re-recorded).
                 let batch = st.batches.pop_front().expect("present");
-                st.body_limit = (size * 3 / 4).max(4096);
-                metrics::gauge!("edgelog_loader_body_limit_bytes").set(st.body_limit as f64);
-                tracing::warn!(rows, bytes = size, new_limit = st.body_limit, "body over the proxy's limit (413); lowering loader.max_body_bytes in effect and re-planning");
-                requeue(&mut st, batch);
+                let why =
+                    format!("the proxy refused a {size}-byte body holding this record alone (413)");
+                let next = replace_refused(&mut st, batch, Refusal::TooLarge { size });
+                metrics::gauge!("edgelog_loader_body_limit_bytes").set(st.body_limit.get() as f64);
+                tracing::warn!(
+                    rows,
+                    bytes = size,
+                    new_limit = st.body_limit.get(),
+                    "body over the proxy's limit (413); planning smaller until inserts pass again"
+                );
+                after_refusal(
+                    &consumer,
+                    &topic,
+                    &mut st,
+                    &dead_letters,
+                    next,
+                    Reason::BodyTooLarge,
+                    why,
+                )
+                .await?;
+            }
+            Outcome::Rejected(why) => {
+                let batch = st.batches.pop_front().expect("present");
+                tracing::warn!(rows, ranges = %batch.ranges, %why, "ClickHouse refused the batch for what it holds; splitting it to isolate the records it refuses");
+                let next = replace_refused(&mut st, batch, Refusal::Rejected);
+                if matches!(next, Next::Quarantine(_)) {
+                    st.rejected_in_a_row += 1;
+                    if st.rejected_in_a_row >= l.max_rejected_in_a_row {
+                        bail!("ClickHouse refused {} records in a row on their own with no insert passing in between (loader.max_rejected_in_a_row): this looks systematic (schema, encoder), not a few bad records; stopping, nothing committed past the last one: {why}", st.rejected_in_a_row);
+                    }
+                }
+                after_refusal(
+                    &consumer,
+                    &topic,
+                    &mut st,
+                    &dead_letters,
+                    next,
+                    Reason::ClickhouseRejected,
+                    why,
+                )
+                .await?;
             }
             Outcome::Transient(why) => {
                 tracing::warn!(%why, ranges = %batch_ranges(&st), "insert failed transiently; same batch next slot")
@@ -418,7 +546,19 @@ fn status_details(
                 }
             ),
         ),
-        ("body limit", format!("{} bytes", st.body_limit)),
+        ("body limit", format!("{} bytes", st.body_limit.get())),
+        (
+            "dead-lettered",
+            if st.dead_lettered.is_empty() {
+                "none".to_string()
+            } else {
+                st.dead_lettered
+                    .iter()
+                    .map(|(reason, n)| format!("{n} {reason}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        ),
     ]
 }
 
@@ -472,13 +612,20 @@ fn buffer(st: &mut State, partition: i32, offset: i64, payload: &[u8]) -> anyhow
     {
         return Ok(());
     }
-    // The anonymizer wrote it, so a record that does not decode is a bug or a foreign producer:
-    // stop rather than skip (skipping would lose it, committing past it would hide it).
-    let record = anon_record::decode(payload).with_context(|| {
-        format!(
-            "undecodable record at partition {partition} offset {offset} of the anonymized topic"
-        )
-    })?;
+    // The anonymizer wrote it, so a record that does not decode is a bug or a foreign producer.
+    // It can never load: quarantine it (before any commit passes it) and go on.
+    let record = match anon_record::decode(payload) {
+        Ok(record) => record,
+        Err(e) => {
+            st.undecodable.push(DeadLetter::undecodable(
+                partition,
+                offset,
+                payload,
+                e.to_string(),
+            ));
+            return Ok(());
+        }
+    };
     let bytes = payload.len() + std::mem::size_of::<Buffered>();
     st.queued_bytes += bytes;
     st.queue.push_back(Buffered {
@@ -492,9 +639,12 @@ fn buffer(st: &mut State, partition: i32, offset: i64, payload: &[u8]) -> anyhow
 
 /// Takes the longest prefix of the queue whose body fits the body limit (within 2%) as a new
 /// batch. Bisection, starting from a guess made with the last body's bytes per row.
-fn plan_batch(st: &mut State, compression: BodyCompression) {
-    let max_body_bytes = st.body_limit;
-    let len = st.queue.len();
+fn plan_batch(st: &mut State, compression: BodyCompression, max_days: usize) {
+    let max_body_bytes = st.body_limit.get();
+    let len = plan::prefix_within_days(
+        st.queue.iter().map(|b| b.record.timestamp_epoch_milli),
+        max_days,
+    );
     // Candidates are sized with a cheap zstd level scaled by the learned ratio to the final
     // level; only the chosen batch is encoded at the final level (see docs/BENCHMARKS.md).
     let ratio = if st.level_ratio > 0.0 {
@@ -564,8 +714,14 @@ fn next_planning_lead(last_planning: Duration, slot_spacing: Duration) -> Durati
 }
 
 /// Puts a batch's records back at the head of the queue (after a 413), to be planned again.
+#[cfg(test)]
 fn requeue(st: &mut State, batch: Batch) {
-    for b in batch.records.into_iter().flatten().rev() {
+    requeue_records(st, batch.records.unwrap_or_default());
+}
+
+/// Puts records back at the head of the queue, in their order, to be planned again.
+fn requeue_records(st: &mut State, records: Vec<Buffered>) {
+    for b in records.into_iter().rev() {
         st.queued_bytes += b.bytes;
         st.queue.push_front(b);
     }
@@ -619,6 +775,8 @@ fn handle_rebalance(
                 bytes_per_row: st.bytes_per_row,
                 level_ratio: st.level_ratio,
                 body_limit: st.body_limit,
+                rejected_in_a_row: st.rejected_in_a_row,
+                dead_lettered: std::mem::take(&mut st.dead_lettered),
                 ..State::default()
             };
         }
@@ -666,12 +824,7 @@ fn handle_rebalance(
                         }
                         if !st.batches.iter().any(|b| b.ranges == ranges) {
                             tracing::info!(partition = p, %ranges, "recorded batch found; finishing it before anything new");
-                            st.batches.push_back(Batch {
-                                ranges,
-                                records: None,
-                                recorded: true,
-                                body: None,
-                            });
+                            st.batches.push_back(Batch::recorded(ranges));
                         }
                     }
                     Ok(None) => {}
@@ -685,11 +838,15 @@ fn handle_rebalance(
     Ok(())
 }
 
-/// Step 2 of the cycle: make the batch's ranges durable before anything is sent.
+/// Step 2 of the cycle: make the batch's ranges durable before anything is sent. In the same
+/// commit, `release`d partitions (of a replaced batch, not overwritten by this one) lose their
+/// metadata and keep their offset: nothing of them is loaded yet.
 fn record_ranges(
     consumer: &StreamConsumer<LoaderContext>,
     topic: &str,
     ranges: &BatchRanges,
+    release: &[PartitionRange],
+    assigned: &[i32],
 ) -> anyhow::Result<()> {
     let metadata = ranges.to_metadata();
     let mut tpl = TopicPartitionList::new();
@@ -697,6 +854,14 @@ fn record_ranges(
         let mut e = tpl.add_partition(topic, r.partition);
         e.set_offset(Offset::Offset(r.start))?;
         e.set_metadata(metadata.as_str());
+    }
+    for r in release
+        .iter()
+        .filter(|r| ranges.get(r.partition).is_none() && assigned.contains(&r.partition))
+    {
+        let mut e = tpl.add_partition(topic, r.partition);
+        e.set_offset(Offset::Offset(r.start))?;
+        e.set_metadata("");
     }
     tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
         .context("recording the batch's ranges")?;
@@ -723,6 +888,27 @@ fn commit_done(
     if tpl.count() > 0 {
         tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
             .context("committing a loaded batch")?;
+    }
+    Ok(())
+}
+
+/// A batch is done (loaded, or nothing of it left to load): commit past it and forget the
+/// dead-lettered records its commit passes.
+fn finish(
+    consumer: &StreamConsumer<LoaderContext>,
+    topic: &str,
+    st: &mut State,
+    ranges: &BatchRanges,
+) -> anyhow::Result<()> {
+    commit_done(consumer, topic, &st.assigned, ranges)?;
+    for r in ranges.ranges() {
+        if st
+            .quarantined_to
+            .get(&r.partition)
+            .is_some_and(|&to| to <= r.end)
+        {
+            st.quarantined_to.remove(&r.partition);
+        }
     }
     Ok(())
 }
@@ -784,15 +970,19 @@ fn rebuild_blocking(settings: &Settings, ranges: &BatchRanges) -> anyhow::Result
             continue;
         }
         let payload = m.payload().unwrap_or(&[]);
-        let record = anon_record::decode(payload).with_context(|| {
-            format!("undecodable record at partition {p} offset {o} of {topic}")
-        })?;
-        records.push(Buffered {
-            partition: p,
-            offset: o,
-            record,
-            bytes: payload.len(),
-        });
+        match anon_record::decode(payload) {
+            Ok(record) => records.push(Buffered {
+                partition: p,
+                offset: o,
+                record,
+                bytes: payload.len(),
+            }),
+            // Decoding is deterministic, so the first attempt found it undecodable too, and
+            // dead-lettered it before it recorded the batch: skip it, as the first attempt did.
+            Err(e) => {
+                tracing::warn!(partition = p, offset = o, error = %e, "undecodable record inside a recorded batch skipped (dead-lettered before the batch was recorded)")
+            }
+        }
         if remaining.get(&p) == Some(&o) {
             remaining.remove(&p);
         }
@@ -811,7 +1001,7 @@ mod tests {
         let mut model = TrafficModel::new(&ProducerSettings::default());
         let mut st = State {
             bytes_per_row: 20.0,
-            body_limit: 1_000_000,
+            body_limit: BodyLimit::new(1_000_000),
             ..State::default()
         };
         let mut next = vec![0i64; partitions as usize];
@@ -834,11 +1024,11 @@ mod tests {
         let mut st = queue_of(30_000, 4);
         let all: Vec<(i32, i64)> = st.queue.iter().map(|b| (b.partition, b.offset)).collect();
         let max = 64 * 1024;
-        st.body_limit = max;
+        st.body_limit = BodyLimit::new(max);
         let mut seen = Vec::new();
         let mut previous_end: BTreeMap<i32, i64> = BTreeMap::new();
         while !st.queue.is_empty() {
-            plan_batch(&mut st, BodyCompression::default());
+            plan_batch(&mut st, BodyCompression::default(), usize::MAX);
             let batch = st.batches.pop_front().unwrap();
             let records = batch.records.unwrap();
             let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
@@ -887,9 +1077,29 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_touches_at_most_max_days() {
+        let mut st = queue_of(0, 1);
+        let day = 86_400_000u64;
+        for i in 0..30i64 {
+            let mut r = TrafficModel::new(&ProducerSettings::default()).next_record(0);
+            r.timestamp_epoch_milli = 1_700_000_000_000 + (i as u64 / 10) * day;
+            let (bytes, _) =
+                crate::anon_record::transform(&crate::record::encode_capnp(&r), 0, i, 48).unwrap();
+            buffer(&mut st, 0, i, &bytes).unwrap();
+        }
+        plan_batch(&mut st, BodyCompression::default(), 2);
+        assert_eq!(
+            st.batches[0].ranges.to_string(),
+            "0:0-20",
+            "two days of ten records"
+        );
+        assert_eq!(st.queue.len(), 10);
+    }
+
+    #[test]
     fn a_small_queue_goes_in_one_batch() {
         let mut st = queue_of(100, 3);
-        plan_batch(&mut st, BodyCompression::default());
+        plan_batch(&mut st, BodyCompression::default(), usize::MAX);
         assert!(st.queue.is_empty());
         assert_eq!(st.batches.len(), 1);
         assert_eq!(st.queued_bytes, 0);
@@ -899,7 +1109,7 @@ mod tests {
     #[test]
     fn recorded_ranges_are_skipped_when_read_again() {
         let mut st = queue_of(10, 1);
-        plan_batch(&mut st, BodyCompression::default());
+        plan_batch(&mut st, BodyCompression::default(), usize::MAX);
         let end = st.batches[0].ranges.get(0).unwrap().end;
         let (bytes, _) = crate::anon_record::transform(
             &crate::record::encode_capnp(
@@ -931,7 +1141,8 @@ mod props {
     fn anon(partition: i32, offset: i64, url_len: usize, resource: u64) -> AnonRecord {
         AnonRecord {
             version: 1,
-            timestamp_epoch_milli: 1_700_000_000_000 + offset.unsigned_abs(),
+            // Seven hours apart: a batch spans days, which planning bounds.
+            timestamp_epoch_milli: 1_700_000_000_000 + offset.unsigned_abs() * 25_200_000,
             resource_id: resource,
             bytes_sent: offset.unsigned_abs().wrapping_mul(2_654_435_761),
             request_time_milli: 3,
@@ -982,10 +1193,11 @@ mod props {
             limit in 4096usize..12_000,
             bytes_per_row in 1.0f64..500.0,
             too_large in prop::collection::vec(any::<bool>(), 8),
+            max_days in prop_oneof![1usize..4, Just(usize::MAX)],
         ) {
             let mut st = State {
                 bytes_per_row,
-                body_limit: limit,
+                body_limit: BodyLimit::new(limit),
                 ..State::default()
             };
             for &(p, o, url_len, resource) in &queue {
@@ -997,12 +1209,22 @@ mod props {
             let mut previous_end: BTreeMap<i32, i64> = BTreeMap::new();
             let mut refusals = too_large.into_iter();
             while !st.queue.is_empty() {
-                plan_batch(&mut st, BodyCompression::default());
+                plan_batch(&mut st, BodyCompression::default(), max_days);
                 prop_assert_eq!(st.batches.len(), 1);
+                let mut days: Vec<u64> = st.batches[0]
+                    .records
+                    .iter()
+                    .flatten()
+                    .map(|b| b.record.timestamp_epoch_milli / 86_400_000)
+                    .collect();
+                days.sort();
+                days.dedup();
+                prop_assert!(days.len() <= max_days, "{} days", days.len());
                 // Sometimes the proxy says 413: the loader re-plans smaller from the same queue.
-                if refusals.next().unwrap_or(false) && st.body_limit > 4096 {
+                if refusals.next().unwrap_or(false) && st.body_limit.get() > 4096 {
                     let batch = st.batches.pop_front().unwrap();
-                    st.body_limit = (st.body_limit * 3 / 4).max(4096);
+                    let limit = st.body_limit.get();
+                    st.body_limit.refused(limit);
                     requeue(&mut st, batch);
                     continue;
                 }
@@ -1010,7 +1232,7 @@ mod props {
                 let records = batch.records.unwrap();
                 let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
                 let size = body::encode_body(&refs, BodyCompression::default()).len();
-                prop_assert!(size <= st.body_limit || records.len() == 1, "{} > {}", size, st.body_limit);
+                prop_assert!(size <= st.body_limit.get() || records.len() == 1, "{} > {}", size, st.body_limit.get());
                 let mine: Vec<(i32, i64)> = records.iter().map(|b| (b.partition, b.offset)).collect();
                 // Exactly the records inside the ranges: none outside, no other inside.
                 let inside: Vec<(i32, i64)> = all
