@@ -228,13 +228,13 @@ impl KafkaWatch {
     }
 
     /// The stage itself found the cluster unreachable (a call timed out, no broker answered).
-    pub fn unreachable(&self, error: &KafkaError, during: &str) {
+    pub fn unreachable(&self, error: &dyn std::fmt::Display, during: &str) {
         if let Some(h) = &self.health {
             h.down("kafka", &format!("{during}: {error}"));
         }
         let kind = format!("unreachable {during}");
         if let Some(suppressed) = self.gate.admit(&kind, Instant::now()) {
-            tracing::warn!(%error, during, suppressed, "Kafka cluster unreachable; retrying");
+            tracing::warn!(error = %error, during, suppressed, "Kafka cluster unreachable; retrying");
         }
     }
 

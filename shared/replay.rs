@@ -116,10 +116,10 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
         )?;
         // A recorded batch may have landed without being committed. Replaying would drop its
         // rows, and the loader's re-send would then be dropped as a duplicate: finish it first.
-        if let Some(p) = positions.iter().find(|p| {
-            p.metadata
-                .starts_with(crate::loader::batch::METADATA_PREFIX)
-        }) {
+        if let Some(p) = positions
+            .iter()
+            .find(|p| crate::loader::batch::BatchId::is_pending(&p.metadata))
+        {
             bail!(
                 "the loader has a recorded batch pending on partition {} ({}): run the loader \
                  until `edgelog status` shows no pending batch, stop it, then replay",

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::clickhouse::ClickHouseClient;
 use crate::config::Settings;
 use crate::kafka::{group_positions, GroupPosition};
-use crate::loader::batch::BatchRanges;
+use crate::loader::batch::BatchId;
 
 /// One consumer group's positions as a table. Lag counts offsets, so it may include a
 /// transaction marker or two.
@@ -33,7 +33,7 @@ pub fn positions_table(title: &str, positions: &[GroupPosition]) -> String {
     for p in positions {
         let lag = p.high - p.committed.unwrap_or(p.low).max(p.low);
         total += lag;
-        let pending = match BatchRanges::from_metadata(&p.metadata) {
+        let pending = match BatchId::from_metadata(&p.metadata) {
             Ok(Some(b)) => b.to_string(),
             Ok(None) => "-".to_string(),
             Err(e) => format!("unreadable: {e}"),

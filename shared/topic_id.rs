@@ -9,20 +9,36 @@
 use std::ffi::{CStr, CString};
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use rdkafka::bindings as rd;
 use rdkafka::client::{Client, ClientContext};
 
 /// What an unknown or pre-2.8 topic id reads as (all zero bits, base64).
 pub const ZERO_TOPIC_ID: &str = "AAAAAAAAAAAAAAAAAAAAAA";
 
+/// Why no id could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicIdError {
+    /// No answer from the cluster (timed out, no broker reachable): worth retrying.
+    #[error("describing topic {topic}: no answer from the cluster: {detail}")]
+    Unreachable { topic: String, detail: String },
+    #[error("topic {0} does not exist (run `edgelog setup`)")]
+    NoSuchTopic(String),
+    #[error("describing topic {topic}: {detail}")]
+    Other { topic: String, detail: String },
+}
+
 /// The base64 topic id of `topic` (22 characters), as Kafka's own tools print it.
 pub fn topic_id<C: ClientContext>(
     client: &Client<C>,
     topic: &str,
     timeout: Duration,
-) -> anyhow::Result<String> {
-    let name = CString::new(topic).context("topic name with a NUL byte")?;
+) -> Result<String, TopicIdError> {
+    use rd::rd_kafka_resp_err_t::*;
+    let other = |detail: String| TopicIdError::Other {
+        topic: topic.to_string(),
+        detail,
+    };
+    let name = CString::new(topic).map_err(|_| other("a NUL byte in the name".into()))?;
     let names = [name.as_ptr()];
     // SAFETY: every pointer passed to librdkafka is valid for the call; every object created here
     // is destroyed on every path below (the guards run on return); strings read from the result
@@ -55,37 +71,48 @@ pub fn topic_id<C: ClientContext>(
             rd::rd_kafka_event_destroy,
         );
         if event.0.is_null() {
-            bail!("describing topic {topic}: no answer within {timeout:?}");
+            return Err(TopicIdError::Unreachable {
+                topic: topic.to_string(),
+                detail: format!("no answer within {timeout:?}"),
+            });
         }
         let err = rd::rd_kafka_event_error(event.0);
-        if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            bail!(
-                "describing topic {topic}: {}",
-                text(rd::rd_kafka_event_error_string(event.0))
-            );
+        if err != RD_KAFKA_RESP_ERR_NO_ERROR {
+            let detail = text(rd::rd_kafka_event_error_string(event.0));
+            return Err(match err {
+                RD_KAFKA_RESP_ERR__TIMED_OUT
+                | RD_KAFKA_RESP_ERR__TRANSPORT
+                | RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN
+                | RD_KAFKA_RESP_ERR__RESOLVE => TopicIdError::Unreachable {
+                    topic: topic.to_string(),
+                    detail,
+                },
+                _ => other(detail),
+            });
         }
         let result = rd::rd_kafka_event_DescribeTopics_result(event.0);
         if result.is_null() {
-            bail!("describing topic {topic}: unexpected answer");
+            return Err(other("unexpected answer".into()));
         }
         let mut count = 0usize;
         let topics = rd::rd_kafka_DescribeTopics_result_topics(result, &mut count);
         if topics.is_null() || count != 1 {
-            bail!("describing topic {topic}: {count} topics in the answer");
+            return Err(other(format!("{count} topics in the answer")));
         }
         let description = *topics;
         let error = rd::rd_kafka_TopicDescription_error(description);
-        if !error.is_null()
-            && rd::rd_kafka_error_code(error) != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
-        {
-            bail!(
-                "describing topic {topic}: {}",
-                text(rd::rd_kafka_error_string(error))
-            );
+        if !error.is_null() {
+            match rd::rd_kafka_error_code(error) {
+                RD_KAFKA_RESP_ERR_NO_ERROR => {}
+                RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART => {
+                    return Err(TopicIdError::NoSuchTopic(topic.to_string()))
+                }
+                _ => return Err(other(text(rd::rd_kafka_error_string(error)))),
+            }
         }
         let id = rd::rd_kafka_TopicDescription_topic_id(description);
         if id.is_null() {
-            bail!("describing topic {topic}: no topic id");
+            return Err(other("no topic id in the answer".into()));
         }
         Ok(text(rd::rd_kafka_Uuid_base64str(id)))
     }

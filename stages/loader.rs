@@ -30,4 +30,7 @@ async fn main() {
         tracing::error!("loader stopped: {e:#}");
         std::process::exit(1);
     }
+    // Not a return: dropping the runtime would wait for a blocking Kafka call (a rebuild's read)
+    // still waiting on a dead cluster.
+    std::process::exit(0);
 }

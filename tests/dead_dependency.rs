@@ -134,3 +134,76 @@ async fn an_anonymizer_without_a_cluster_is_unready_quiet_and_stops_on_sigterm()
         "exited {took:?} after SIGTERM"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_without_a_cluster_is_unready_quiet_and_stops_on_sigterm() {
+    let mut s = isolated_settings();
+    s.kafka.brokers = format!("127.0.0.1:{}", closed_port());
+    s.loader.source_address = Some(fresh_loopback_ip());
+    let port = closed_port();
+    let mut cmd = loader_command(&s);
+    cmd.env(
+        "EDGELOG_LOADER__METRICS_LISTEN",
+        format!("127.0.0.1:{port}"),
+    );
+    let mut stage = Stage::start(cmd, port);
+
+    let body = stage.wait_unready_because("kafka unavailable").await;
+    assert!(
+        body.contains("topic's id"),
+        "names what it waits for: {body}"
+    );
+    assert_quiet(&stage, Duration::from_secs(12), 4).await;
+
+    let (took, status) = stage.terminate();
+    assert!(
+        status.success(),
+        "{status}; log:\n{}",
+        stage.log_lines().join("\n")
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM"
+    );
+}
+
+/// Kafka answers, the proxy does not: the loader keeps its batch, says why it is unready, and
+/// still stops at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_whose_proxy_is_gone_is_unready_and_stops_on_sigterm() {
+    require_stack();
+    let mut s = fast_loader_settings();
+    fill_anonymized_topic(&s, 200).await;
+    s.clickhouse.url = format!("http://127.0.0.1:{}", closed_port());
+    let port = closed_port();
+    let mut cmd = loader_command(&s);
+    cmd.env(
+        "EDGELOG_LOADER__METRICS_LISTEN",
+        format!("127.0.0.1:{port}"),
+    );
+    let mut stage = Stage::start(cmd, port);
+
+    let body = stage.wait_unready_because("clickhouse unavailable").await;
+    assert!(body.contains("request failed"), "{body}");
+    // One attempt per slot (300 ms here): each failed attempt is one warning, not a flood.
+    assert_quiet(&stage, Duration::from_secs(6), 25).await;
+
+    let (took, status) = stage.terminate();
+    assert!(
+        status.success(),
+        "{status}; log:\n{}",
+        stage.log_lines().join("\n")
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM"
+    );
+    assert_eq!(
+        count(format!(
+            "SELECT count() FROM {}.http_log",
+            s.clickhouse.database
+        ))
+        .await,
+        0
+    );
+}

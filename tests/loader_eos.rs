@@ -109,7 +109,7 @@ async fn a_recorded_batch_is_finished_by_whoever_gets_its_partitions() {
     assert!(
         with_records
             .iter()
-            .all(|(_, _, m)| m.starts_with("edgelog.batch.v1;")),
+            .all(|(_, _, m)| m.starts_with("edgelog.batch.v2;")),
         "recorded on every partition that has records: {pending:?}"
     );
 

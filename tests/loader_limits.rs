@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use edgelog::config::Settings;
 use edgelog::health::Health;
-use edgelog::loader::batch::BatchRanges;
+use edgelog::loader::batch::BatchId;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::{Offset, TopicPartitionList};
@@ -97,7 +97,7 @@ async fn records_deleted_before_loading_are_reported_as_lost() {
         .iter()
         .enumerate()
         .filter_map(|(p, (_, _, meta))| {
-            let ranges = BatchRanges::from_metadata(meta).unwrap()?;
+            let ranges = BatchId::from_metadata(meta).unwrap()?.ranges;
             let r = ranges.get(p as i32).unwrap();
             let to = (r.start + 10).min(r.end);
             lost_in_batch += (to - r.start) as u64;

@@ -46,13 +46,15 @@ use crate::anon_record::{self, AnonRecord};
 use crate::config::Settings;
 use crate::dead_letter::Reason;
 use crate::health::Health;
-use crate::kafka::{client_config, describe};
-use batch::{BatchRanges, PartitionRange};
+use crate::kafka::{client_config, describe, KafkaWatch, WatchedContext};
+use crate::topic_id::{topic_id, TopicIdError};
+use batch::{BatchId, BatchRanges, PartitionRange};
 use body::BodyCompression;
 use insert::{insert_url, InsertClient, Outcome};
 use plan::BodyLimit;
 use quarantine::{after_refusal, commit_quarantined, flush_dead_letters, quarantine};
 use quarantine::{DeadLetter, DeadLetters};
+use rdkafka::admin::AdminClient;
 use refused::{replace_refused, Next, Refusal};
 
 /// Crash injection for tests: `LOADER_FAILPOINT=<step>` aborts the process (as a crash would) at
@@ -91,11 +93,21 @@ enum RebalanceEvent {
 
 struct LoaderContext {
     events: Arc<Mutex<Vec<RebalanceEvent>>>,
+    watch: Arc<KafkaWatch>,
 }
 
 impl ClientContext for LoaderContext {
     fn stats(&self, statistics: rdkafka::statistics::Statistics) {
         crate::kafka::record_lag(&statistics, "edgelog_loader_lag");
+        self.watch.observe(&statistics);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.watch.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.watch.error(&error, reason);
     }
 }
 
@@ -118,6 +130,9 @@ impl ConsumerContext for LoaderContext {
 /// A batch whose ranges are recorded (or about to be). `records` is `None` until it is rebuilt.
 struct Batch {
     ranges: BatchRanges,
+    /// The anonymized topic's id when the batch was planned (`None`: recorded by a loader before
+    /// ids were part of a batch); with the ranges, the batch's identity ([`BatchId`]).
+    topic_id: Option<String>,
     records: Option<Vec<Buffered>>,
     recorded: bool,
     /// The encoded body, once made (a function of the records: every retry sends these bytes).
@@ -127,11 +142,12 @@ struct Batch {
 impl Batch {
     /// A new batch of `records` (per partition a contiguous run, in offset order): its ranges
     /// hold exactly these records. Recorded before it is sent.
-    fn planned(records: Vec<Buffered>) -> Batch {
+    fn planned(records: Vec<Buffered>, topic_id: Option<String>) -> Batch {
         let ranges = BatchRanges::covering(records.iter().map(|b| (b.partition, b.offset)))
             .expect("a batch has records");
         Batch {
             ranges,
+            topic_id,
             records: Some(records),
             recorded: false,
             body: None,
@@ -139,12 +155,21 @@ impl Batch {
     }
 
     /// A batch found in commit metadata: rebuilt from its ranges before it is sent.
-    fn recorded(ranges: BatchRanges) -> Batch {
+    fn recorded(id: BatchId) -> Batch {
         Batch {
-            ranges,
+            ranges: id.ranges,
+            topic_id: id.topic_id,
             records: None,
             recorded: true,
             body: None,
+        }
+    }
+
+    /// What the batch's commit metadata and dedup token are made of.
+    fn id(&self) -> BatchId {
+        BatchId {
+            ranges: self.ranges.clone(),
+            topic_id: self.topic_id.clone(),
         }
     }
 }
@@ -189,11 +214,44 @@ struct State {
     rejected_in_a_row: u32,
     /// Dead letters written by this process, by reason (for `/status`).
     dead_lettered: BTreeMap<Reason, u64>,
+    /// The anonymized topic's id (read at start-up): new batches are bound to it.
+    topic_id: Option<String>,
 }
 
 /// Runs stage two until `shutdown` completes or a permanent error stops it.
 pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<()> {
     run_with_health(settings, Health::new(stall_limit(settings)), shutdown).await
+}
+
+/// The anonymized topic's id ([`crate::topic_id`]), retried while the cluster does not answer
+/// (unready meanwhile, the reason on `/readyz`); a missing topic is final.
+async fn wait_for_topic_id(
+    settings: &Settings,
+    topic: &str,
+    watch: &Arc<KafkaWatch>,
+) -> anyhow::Result<String> {
+    loop {
+        let (s, t, w) = (settings.clone(), topic.to_string(), watch.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let admin: AdminClient<WatchedContext> =
+                client_config(&s.kafka, &s.loader.kafka_options, &[])
+                    .create_with_context(WatchedContext(w))
+                    .context("creating the Kafka admin client")?;
+            anyhow::Ok(topic_id(admin.inner(), &t, Duration::from_secs(5)))
+        })
+        .await??;
+        match result {
+            Ok(id) => {
+                watch.reachable();
+                return Ok(id);
+            }
+            Err(e @ TopicIdError::Unreachable { .. }) => {
+                watch.unreachable(&e, "reading the anonymized topic's id at start-up");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Work waiting this long without a confirmed insert makes the loader unready: three slots in a
@@ -233,10 +291,21 @@ pub async fn run_with_health(
         // Eager rebalancing: every rebalance revokes everything, so state is rebuilt from Kafka.
         .set("partition.assignment.strategy", "range");
     tracing::info!(consumer = %describe(&config), proxy = %settings.clickhouse.url, slot_spacing = ?l.slot_spacing, max_body_bytes = l.max_body_bytes, source_address = ?l.source_address, dedup_token = l.dedup_token, "loader starting");
+    let watch = Arc::new(KafkaWatch::new(Some(health.clone())));
+    tokio::pin!(shutdown);
+    let topic_id = tokio::select! {
+        id = wait_for_topic_id(settings, &topic, &watch) => id?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before the cluster answered");
+            return Ok(());
+        }
+    };
+    tracing::info!(%topic, %topic_id, "batches are bound to this incarnation of the topic");
     let events = Arc::new(Mutex::new(Vec::new()));
     let consumer: StreamConsumer<LoaderContext> = config
         .create_with_context(LoaderContext {
             events: events.clone(),
+            watch: watch.clone(),
         })
         .context("creating the consumer")?;
     consumer.subscribe(&[&topic]).context("subscribing")?;
@@ -253,6 +322,7 @@ pub async fn run_with_health(
     let mut st = State {
         bytes_per_row: 20.0,
         body_limit: BodyLimit::new(l.max_body_bytes),
+        topic_id: Some(topic_id),
         ..State::default()
     };
     let mut next_slot = Instant::now();
@@ -263,7 +333,6 @@ pub async fn run_with_health(
     let mut last_insert: Option<(Instant, usize)> = None;
     let mut last_outcome = "none yet";
     let mut details_at = Instant::now();
-    tokio::pin!(shutdown);
     loop {
         absorb(&consumer, &topic, &mut st, &events, None)?;
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
@@ -343,7 +412,10 @@ pub async fn run_with_health(
         flush_dead_letters(&mut st, &dead_letters).await?;
         let batch = st.batches.front_mut().expect("planned or recovered");
         if batch.records.is_none() {
-            let rebuilt = rebuild(settings, &batch.ranges).await?;
+            let rebuilt = tokio::select! {
+                rebuilt = rebuild(settings, &batch.ranges) => rebuilt?,
+                _ = &mut shutdown => break,
+            };
             if rebuilt.is_empty() {
                 // Retention deleted all of it (logged as data loss by `rebuild`), or it held only
                 // undecodable records (dead-lettered before it was recorded): nothing to send.
@@ -355,7 +427,7 @@ pub async fn run_with_health(
         }
         if !batch.recorded {
             let release = std::mem::take(&mut st.release);
-            record_ranges(&consumer, &topic, &batch.ranges, &release, &st.assigned)?;
+            record_ranges(&consumer, &topic, &batch.id(), &release, &st.assigned)?;
             batch.recorded = true;
             Failpoint::hit(failpoint, Failpoint::AfterRecord);
         }
@@ -387,7 +459,7 @@ pub async fn run_with_health(
             .await?;
             continue;
         }
-        let token = l.dedup_token.then(|| batch.ranges.dedup_token(&topic));
+        let token = l.dedup_token.then(|| batch.id().dedup_token(&topic));
         let url = insert_url(
             &settings.clickhouse.url,
             &settings.clickhouse.database,
@@ -395,8 +467,17 @@ pub async fn run_with_health(
         );
         let (rows, size) = (records.len(), body.len());
         let sent_at = Instant::now();
-        let outcome = client.send(&url, l.body_compression, body).await;
+        // A stop request does not wait for the answer: a request left in flight is harmless (the
+        // next owner sends the recorded batch again under the same token).
+        let outcome = tokio::select! {
+            outcome = client.send(&url, l.body_compression, body) => outcome,
+            _ = &mut shutdown => break,
+        };
         Failpoint::hit(failpoint, Failpoint::AfterResponse);
+        match &outcome {
+            Outcome::Transient(why) => health.down("clickhouse", why),
+            _ => health.up("clickhouse"),
+        }
         next_slot = sent_at + l.slot_spacing;
         let label = match &outcome {
             Outcome::Inserted => "inserted",
@@ -697,6 +778,7 @@ fn plan_batch(st: &mut State, compression: BodyCompression, max_days: usize) {
     }
     st.batches.push_back(Batch {
         ranges,
+        topic_id: st.topic_id.clone(),
         records: Some(records),
         recorded: false,
         body: Some(body),
@@ -795,7 +877,7 @@ fn handle_rebalance(
                     consumer.fetch_watermarks(topic, p, Duration::from_secs(30))
                 })?;
                 // A recorded batch's own losses are counted when it is rebuilt.
-                let pending = e.metadata().starts_with(batch::METADATA_PREFIX);
+                let pending = BatchId::is_pending(e.metadata());
                 if let (Offset::Offset(c), false) = (e.offset(), pending) {
                     if c < low {
                         metrics::counter!("edgelog_loader_lost_offsets_total")
@@ -816,15 +898,25 @@ fn handle_rebalance(
                 if let Offset::Offset(c) = e.offset() {
                     st.skip_below.insert(p, c);
                 }
-                match BatchRanges::from_metadata(e.metadata()) {
-                    Ok(Some(ranges)) => {
-                        if let Some(r) = ranges.get(p) {
+                match BatchId::from_metadata(e.metadata()) {
+                    Ok(Some(id)) => {
+                        if let (Some(recorded), Some(now)) = (&id.topic_id, &st.topic_id) {
+                            if recorded != now {
+                                bail!(
+                                    "partition {p} of {topic} holds a batch recorded for another \
+                                     incarnation of the topic (id {recorded}, now {now}): its \
+                                     offsets index records that no longer exist. Reset the loader \
+                                     group's offsets (docs/OPERATIONS.md, \"A recreated topic\")"
+                                );
+                            }
+                        }
+                        if let Some(r) = id.ranges.get(p) {
                             let skip = st.skip_below.entry(p).or_default();
                             *skip = (*skip).max(r.end);
                         }
-                        if !st.batches.iter().any(|b| b.ranges == ranges) {
-                            tracing::info!(partition = p, %ranges, "recorded batch found; finishing it before anything new");
-                            st.batches.push_back(Batch::recorded(ranges));
+                        if !st.batches.iter().any(|b| b.id() == id) {
+                            tracing::info!(partition = p, batch = %id, "recorded batch found; finishing it before anything new");
+                            st.batches.push_back(Batch::recorded(id));
                         }
                     }
                     Ok(None) => {}
@@ -844,11 +936,12 @@ fn handle_rebalance(
 fn record_ranges(
     consumer: &StreamConsumer<LoaderContext>,
     topic: &str,
-    ranges: &BatchRanges,
+    id: &BatchId,
     release: &[PartitionRange],
     assigned: &[i32],
 ) -> anyhow::Result<()> {
-    let metadata = ranges.to_metadata();
+    let metadata = id.to_metadata();
+    let ranges = &id.ranges;
     let mut tpl = TopicPartitionList::new();
     for r in ranges.ranges() {
         let mut e = tpl.add_partition(topic, r.partition);

@@ -10,7 +10,7 @@
 //!   its partitions are queued for release: the next recording clears the metadata of every one
 //!   it does not overwrite, in the same offset commit (see `record_ranges`).
 
-use super::batch::BatchRanges;
+use super::batch::{BatchId, BatchRanges};
 use super::plan::halves;
 use super::{Batch, Buffered, State};
 
@@ -38,6 +38,7 @@ pub(super) enum Next {
 pub(super) fn replace_refused(st: &mut State, batch: Batch, refusal: Refusal) -> Next {
     let Batch {
         ranges,
+        topic_id,
         records,
         recorded,
         ..
@@ -49,11 +50,12 @@ pub(super) fn replace_refused(st: &mut State, batch: Batch, refusal: Refusal) ->
         .filter(|b| st.assigned.contains(&b.partition))
         .collect();
     if owned.is_empty() {
-        return Next::NotOurs(Batch::recorded(ranges));
+        return Next::NotOurs(Batch::recorded(BatchId { ranges, topic_id }));
     }
     if owned.len() == total && total == 1 {
         return Next::Quarantine(Batch {
             ranges,
+            topic_id,
             records: Some(owned),
             recorded,
             body: None,
@@ -64,7 +66,8 @@ pub(super) fn replace_refused(st: &mut State, batch: Batch, refusal: Refusal) ->
     }
     if owned.len() < total {
         // Other loaders' records may be what was refused: try ours alone before judging them.
-        st.batches.push_front(Batch::planned(owned));
+        st.batches
+            .push_front(Batch::planned(owned, st.topic_id.clone()));
         return Next::Replanned;
     }
     if let Refusal::TooLarge { size } = refusal {
@@ -79,8 +82,10 @@ pub(super) fn replace_refused(st: &mut State, batch: Batch, refusal: Refusal) ->
         // commits need (each partition's offset only moves past what is loaded). Halve instead.
     }
     let (first, second) = halves(owned);
-    st.batches.push_front(Batch::planned(second));
-    st.batches.push_front(Batch::planned(first));
+    st.batches
+        .push_front(Batch::planned(second, st.topic_id.clone()));
+    st.batches
+        .push_front(Batch::planned(first, st.topic_id.clone()));
     Next::Replanned
 }
 
@@ -123,7 +128,7 @@ mod tests {
     }
 
     fn batch(records: &[(i32, i64)], recorded: bool) -> Batch {
-        let mut b = Batch::planned(records.iter().map(|&(p, o)| buffered(p, o)).collect());
+        let mut b = Batch::planned(records.iter().map(|&(p, o)| buffered(p, o)).collect(), None);
         b.recorded = recorded;
         b
     }

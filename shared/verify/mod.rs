@@ -33,7 +33,7 @@ use crate::dead_letter::{
     HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_STAGE, HEADER_TOPIC,
 };
 use crate::kafka::{client_config, group_positions, GroupPosition};
-use crate::loader::batch::BatchRanges;
+use crate::loader::batch::BatchId;
 pub use ranges::OffsetSet;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
@@ -548,7 +548,7 @@ fn read_kafka_side(
     // The loader's pending batch, if any, is part of the tail read above; parsing it here only
     // catches a corrupt record of it early, with a clear message.
     for p in loader_positions {
-        BatchRanges::from_metadata(&p.metadata).with_context(|| {
+        BatchId::from_metadata(&p.metadata).with_context(|| {
             format!(
                 "commit metadata of the loader on partition {} of {}",
                 p.partition, s.topics.anonymized
