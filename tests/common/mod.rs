@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod hostile;
+
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
