@@ -28,9 +28,12 @@ struct Stage {
 }
 
 impl Stage {
-    fn start(mut cmd: Command, port: u16) -> Stage {
+    /// `listen_key`: the environment variable of the stage's `metrics_listen`.
+    fn start(mut cmd: Command, listen_key: &str) -> Stage {
+        let port = closed_port();
         let log = tempfile::NamedTempFile::new().unwrap();
-        cmd.stdout(Stdio::null())
+        cmd.env(listen_key, format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .env("EDGELOG_LOG__FORMAT", "json");
         Stage {
@@ -71,6 +74,17 @@ impl Stage {
         text.lines().map(str::to_string).collect()
     }
 
+    /// SIGTERM: the stage exits successfully within 5 s, whatever it was waiting for.
+    fn assert_stops_on_sigterm(&mut self) {
+        let (took, status) = self.terminate();
+        let log = self.log_lines().join("\n");
+        assert!(status.success(), "{status}; log:\n{log}");
+        assert!(
+            took < Duration::from_secs(5),
+            "exited {took:?} after SIGTERM"
+        );
+    }
+
     /// SIGTERM, then the time until the process exited and its status.
     fn terminate(&mut self) -> (Duration, std::process::ExitStatus) {
         let asked = Instant::now();
@@ -107,13 +121,10 @@ async fn assert_quiet(stage: &Stage, window: Duration, max: usize) {
 async fn an_anonymizer_without_a_cluster_is_unready_quiet_and_stops_on_sigterm() {
     let mut s = isolated_settings();
     s.kafka.brokers = format!("127.0.0.1:{}", closed_port());
-    let port = closed_port();
-    let mut cmd = anonymizer_command(&s, "0");
-    cmd.env(
+    let mut stage = Stage::start(
+        anonymizer_command(&s, "0"),
         "EDGELOG_ANONYMIZER__METRICS_LISTEN",
-        format!("127.0.0.1:{port}"),
     );
-    let mut stage = Stage::start(cmd, port);
 
     let body = stage.wait_unready_because("kafka unavailable").await;
     assert!(
@@ -123,16 +134,7 @@ async fn an_anonymizer_without_a_cluster_is_unready_quiet_and_stops_on_sigterm()
     // librdkafka reports a refused connection several times a second; one line per kind per 10 s.
     assert_quiet(&stage, Duration::from_secs(12), 4).await;
 
-    let (took, status) = stage.terminate();
-    assert!(
-        status.success(),
-        "{status}; log:\n{}",
-        stage.log_lines().join("\n")
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "exited {took:?} after SIGTERM"
-    );
+    stage.assert_stops_on_sigterm();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,13 +142,7 @@ async fn a_loader_without_a_cluster_is_unready_quiet_and_stops_on_sigterm() {
     let mut s = isolated_settings();
     s.kafka.brokers = format!("127.0.0.1:{}", closed_port());
     s.loader.source_address = Some(fresh_loopback_ip());
-    let port = closed_port();
-    let mut cmd = loader_command(&s);
-    cmd.env(
-        "EDGELOG_LOADER__METRICS_LISTEN",
-        format!("127.0.0.1:{port}"),
-    );
-    let mut stage = Stage::start(cmd, port);
+    let mut stage = Stage::start(loader_command(&s), "EDGELOG_LOADER__METRICS_LISTEN");
 
     let body = stage.wait_unready_because("kafka unavailable").await;
     assert!(
@@ -155,16 +151,7 @@ async fn a_loader_without_a_cluster_is_unready_quiet_and_stops_on_sigterm() {
     );
     assert_quiet(&stage, Duration::from_secs(12), 4).await;
 
-    let (took, status) = stage.terminate();
-    assert!(
-        status.success(),
-        "{status}; log:\n{}",
-        stage.log_lines().join("\n")
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "exited {took:?} after SIGTERM"
-    );
+    stage.assert_stops_on_sigterm();
 }
 
 /// Kafka answers, the proxy does not: the loader keeps its batch, says why it is unready, and
@@ -175,29 +162,14 @@ async fn a_loader_whose_proxy_is_gone_is_unready_and_stops_on_sigterm() {
     let mut s = fast_loader_settings();
     fill_anonymized_topic(&s, 200).await;
     s.clickhouse.url = format!("http://127.0.0.1:{}", closed_port());
-    let port = closed_port();
-    let mut cmd = loader_command(&s);
-    cmd.env(
-        "EDGELOG_LOADER__METRICS_LISTEN",
-        format!("127.0.0.1:{port}"),
-    );
-    let mut stage = Stage::start(cmd, port);
+    let mut stage = Stage::start(loader_command(&s), "EDGELOG_LOADER__METRICS_LISTEN");
 
     let body = stage.wait_unready_because("clickhouse unavailable").await;
     assert!(body.contains("request failed"), "{body}");
     // One attempt per slot (300 ms here): each failed attempt is one warning, not a flood.
     assert_quiet(&stage, Duration::from_secs(6), 25).await;
 
-    let (took, status) = stage.terminate();
-    assert!(
-        status.success(),
-        "{status}; log:\n{}",
-        stage.log_lines().join("\n")
-    );
-    assert!(
-        took < Duration::from_secs(5),
-        "exited {took:?} after SIGTERM"
-    );
+    stage.assert_stops_on_sigterm();
     assert_eq!(
         count(format!(
             "SELECT count() FROM {}.http_log",
