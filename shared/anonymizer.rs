@@ -614,7 +614,7 @@ fn handle(
         msg.partition(),
         msg.offset(),
         stage,
-        crate::producer::now_epoch_ms(),
+        crate::clock::now_epoch_ms(),
     );
     match outcome {
         Outcome::Record { bytes, kind } => {

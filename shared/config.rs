@@ -578,7 +578,7 @@ impl Settings {
             ));
         }
         // A batch's ranges (every partition it spans) go into each partition's commit metadata,
-        // which Kafka caps at 4096 bytes by default; 100 partitions fit (see loader::batch tests).
+        // which Kafka caps at 4096 bytes by default; 100 partitions fit (see the batch module's tests).
         check_range("topics.partitions", t.partitions, 1, MAX_PARTITIONS)?;
         // CreateTopics carries the replication factor as a 16-bit integer.
         check_range(

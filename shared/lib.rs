@@ -4,7 +4,7 @@
 //!  http_log (Cap'n Proto) ──► anonymizer ──► http_log_anon (MessagePack) ──► loader ──► nginx ──► ClickHouse
 //!                               │  Kafka transaction:                      │  one insert per proxy slot,
 //!                               │  output + input offsets                  │  dedup token from offset ranges
-//!                               └──► http_log_dlq (undecodable input)
+//!                               └──► http_log_dlq (rejected input)       └──► http_log_anon_dlq (quarantined)
 //! ```
 //!
 //! This crate is the library; the binaries in `stages/` are thin wrappers that parse arguments,
@@ -17,7 +17,10 @@
 //! - [`health`]: liveness, readiness and status of a stage (pure decisions, shared state).
 //! - [`log_gate`]: log a repeating condition (a dead broker) at a bounded rate, with counts.
 //! - [`shutdown`]: the SIGINT/SIGTERM future every `run` function takes.
+//! - [`clock`]: wall-clock milliseconds (pure code takes "now" as a parameter instead).
 //! - [`dead_letter`]: the dead-letter protocol of both stages: headers, reasons, bounded envelope.
+//! - [`batch`]: the loader's batch identity (offset ranges, topic id), its commit-metadata text
+//!   and dedup token: a protocol shared by the loader, `status`, `verify` and `replay`.
 //! - [`record`]: the log record, its Cap'n Proto wire form (input topic).
 //! - [`validate`]: the validity policy of an input record's fields (pure; now is a parameter).
 //! - [`anonymize`]: the IP anonymization, a pure function.
@@ -41,9 +44,11 @@ pub mod anon_record;
 pub mod anonymize;
 pub mod anonymizer;
 pub mod backfill;
+pub mod batch;
 pub mod capacity;
 pub mod cli;
 pub mod clickhouse;
+pub mod clock;
 pub mod config;
 pub mod dead_letter;
 pub mod health;

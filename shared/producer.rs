@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -60,13 +60,6 @@ impl ProducerContext for DeliveryCounter {
             }
         }
     }
-}
-
-pub fn now_epoch_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Runs until the configured count or duration is reached or `shutdown` completes, then flushes.
@@ -149,7 +142,7 @@ fn produce_loop(
                 continue;
             }
         }
-        let message = model.next_message(crate::producer::now_epoch_ms());
+        let message = model.next_message(crate::clock::now_epoch_ms());
         let bytes = message.to_bytes();
         let mut record = BaseRecord::<(), [u8]>::to(topic).payload(&bytes[..]);
         loop {

@@ -118,7 +118,7 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
         // rows, and the loader's re-send would then be dropped as a duplicate: finish it first.
         if let Some(p) = positions
             .iter()
-            .find(|p| crate::loader::batch::BatchId::is_pending(&p.metadata))
+            .find(|p| crate::batch::BatchId::is_pending(&p.metadata))
         {
             bail!(
                 "the loader has a recorded batch pending on partition {} ({}): run the loader \

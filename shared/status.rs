@@ -5,10 +5,10 @@
 use std::fmt::Write;
 use std::time::Duration;
 
+use crate::batch::BatchId;
 use crate::clickhouse::ClickHouseClient;
 use crate::config::Settings;
 use crate::kafka::{group_positions, GroupPosition};
-use crate::loader::batch::BatchId;
 
 /// One consumer group's positions as a table. Lag counts offsets, so it may include a
 /// transaction marker or two.

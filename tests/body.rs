@@ -15,7 +15,7 @@ use edgelog::synth::TrafficModel;
 /// Realistic records from the producer's model, as stage one writes them to the topic.
 fn realistic(n: usize, partition: i32) -> Vec<AnonRecord> {
     let mut model = TrafficModel::new(&Default::default());
-    let start = edgelog::producer::now_epoch_ms();
+    let start = edgelog::clock::now_epoch_ms();
     (0..n)
         .map(|i| {
             let payload = encode_capnp(&model.next_record(start + i as u64));

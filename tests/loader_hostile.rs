@@ -42,7 +42,7 @@ fn record(partition: i32, offset: i64, timestamp_ms: u64, url: String) -> AnonRe
 }
 
 fn now_ms() -> u64 {
-    edgelog::producer::now_epoch_ms()
+    edgelog::clock::now_epoch_ms()
 }
 
 /// What goes on one partition of the anonymized topic, in order.
@@ -599,18 +599,18 @@ async fn a_refused_inherited_batch_is_re_planned_by_each_owner_over_its_own_part
         .await
         .unwrap();
     // What the loader that died had recorded: one batch over everything.
-    let ranges = edgelog::loader::batch::BatchRanges::new(vec![
-        edgelog::loader::batch::PartitionRange {
+    let ranges = edgelog::batch::BatchRanges::new(vec![
+        edgelog::batch::PartitionRange {
             partition: 0,
             start: 0,
             end: 40,
         },
-        edgelog::loader::batch::PartitionRange {
+        edgelog::batch::PartitionRange {
             partition: 1,
             start: 0,
             end: 46,
         },
-        edgelog::loader::batch::PartitionRange {
+        edgelog::batch::PartitionRange {
             partition: 2,
             start: 0,
             end: 40,

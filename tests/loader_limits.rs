@@ -8,9 +8,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use edgelog::batch::BatchId;
 use edgelog::config::Settings;
 use edgelog::health::Health;
-use edgelog::loader::batch::BatchId;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::{Offset, TopicPartitionList};

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use edgelog::anon_record::AnonRecord;
+use edgelog::batch::{BatchId, BatchRanges, METADATA_PREFIX};
 use edgelog::config::Settings;
-use edgelog::loader::batch::{BatchId, BatchRanges, METADATA_PREFIX};
 use edgelog::loader::body::encode_body;
 use edgelog::loader::insert::{insert_url, InsertClient, Outcome};
 use rdkafka::admin::AdminClient;

@@ -16,7 +16,7 @@ async fn replay_rebuilds_damaged_days_exactly() {
     let good = produced.sent - produced.garbage;
     let db = s.clickhouse.database.clone();
     // Records carry the producer's clock; a run across midnight spans two days.
-    let now = edgelog::producer::now_epoch_ms();
+    let now = edgelog::clock::now_epoch_ms();
     let today = edgelog::replay::day_of_epoch_ms(now);
     let yesterday = edgelog::replay::day_of_epoch_ms(now - 86_400_000);
     let days = Days::parse(&yesterday, &today).unwrap();

@@ -5,7 +5,7 @@
 //! 1. **Plan**: the first N buffered records (in arrival order, so per partition a contiguous
 //!    prefix), N as large as fits `max_body_bytes` once encoded ([`body`]) and compressed.
 //! 2. **Record**: commit, for every partition of the batch, offset = range start with the ranges
-//!    as metadata ([`batch::BatchRanges::to_metadata`]). Nothing is sent before this is durable.
+//!    as metadata ([`crate::batch::BatchId::to_metadata`]). Nothing is sent before this is durable.
 //! 3. **Send** in the next slot, with `insert_deduplication_token` derived from the ranges.
 //! 4. **Commit**: on success, offset = range end with empty metadata.
 //!
@@ -23,7 +23,6 @@
 //! replaced by smaller ones (`refused.rs`) down to the one record that cannot pass. Batches are
 //! planned by the pure rules of [`plan`] (days per insert, body limit).
 
-pub mod batch;
 pub mod body;
 pub mod classify;
 pub mod insert;
@@ -43,12 +42,12 @@ use rdkafka::consumer::{
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
+use crate::batch::{BatchId, BatchRanges, PartitionRange};
 use crate::config::Settings;
 use crate::dead_letter::Reason;
 use crate::health::Health;
 use crate::kafka::{client_config, describe, KafkaWatch, WatchedContext};
 use crate::topic_id::{topic_id, TopicIdError};
-use batch::{BatchId, BatchRanges, PartitionRange};
 use body::BodyCompression;
 use insert::{insert_url, InsertClient, Outcome};
 use plan::BodyLimit;
@@ -512,7 +511,7 @@ pub async fn run_with_health(
                 metrics::gauge!("edgelog_loader_compression_ratio")
                     .set(topic_bytes as f64 / size.max(1) as f64);
                 // Per row: record timestamp (set at the edge) to insert confirmed.
-                let now = crate::producer::now_epoch_ms();
+                let now = crate::clock::now_epoch_ms();
                 let latency = metrics::histogram!("edgelog_loader_end_to_end_seconds");
                 for b in batch.records.iter().flatten() {
                     latency.record(now.saturating_sub(b.record.timestamp_epoch_milli) as f64 / 1e3);

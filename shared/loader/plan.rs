@@ -231,8 +231,8 @@ mod tests {
                 .collect();
             let (a, b) = halves(records.clone());
             prop_assert!(!a.is_empty() && !b.is_empty());
-            let ra = crate::loader::batch::BatchRanges::covering(a.iter().copied()).unwrap();
-            let rb = crate::loader::batch::BatchRanges::covering(b.iter().copied()).unwrap();
+            let ra = crate::batch::BatchRanges::covering(a.iter().copied()).unwrap();
+            let rb = crate::batch::BatchRanges::covering(b.iter().copied()).unwrap();
             for &(p, o) in &records {
                 prop_assert_eq!(ra.contains(p, o), a.contains(&(p, o)));
                 prop_assert_eq!(rb.contains(p, o), b.contains(&(p, o)));

@@ -10,9 +10,9 @@
 //!   its partitions are queued for release: the next recording clears the metadata of every one
 //!   it does not overwrite, in the same offset commit (see `record_ranges`).
 
-use super::batch::{BatchId, BatchRanges};
 use super::plan::halves;
 use super::{Batch, Buffered, State};
+use crate::batch::{BatchId, BatchRanges};
 
 /// Why the batch was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,7 @@ fn release(st: &mut State, ranges: &BatchRanges) {
 mod tests {
     use super::*;
     use crate::anon_record::AnonRecord;
-    use crate::loader::batch::PartitionRange;
+    use crate::batch::PartitionRange;
 
     fn buffered(partition: i32, offset: i64) -> Buffered {
         Buffered {

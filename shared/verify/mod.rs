@@ -27,13 +27,13 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::ClientContext;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::batch::BatchId;
 use crate::clickhouse::ClickHouseClient;
 use crate::config::{KafkaOptions, Settings};
 use crate::dead_letter::{
     HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_STAGE, HEADER_TOPIC,
 };
 use crate::kafka::{client_config, group_positions, GroupPosition};
-use crate::loader::batch::BatchId;
 pub use ranges::OffsetSet;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);

@@ -57,7 +57,7 @@ pub async fn set_topic_limit(s: &Settings, topic: &str, bytes: usize) {
 }
 
 pub fn now_ms() -> u64 {
-    edgelog::producer::now_epoch_ms()
+    edgelog::clock::now_epoch_ms()
 }
 
 pub fn record(ts: u64) -> HttpLogRecord {
