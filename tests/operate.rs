@@ -73,14 +73,24 @@ async fn a_loader_that_cannot_insert_becomes_unready_but_stays_live() {
     let loader = start_loader_with_health(&s, health);
     let body = wait_for("/readyz to fail", Duration::from_secs(30), || async move {
         let (code, body) = get(addr, "/readyz").await;
-        // Unready first for want of partitions, then for want of a successful insert.
-        (code == 503 && body.contains("without a success")).then_some(body)
+        // Unready first for want of partitions, then because the proxy does not answer.
+        (code == 503 && body.contains("clickhouse unavailable")).then_some(body)
     })
     .await;
     assert!(body.starts_with("not ok"), "{body}");
+    assert!(body.contains("request failed"), "names the failure: {body}");
     let (code, body) = get(addr, "/healthz").await;
     assert_eq!(code, 200, "still live: {body}");
-    let (_, page) = get(addr, "/status").await;
-    assert!(page.contains("last request outcome: transient"), "{page}");
+    // The status lines are refreshed every 500 ms.
+    wait_for(
+        "/status to show the failure",
+        Duration::from_secs(10),
+        || async move {
+            let (_, page) = get(addr, "/status").await;
+            page.contains("last request outcome: transient")
+                .then_some(())
+        },
+    )
+    .await;
     loader.stop().await.expect("the loader stops cleanly");
 }

@@ -331,6 +331,7 @@ pub async fn run_with_health(
     let mut planning_lead = INITIAL_PLANNING_LEAD;
     let mut last_insert: Option<(Instant, usize)> = None;
     let mut last_outcome = "none yet";
+    let mut failed_in_a_row = 0u32;
     let mut details_at = Instant::now();
     loop {
         absorb(&consumer, &topic, &mut st, &events, None)?;
@@ -473,9 +474,19 @@ pub async fn run_with_health(
             _ = &mut shutdown => break,
         };
         Failpoint::hit(failpoint, Failpoint::AfterResponse);
+        // One failed slot is routine (a dropped connection, a restart); three in a row mean the
+        // proxy or ClickHouse is down, the same bar as the stall limit.
         match &outcome {
-            Outcome::Transient(why) => health.down("clickhouse", why),
-            _ => health.up("clickhouse"),
+            Outcome::Transient(why) => {
+                failed_in_a_row += 1;
+                if failed_in_a_row >= FAILED_SLOTS_UNREADY {
+                    health.down("clickhouse", why);
+                }
+            }
+            _ => {
+                failed_in_a_row = 0;
+                health.up("clickhouse");
+            }
         }
         next_slot = sent_at + l.slot_spacing;
         let label = match &outcome {
@@ -783,6 +794,9 @@ fn plan_batch(st: &mut State, compression: BodyCompression, max_days: usize) {
         body: Some(body),
     });
 }
+
+/// Transient failures in a row after which the proxy or ClickHouse counts as down (unready).
+const FAILED_SLOTS_UNREADY: u32 = 3;
 
 /// Planning lead before the first batch has measured one: about a full xz body's encode.
 const INITIAL_PLANNING_LEAD: Duration = Duration::from_secs(3);
