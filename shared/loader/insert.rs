@@ -4,6 +4,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::clickhouse::{ClickHouseClient, ClickHouseError, ClientOptions};
 use crate::config::Secret;
 use crate::loader::body::{BodyCompression, COLUMNS};
 use crate::loader::classify::{classify_clickhouse, ErrorClass};
@@ -106,11 +107,9 @@ pub fn classify_response(status: u16, clickhouse_code: Option<u32>, body: &str) 
     }
 }
 
-/// Sends bodies to the proxy.
+/// Sends bodies to the proxy (through the one ClickHouse client) and classifies the answers.
 pub struct InsertClient {
-    http: reqwest::Client,
-    user: String,
-    password: Secret,
+    client: ClickHouseClient,
 }
 
 impl InsertClient {
@@ -121,56 +120,32 @@ impl InsertClient {
         source_address: Option<IpAddr>,
         timeout: Duration,
     ) -> InsertClient {
-        let http = reqwest::Client::builder()
-            .local_address(source_address)
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(10))
+        let options = ClientOptions {
+            source_address,
+            timeout,
             // One request per minute: a pooled connection would have been closed by nginx anyway.
-            .pool_max_idle_per_host(0)
-            .build()
-            .expect("building an HTTP client without TLS cannot fail");
+            reuse_connections: false,
+        };
+        // No base URL: every request's URL is given whole to `send` (`insert_url`).
         InsertClient {
-            http,
-            user: user.to_string(),
-            password: password.clone(),
+            client: ClickHouseClient::with_options("http://127.0.0.1", user, password, &options),
         }
     }
 
     /// Sends one compressed Native body to `url`.
     pub async fn send(&self, url: &str, compression: BodyCompression, body: Vec<u8>) -> Outcome {
-        let mut request = self
-            .http
-            .post(url)
-            .header("Content-Encoding", compression.content_encoding())
-            .header("X-ClickHouse-User", &self.user)
-            .body(body);
-        if !self.password.is_empty() {
-            request = request.header("X-ClickHouse-Key", self.password.expose());
+        match self
+            .client
+            .post(url, Some(compression.content_encoding()), body)
+            .await
+        {
+            Ok(a) => classify_response(a.status, a.exception_code, &a.body),
+            Err(ClickHouseError::Transport { detail, .. }) => {
+                Outcome::Transient(format!("request failed: {detail}"))
+            }
+            Err(e) => Outcome::Transient(format!("request failed: {e}")),
         }
-        let response = match request.send().await {
-            Ok(r) => r,
-            Err(e) => return Outcome::Transient(format!("request failed: {}", error_chain(&e))),
-        };
-        let status = response.status().as_u16();
-        let code = response
-            .headers()
-            .get("X-ClickHouse-Exception-Code")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok());
-        let body = response.text().await.unwrap_or_default();
-        classify_response(status, code, &body)
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]
