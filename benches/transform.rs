@@ -10,10 +10,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use edgelog::anon_record::{decode, transform, AnonRecord};
+use edgelog::body::{canonical_order, encode_body, encode_body_at, encode_native, BodyCompression};
 use edgelog::config::ProducerSettings;
-use edgelog::loader::body::{
-    canonical_order, encode_body, encode_body_at, encode_native, BodyCompression,
-};
 use edgelog::record::encode_capnp;
 use edgelog::synth::TrafficModel;
 
@@ -119,8 +117,8 @@ fn main() {
         "(MessagePack on the topic: {:.1} B/row; the loader sends {:?} by default: xz preset {}, zstd level {})",
         msgpack_bytes as f64 / n as f64,
         BodyCompression::default(),
-        edgelog::loader::body::XZ_PRESET,
-        edgelog::loader::body::ZSTD_LEVEL
+        edgelog::body::XZ_PRESET,
+        edgelog::body::ZSTD_LEVEL
     );
 }
 

@@ -19,7 +19,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::loader::body::BodyCompression;
+use crate::body::BodyCompression;
 
 /// Environment variable prefix for every setting.
 pub const ENV_PREFIX: &str = "EDGELOG_";

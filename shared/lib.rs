@@ -21,6 +21,8 @@
 //! - [`dead_letter`]: the dead-letter protocol of both stages: headers, reasons, bounded envelope.
 //! - [`batch`]: the loader's batch identity (offset ranges, topic id), its commit-metadata text
 //!   and dedup token: a protocol shared by the loader, `status`, `verify` and `replay`.
+//! - [`body`]: the insert body (ClickHouse Native, rows in a fixed order, compressed), a pure
+//!   function of the records; used by the loader and `replay`.
 //! - [`record`]: the log record, its Cap'n Proto wire form (input topic).
 //! - [`validate`]: the validity policy of an input record's fields (pure; now is a parameter).
 //! - [`anonymize`]: the IP anonymization, a pure function.
@@ -45,6 +47,7 @@ pub mod anonymize;
 pub mod anonymizer;
 pub mod backfill;
 pub mod batch;
+pub mod body;
 pub mod capacity;
 pub mod cli;
 pub mod clickhouse;

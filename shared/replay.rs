@@ -25,10 +25,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
+use crate::body::encode_body;
 use crate::clickhouse::ClickHouseClient;
 use crate::config::{KafkaOptions, Settings};
 use crate::kafka::{client_config, group_positions};
-use crate::loader::body::encode_body;
 use crate::loader::insert::{insert_url_into, InsertClient, Outcome};
 
 /// Rows per staging insert.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use edgelog::anon_record::{decode, transform, AnonRecord};
-use edgelog::loader::body::{encode_body, BodyCompression};
+use edgelog::body::{encode_body, BodyCompression};
 use edgelog::loader::insert::{insert_url, InsertClient, Outcome};
 use edgelog::record::encode_capnp;
 use edgelog::synth::TrafficModel;

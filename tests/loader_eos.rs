@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgelog::loader::body::BodyCompression;
+use edgelog::body::BodyCompression;
 
 /// Crash at `failpoint`, restart, and check the result. Returns the rows ClickHouse held right
 /// after the crash (to show which side of the insert the crash was on).

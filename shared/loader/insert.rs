@@ -4,9 +4,9 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::body::{BodyCompression, COLUMNS};
 use crate::clickhouse::{ClickHouseClient, ClickHouseError, ClientOptions};
 use crate::config::Secret;
-use crate::loader::body::{BodyCompression, COLUMNS};
 use crate::loader::classify::{classify_clickhouse, ErrorClass};
 
 /// Settings pinned on every insert. A retried batch must be cut into the same blocks as the first

@@ -23,7 +23,6 @@
 //! replaced by smaller ones (`refused.rs`) down to the one record that cannot pass. Batches are
 //! planned by the pure rules of [`plan`] (days per insert, body limit).
 
-pub mod body;
 pub mod classify;
 pub mod insert;
 pub mod plan;
@@ -43,12 +42,12 @@ use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
 use crate::batch::{BatchId, BatchRanges, PartitionRange};
+use crate::body::{self, BodyCompression};
 use crate::config::Settings;
 use crate::dead_letter::Reason;
 use crate::health::Health;
 use crate::kafka::{client_config, describe, KafkaWatch, WatchedContext};
 use crate::topic_id::{topic_id, TopicIdError};
-use body::BodyCompression;
 use insert::{insert_url, InsertClient, Outcome};
 use plan::BodyLimit;
 use quarantine::{after_refusal, commit_quarantined, flush_dead_letters, quarantine};

@@ -267,7 +267,7 @@ mod tests {
     /// only batches holding nothing already loaded (what a crash there would rebuild and send).
     mod props {
         use super::*;
-        use crate::loader::body::BodyCompression;
+        use crate::body::BodyCompression;
         use crate::loader::{buffer, plan_batch};
         use proptest::prelude::*;
         use std::collections::BTreeMap;
