@@ -19,7 +19,7 @@ use anyhow::{bail, Context};
 
 use crate::clickhouse::ClickHouseClient;
 use crate::config::Settings;
-use crate::replay::{rebuild_table, refuse_if_loader_running, retarget, rollups, Days};
+use crate::staging::{rebuild_table, refuse_if_loader_running, retarget, rollups, Days};
 
 /// Which days to rebuild, from what the raw table holds. `raw`: its first and last day (`None`
 /// when empty). `kept_from`: the first day whose raw rows are all still kept (`None`: no raw
@@ -61,7 +61,7 @@ fn each_day(days: &Days) -> anyhow::Result<Vec<Days>> {
     let end = epoch_day(&days.last)?;
     (start..=end)
         .map(|d| {
-            let day = crate::replay::day_of_epoch_ms(d as u64 * 86_400_000);
+            let day = crate::staging::day_of_epoch_ms(d as u64 * 86_400_000);
             Days::parse(&day, &day)
         })
         .collect()

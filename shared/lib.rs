@@ -36,6 +36,7 @@
 //! - [`topic_id`]: the id Kafka gives a topic at creation (binds dedup tokens to the topic's life).
 //! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
+//! - [`staging`]: rebuild tables per partition in staging copies and swap them in (replay, backfill).
 //! - [`replay`]: `edgelog replay`: reload whole days from the anonymized topic, swapped in per partition.
 //! - [`backfill`]: `edgelog backfill`: rebuild rollups from the raw table (a view added later starts empty).
 //! - [`status`]: `edgelog status`: positions, lag, pending batch, each stage's `/status`.
@@ -63,6 +64,7 @@ pub mod record;
 pub mod replay;
 pub mod setup;
 pub mod shutdown;
+pub mod staging;
 pub mod status;
 pub mod synth;
 pub mod telemetry;

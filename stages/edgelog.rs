@@ -197,7 +197,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Replay { from, to } => {
-            let days = edgelog::replay::Days::parse(&from, to.as_deref().unwrap_or(&from))?;
+            let days = edgelog::staging::Days::parse(&from, to.as_deref().unwrap_or(&from))?;
             let summary = edgelog::replay::replay(&settings, &days).await?;
             println!(
                 "replayed {} rows of {}..={} ({} records read)",
@@ -209,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Backfill { tables, from, to } => {
             let days = match (from, to) {
-                (Some(from), Some(to)) => Some(edgelog::replay::Days::parse(&from, &to)?),
+                (Some(from), Some(to)) => Some(edgelog::staging::Days::parse(&from, &to)?),
                 _ => None,
             };
             let summary = edgelog::backfill::backfill(&settings, &tables, days.as_ref()).await?;

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgelog::replay::{replay, Days};
+use edgelog::replay::replay;
+use edgelog::staging::Days;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replay_rebuilds_damaged_days_exactly() {
@@ -14,11 +15,17 @@ async fn replay_rebuilds_damaged_days_exactly() {
     let s = fast_loader_settings();
     let produced = fill_anonymized_topic(&s, 3_000).await;
     let good = produced.sent - produced.garbage;
+    // A foreign record on the anonymized topic: the loader quarantines it, replay skips it.
+    common::hostile::produce_to(
+        &s,
+        &s.topics.anonymized,
+        &[b"not an anonymized record".to_vec()],
+    );
     let db = s.clickhouse.database.clone();
     // Records carry the producer's clock; a run across midnight spans two days.
     let now = edgelog::clock::now_epoch_ms();
-    let today = edgelog::replay::day_of_epoch_ms(now);
-    let yesterday = edgelog::replay::day_of_epoch_ms(now - 86_400_000);
+    let today = edgelog::staging::day_of_epoch_ms(now);
+    let yesterday = edgelog::staging::day_of_epoch_ms(now - 86_400_000);
     let days = Days::parse(&yesterday, &today).unwrap();
 
     let loader = start_loader(&s);
@@ -54,6 +61,7 @@ async fn replay_rebuilds_damaged_days_exactly() {
 
     let report = edgelog::verify::audit(&s).await.unwrap();
     assert!(report.is_clean(), "{report}");
+    assert_eq!(report.dead_letters.without_input_source, 1, "{report}");
     let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
     assert_eq!(landed, good, "{report}");
     let staging = count(format!(
