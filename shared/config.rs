@@ -247,6 +247,16 @@ impl Default for KafkaSettings {
     }
 }
 
+impl KafkaSettings {
+    /// What types alone cannot check; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must not be empty"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicSettings {
@@ -287,6 +297,59 @@ impl Default for TopicSettings {
     }
 }
 
+impl TopicSettings {
+    /// What types alone cannot check; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let t = self;
+        for (key, topic) in [
+            ("topics.input", &t.input),
+            ("topics.anonymized", &t.anonymized),
+            ("topics.dead_letter", &t.dead_letter),
+            ("topics.loader_dead_letter", &t.loader_dead_letter),
+        ] {
+            check_topic_name(key, topic)?;
+        }
+        // The anonymizer would read its own output (or dead letters) back as input, forever.
+        if t.anonymized == t.input {
+            return Err(invalid(
+                "topics.anonymized",
+                "must differ from topics.input",
+            ));
+        }
+        if t.dead_letter == t.input || t.dead_letter == t.anonymized {
+            return Err(invalid(
+                "topics.dead_letter",
+                "must differ from topics.input and topics.anonymized",
+            ));
+        }
+        if [&t.input, &t.anonymized, &t.dead_letter].contains(&&t.loader_dead_letter) {
+            return Err(invalid(
+                "topics.loader_dead_letter",
+                "must differ from topics.input, topics.anonymized and topics.dead_letter",
+            ));
+        }
+        // A batch's ranges (every partition it spans) go into each partition's commit metadata,
+        // which Kafka caps at 4096 bytes by default; 100 partitions fit (see the batch module's tests).
+        check_range("topics.partitions", t.partitions, 1, MAX_PARTITIONS)?;
+        // CreateTopics carries the replication factor as a 16-bit integer.
+        check_range(
+            "topics.replication_factor",
+            t.replication_factor,
+            1,
+            i32::from(i16::MAX),
+        )?;
+        // retention.ms = 0 deletes records before anyone reads them; Kafka takes a signed 64-bit
+        // number of milliseconds.
+        check_duration(
+            "topics.retention",
+            t.retention,
+            Duration::from_secs(60),
+            Duration::from_millis(i64::MAX as u64),
+        )?;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClickHouseSettings {
@@ -323,6 +386,40 @@ impl Default for ClickHouseSettings {
             raw_ttl_days: 30,
             totals_ttl_days: 400,
         }
+    }
+}
+
+impl ClickHouseSettings {
+    /// What types alone cannot check; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let ch = self;
+        check_identifier("clickhouse.database", &ch.database)?;
+        // Credentials travel as HTTP header values: a character a header cannot hold fails every
+        // request, which the loader would retry forever as a transient error.
+        check_header_value("clickhouse.user", &ch.user, false)?;
+        check_header_value("clickhouse.admin_user", &ch.admin_user, false)?;
+        check_header_value("clickhouse.password", ch.password.expose(), true)?;
+        check_header_value(
+            "clickhouse.admin_password",
+            ch.admin_password.expose(),
+            true,
+        )?;
+        // TTLs are written into the table DDL; DateTime ends in 2106, and a TTL reaching past it
+        // would overflow.
+        check_range("clickhouse.raw_ttl_days", ch.raw_ttl_days, 0, MAX_TTL_DAYS)?;
+        check_range(
+            "clickhouse.totals_ttl_days",
+            ch.totals_ttl_days,
+            0,
+            MAX_TTL_DAYS,
+        )?;
+        for (key, url) in [
+            ("clickhouse.url", &ch.url),
+            ("clickhouse.admin_url", &ch.admin_url),
+        ] {
+            check_http_url(key, url)?;
+        }
+        Ok(())
     }
 }
 
@@ -379,6 +476,50 @@ impl Default for ProducerSettings {
             hostile_share: 0.0,
             kafka_options: KafkaOptions::default(),
         }
+    }
+}
+
+impl ProducerSettings {
+    /// What types alone cannot check; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let p = self;
+        if !(p.rate.is_finite() && p.rate >= 0.0) {
+            return Err(invalid(
+                "producer.rate",
+                "must be a number >= 0 (0 = as fast as possible)",
+            ));
+        }
+        for (key, share) in [
+            ("producer.ipv6_share", p.ipv6_share),
+            ("producer.malformed_ip_share", p.malformed_ip_share),
+            ("producer.garbage_share", p.garbage_share),
+            ("producer.hostile_share", p.hostile_share),
+        ] {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(invalid(
+                    key,
+                    format!("must be between 0 and 1, got {share}"),
+                ));
+            }
+        }
+        for (key, n) in [
+            ("producer.resources", p.resources),
+            ("producer.urls_per_resource", p.urls_per_resource),
+            ("producer.clients", p.clients),
+        ] {
+            if n == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        for (key, s) in [
+            ("producer.resource_zipf_exponent", p.resource_zipf_exponent),
+            ("producer.client_zipf_exponent", p.client_zipf_exponent),
+        ] {
+            if !(s.is_finite() && s > 0.0) {
+                return Err(invalid(key, format!("must be > 0, got {s}")));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -440,6 +581,68 @@ impl Default for AnonymizerSettings {
     }
 }
 
+impl AnonymizerSettings {
+    /// What types alone cannot check; each error names its key. `raw_ttl_days`
+    /// (`clickhouse.raw_ttl_days`) bounds the retention margin.
+    pub fn validate(&self, raw_ttl_days: u32) -> Result<(), ConfigError> {
+        let a = self;
+        if a.group_id.is_empty() {
+            return Err(invalid("anonymizer.group_id", "must not be empty"));
+        }
+        if a.instance_id.is_empty() {
+            return Err(invalid("anonymizer.instance_id", "must not be empty"));
+        }
+        if a.txn_max_records == 0 {
+            return Err(invalid("anonymizer.txn_max_records", "must be at least 1"));
+        }
+        // librdkafka's transaction.timeout.ms (and message.timeout.ms, set to the same) is a
+        // 32-bit number of milliseconds, at least 1000.
+        check_duration(
+            "anonymizer.txn_timeout",
+            a.txn_timeout,
+            Duration::from_secs(1),
+            Duration::from_millis(i32::MAX as u64),
+        )?;
+        if a.txn_max_duration.is_zero() {
+            return Err(invalid(
+                "anonymizer.txn_max_duration",
+                "must be greater than 0",
+            ));
+        }
+        if a.txn_max_duration >= a.txn_timeout {
+            return Err(invalid(
+                "anonymizer.txn_max_duration",
+                "must be shorter than anonymizer.txn_timeout",
+            ));
+        }
+        if a.ipv6_prefix_bits > 128 {
+            return Err(invalid(
+                "anonymizer.ipv6_prefix_bits",
+                "must be between 0 and 128",
+            ));
+        }
+        check_duration(
+            "anonymizer.max_future_skew",
+            a.max_future_skew,
+            Duration::ZERO,
+            Duration::from_secs(365 * 86_400),
+        )?;
+        let raw_ttl = Duration::from_secs(u64::from(raw_ttl_days) * 86_400);
+        if raw_ttl_days > 0 && a.retention_margin >= raw_ttl {
+            return Err(invalid(
+                "anonymizer.retention_margin",
+                format!(
+                    "must be shorter than clickhouse.raw_ttl_days ({} days), got {:?}",
+                    raw_ttl_days, a.retention_margin
+                ),
+            ));
+        }
+        // A URL must fit a record far below any topic's limit; 1 MiB is Kafka's default.
+        check_range("anonymizer.max_url_bytes", a.max_url_bytes, 1, 1 << 20)?;
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LoaderSettings {
@@ -497,223 +700,10 @@ impl Default for LoaderSettings {
     }
 }
 
-/// Every setting of every binary. Each binary reads the sections it needs, so one file can serve
-/// a whole deployment.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct Settings {
-    pub log: LogSettings,
-    pub kafka: KafkaSettings,
-    pub topics: TopicSettings,
-    pub clickhouse: ClickHouseSettings,
-    pub producer: ProducerSettings,
-    pub anonymizer: AnonymizerSettings,
-    pub loader: LoaderSettings,
-}
-
-impl Settings {
-    /// Loads defaults < `file` < `EDGELOG_*` environment < `overrides` (dotted key, value).
-    pub fn load(
-        file: Option<&Path>,
-        overrides: &[(&str, figment::value::Value)],
-    ) -> Result<Settings, ConfigError> {
-        Self::figment(file, overrides)
-            .extract::<Settings>()?
-            .validated()
-    }
-
-    /// The figment behind [`Settings::load`], exposed for tests and `edgelog config`.
-    pub fn figment(file: Option<&Path>, overrides: &[(&str, figment::value::Value)]) -> Figment {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Some(path) = file {
-            // file_exact: a missing --config file is an error, not silently ignored.
-            figment = figment.merge(Toml::file_exact(path));
-        }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
-        for (key, value) in overrides {
-            figment = figment.merge(Serialized::default(key, value.clone()));
-        }
-        figment
-    }
-
-    /// Checks what types alone cannot, and normalises librdkafka option keys.
-    pub fn validated(mut self) -> Result<Settings, ConfigError> {
-        for options in [
-            &mut self.kafka.options,
-            &mut self.producer.kafka_options,
-            &mut self.anonymizer.kafka_options,
-            &mut self.loader.kafka_options,
-        ] {
-            *options = options.normalised();
-        }
-        if self.kafka.brokers.trim().is_empty() {
-            return Err(invalid("kafka.brokers", "must not be empty"));
-        }
-        let t = &self.topics;
-        for (key, topic) in [
-            ("topics.input", &t.input),
-            ("topics.anonymized", &t.anonymized),
-            ("topics.dead_letter", &t.dead_letter),
-            ("topics.loader_dead_letter", &t.loader_dead_letter),
-        ] {
-            check_topic_name(key, topic)?;
-        }
-        // The anonymizer would read its own output (or dead letters) back as input, forever.
-        if t.anonymized == t.input {
-            return Err(invalid(
-                "topics.anonymized",
-                "must differ from topics.input",
-            ));
-        }
-        if t.dead_letter == t.input || t.dead_letter == t.anonymized {
-            return Err(invalid(
-                "topics.dead_letter",
-                "must differ from topics.input and topics.anonymized",
-            ));
-        }
-        if [&t.input, &t.anonymized, &t.dead_letter].contains(&&t.loader_dead_letter) {
-            return Err(invalid(
-                "topics.loader_dead_letter",
-                "must differ from topics.input, topics.anonymized and topics.dead_letter",
-            ));
-        }
-        // A batch's ranges (every partition it spans) go into each partition's commit metadata,
-        // which Kafka caps at 4096 bytes by default; 100 partitions fit (see the batch module's tests).
-        check_range("topics.partitions", t.partitions, 1, MAX_PARTITIONS)?;
-        // CreateTopics carries the replication factor as a 16-bit integer.
-        check_range(
-            "topics.replication_factor",
-            t.replication_factor,
-            1,
-            i32::from(i16::MAX),
-        )?;
-        // retention.ms = 0 deletes records before anyone reads them; Kafka takes a signed 64-bit
-        // number of milliseconds.
-        check_duration(
-            "topics.retention",
-            t.retention,
-            Duration::from_secs(60),
-            Duration::from_millis(i64::MAX as u64),
-        )?;
-        check_identifier("clickhouse.database", &self.clickhouse.database)?;
-        let ch = &self.clickhouse;
-        // Credentials travel as HTTP header values: a character a header cannot hold fails every
-        // request, which the loader would retry forever as a transient error.
-        check_header_value("clickhouse.user", &ch.user, false)?;
-        check_header_value("clickhouse.admin_user", &ch.admin_user, false)?;
-        check_header_value("clickhouse.password", ch.password.expose(), true)?;
-        check_header_value(
-            "clickhouse.admin_password",
-            ch.admin_password.expose(),
-            true,
-        )?;
-        // TTLs are written into the table DDL; DateTime ends in 2106, and a TTL reaching past it
-        // would overflow.
-        check_range("clickhouse.raw_ttl_days", ch.raw_ttl_days, 0, MAX_TTL_DAYS)?;
-        check_range(
-            "clickhouse.totals_ttl_days",
-            ch.totals_ttl_days,
-            0,
-            MAX_TTL_DAYS,
-        )?;
-        for (key, url) in [
-            ("clickhouse.url", &self.clickhouse.url),
-            ("clickhouse.admin_url", &self.clickhouse.admin_url),
-        ] {
-            check_http_url(key, url)?;
-        }
-        let p = &self.producer;
-        if !(p.rate.is_finite() && p.rate >= 0.0) {
-            return Err(invalid(
-                "producer.rate",
-                "must be a number >= 0 (0 = as fast as possible)",
-            ));
-        }
-        for (key, share) in [
-            ("producer.ipv6_share", p.ipv6_share),
-            ("producer.malformed_ip_share", p.malformed_ip_share),
-            ("producer.garbage_share", p.garbage_share),
-            ("producer.hostile_share", p.hostile_share),
-        ] {
-            if !(0.0..=1.0).contains(&share) {
-                return Err(invalid(
-                    key,
-                    format!("must be between 0 and 1, got {share}"),
-                ));
-            }
-        }
-        for (key, n) in [
-            ("producer.resources", p.resources),
-            ("producer.urls_per_resource", p.urls_per_resource),
-            ("producer.clients", p.clients),
-        ] {
-            if n == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
-        }
-        for (key, s) in [
-            ("producer.resource_zipf_exponent", p.resource_zipf_exponent),
-            ("producer.client_zipf_exponent", p.client_zipf_exponent),
-        ] {
-            if !(s.is_finite() && s > 0.0) {
-                return Err(invalid(key, format!("must be > 0, got {s}")));
-            }
-        }
-        let a = &self.anonymizer;
-        if a.group_id.is_empty() {
-            return Err(invalid("anonymizer.group_id", "must not be empty"));
-        }
-        if a.instance_id.is_empty() {
-            return Err(invalid("anonymizer.instance_id", "must not be empty"));
-        }
-        if a.txn_max_records == 0 {
-            return Err(invalid("anonymizer.txn_max_records", "must be at least 1"));
-        }
-        // librdkafka's transaction.timeout.ms (and message.timeout.ms, set to the same) is a
-        // 32-bit number of milliseconds, at least 1000.
-        check_duration(
-            "anonymizer.txn_timeout",
-            a.txn_timeout,
-            Duration::from_secs(1),
-            Duration::from_millis(i32::MAX as u64),
-        )?;
-        if a.txn_max_duration.is_zero() {
-            return Err(invalid(
-                "anonymizer.txn_max_duration",
-                "must be greater than 0",
-            ));
-        }
-        if a.txn_max_duration >= a.txn_timeout {
-            return Err(invalid(
-                "anonymizer.txn_max_duration",
-                "must be shorter than anonymizer.txn_timeout",
-            ));
-        }
-        if a.ipv6_prefix_bits > 128 {
-            return Err(invalid(
-                "anonymizer.ipv6_prefix_bits",
-                "must be between 0 and 128",
-            ));
-        }
-        check_duration(
-            "anonymizer.max_future_skew",
-            a.max_future_skew,
-            Duration::ZERO,
-            Duration::from_secs(365 * 86_400),
-        )?;
-        let raw_ttl = Duration::from_secs(u64::from(self.clickhouse.raw_ttl_days) * 86_400);
-        if self.clickhouse.raw_ttl_days > 0 && a.retention_margin >= raw_ttl {
-            return Err(invalid(
-                "anonymizer.retention_margin",
-                format!(
-                    "must be shorter than clickhouse.raw_ttl_days ({} days), got {:?}",
-                    self.clickhouse.raw_ttl_days, a.retention_margin
-                ),
-            ));
-        }
-        // A URL must fit a record far below any topic's limit; 1 MiB is Kafka's default.
-        check_range("anonymizer.max_url_bytes", a.max_url_bytes, 1, 1 << 20)?;
-        let l = &self.loader;
+impl LoaderSettings {
+    /// What types alone cannot check; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = self;
         if l.group_id.is_empty() {
             return Err(invalid("loader.group_id", "must not be empty"));
         }
@@ -753,6 +743,66 @@ impl Settings {
             1,
             u32::MAX,
         )?;
+        Ok(())
+    }
+}
+
+/// Every setting of every binary. Each binary reads the sections it needs, so one file can serve
+/// a whole deployment.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub log: LogSettings,
+    pub kafka: KafkaSettings,
+    pub topics: TopicSettings,
+    pub clickhouse: ClickHouseSettings,
+    pub producer: ProducerSettings,
+    pub anonymizer: AnonymizerSettings,
+    pub loader: LoaderSettings,
+}
+
+impl Settings {
+    /// Loads defaults < `file` < `EDGELOG_*` environment < `overrides` (dotted key, value).
+    pub fn load(
+        file: Option<&Path>,
+        overrides: &[(&str, figment::value::Value)],
+    ) -> Result<Settings, ConfigError> {
+        Self::figment(file, overrides)
+            .extract::<Settings>()?
+            .validated()
+    }
+
+    /// The figment behind [`Settings::load`], exposed for tests and `edgelog config`.
+    pub fn figment(file: Option<&Path>, overrides: &[(&str, figment::value::Value)]) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(path) = file {
+            // file_exact: a missing --config file is an error, not silently ignored.
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        for (key, value) in overrides {
+            figment = figment.merge(Serialized::default(key, value.clone()));
+        }
+        figment
+    }
+
+    /// Checks what types alone cannot (each section its own part), and normalises librdkafka
+    /// option keys.
+    pub fn validated(mut self) -> Result<Settings, ConfigError> {
+        for options in [
+            &mut self.kafka.options,
+            &mut self.producer.kafka_options,
+            &mut self.anonymizer.kafka_options,
+            &mut self.loader.kafka_options,
+        ] {
+            *options = options.normalised();
+        }
+        self.kafka.validate()?;
+        self.topics.validate()?;
+        self.clickhouse.validate()?;
+        self.producer.validate()?;
+        self.anonymizer.validate(self.clickhouse.raw_ttl_days)?;
+        self.loader.validate()?;
         Ok(self)
     }
 
