@@ -10,6 +10,16 @@
 //! This crate is the library; the binaries in `stages/` are thin wrappers that parse arguments,
 //! load [`config::Settings`], start telemetry and call one `run` function with a shutdown future.
 //!
+//! Layers, imports pointing down (docs/ARCHITECTURE.md draws them, with where each decision lives
+//! and the path of one record):
+//! 1. protocol and pure decisions: `record`, `anon_record`, `validate`, `anonymize`,
+//!    `dead_letter`, `batch`, `body`, `clock`; they import no stage;
+//! 2. settings: `config`;
+//! 3. adapters: `kafka`, `topic_id`, `clickhouse`, `telemetry`, `health`, `log_gate`,
+//!    `shutdown`, `cli`, `txn`;
+//! 4. stages and tools: `anonymizer`, `loader`, `producer` (with `synth`), `setup`, `staging`,
+//!    `replay`, `backfill`, `status`, `verify`, `capacity`.
+//!
 //! Layout, one module per concern:
 //! - [`cli`]: flags shared by every binary and the start-up sequence (settings, then logging).
 //! - [`config`]: figment settings (defaults < TOML file < `EDGELOG_` environment), validation.
