@@ -18,7 +18,10 @@ fi
 
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
-bash docker/check.sh
+# The Docker checks include the built `edgelog` reading each compose service's environment through
+# the real settings loader, so they run after the build, with that binary.
+cargo build --locked --bins
+DOCKER_CHECK_EDGELOG_BIN=target/debug/edgelog bash docker/check.sh
 # --all-targets would also run the benches (harness = false); clippy above compiles them.
 # The timeout turns a hung test into a loud failure well inside CI's 90 minutes.
 timeout 45m cargo test --locked --lib --bins --tests
