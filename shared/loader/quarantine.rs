@@ -25,8 +25,9 @@ use crate::dead_letter::{
 };
 use crate::kafka::client_config;
 
+use super::offsets::{finish, on_consumer, LoaderConsumer};
 use super::refused::Next;
-use super::{finish, on_consumer, Batch, LoaderConsumer, State};
+use super::{Batch, State};
 
 /// Largest dead letter the loader writes: librdkafka's default `message.max.bytes`, below the
 /// broker's default `max.message.bytes` (1048588). Larger payloads become a bounded envelope.
