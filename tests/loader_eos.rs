@@ -134,3 +134,43 @@ async fn a_recorded_batch_is_finished_by_whoever_gets_its_partitions() {
         .await
         .unwrap();
 }
+
+/// The library runs on a current-thread runtime (`#[tokio::test]`'s default): no blocking call
+/// of the loader may use `block_in_place`, which panics there. The run covers each kind: a
+/// recorded batch found at assignment (committed offsets, watermarks), rebuilt and encoded; new
+/// batches planned, recorded and committed.
+#[tokio::test]
+async fn the_loader_runs_on_a_current_thread_runtime() {
+    require_stack();
+    let s = fast_loader_settings();
+    let produced = fill_anonymized_topic(&s, 400).await;
+    let good = produced.sent - produced.garbage;
+    // A crash right after recording leaves a batch for the in-process loader to rebuild.
+    let status = loader_command(&s)
+        .env("LOADER_FAILPOINT", "after_record")
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the loader crashed after recording");
+    assert!(!no_pending_batch(&s.loader.group_id, &s.topics.anonymized));
+    // More records after the recorded batch: planned anew by the in-process loader.
+    let more = fill_anonymized_topic(&s, 200).await;
+    let good = good + more.sent - more.garbage;
+
+    let loader = start_loader(&s);
+    wait_drained(&s, Duration::from_secs(120)).await;
+    wait_no_pending_batch(
+        &s,
+        "the loader to commit past every batch",
+        Duration::from_secs(60),
+    )
+    .await;
+    loader
+        .stop()
+        .await
+        .expect("the loader stops cleanly on a current-thread runtime");
+    assert_loaded_exactly_once(&s, good).await;
+    admin()
+        .query(&format!("DROP DATABASE {}", s.clickhouse.database), &[])
+        .await
+        .unwrap();
+}

@@ -22,9 +22,16 @@
 //! batch ClickHouse refuses for its content ([`classify`]) or the proxy refuses for its size is
 //! replaced by smaller ones (`refused.rs`) down to the one record that cannot pass. Batches are
 //! planned by the pure rules of [`plan`] (days per insert, body limit).
+//!
+//! This module keeps the cycle; Kafka's side of it (recording, committing, rebalances) is in
+//! `offsets.rs`. Whatever blocks (a broker round trip) or computes for seconds (planning's
+//! encodes, a rebuilt batch's body) runs on the blocking pool and is awaited before the next
+//! step, so the order above holds while the runtime's threads stay free for the HTTP listener
+//! and other tasks; not `block_in_place`, so the library also runs on a current-thread runtime.
 
 pub mod classify;
 pub mod insert;
+mod offsets;
 pub mod plan;
 pub mod quarantine;
 mod refused;
@@ -35,10 +42,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
 use crate::batch::{BatchId, BatchRanges, PartitionRange};
@@ -49,6 +54,8 @@ use crate::health::Health;
 use crate::kafka::{client_config, describe, KafkaWatch, WatchedContext};
 use crate::topic_id::{topic_id, TopicIdError};
 use insert::{insert_url, InsertClient, Outcome};
+use offsets::{apply_rebalances, finish, record_ranges};
+use offsets::{LoaderConsumer, LoaderContext, RebalanceEvent};
 use plan::BodyLimit;
 use quarantine::{after_refusal, commit_quarantined, flush_dead_letters, quarantine};
 use quarantine::{DeadLetter, DeadLetters};
@@ -82,46 +89,13 @@ impl Failpoint {
     }
 }
 
-/// What the rebalance callback saw; handled by the main loop right after `recv` returns.
-#[derive(Debug)]
-enum RebalanceEvent {
-    Assigned(Vec<i32>),
-    Revoked,
-}
-
-struct LoaderContext {
-    events: Arc<Mutex<Vec<RebalanceEvent>>>,
-    watch: Arc<KafkaWatch>,
-}
-
-impl ClientContext for LoaderContext {
-    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
-        crate::kafka::record_lag(&statistics, "edgelog_loader_lag");
-        self.watch.observe(&statistics);
-    }
-
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.watch.log(level, fac, log_message);
-    }
-
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        self.watch.error(&error, reason);
-    }
-}
-
-impl ConsumerContext for LoaderContext {
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let event = match rebalance {
-            Rebalance::Assign(tpl) => {
-                RebalanceEvent::Assigned(tpl.elements().iter().map(|e| e.partition()).collect())
-            }
-            Rebalance::Revoke(_) => RebalanceEvent::Revoked,
-            Rebalance::Error(e) => {
-                tracing::warn!(error = %e, "rebalance error");
-                return;
-            }
-        };
-        self.events.lock().expect("not poisoned").push(event);
+/// Runs CPU-heavy or blocking `f` on the blocking pool; a panic in it is resumed here, as if `f`
+/// had run inline.
+async fn off_runtime<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(value) => value,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => panic!("a blocking task of the loader was cancelled: {e}"),
     }
 }
 
@@ -300,12 +274,14 @@ pub async fn run_with_health(
     };
     tracing::info!(%topic, %topic_id, "batches are bound to this incarnation of the topic");
     let events = Arc::new(Mutex::new(Vec::new()));
-    let consumer: StreamConsumer<LoaderContext> = config
-        .create_with_context(LoaderContext {
-            events: events.clone(),
-            watch: watch.clone(),
-        })
-        .context("creating the consumer")?;
+    let consumer: LoaderConsumer = Arc::new(
+        config
+            .create_with_context(LoaderContext {
+                events: events.clone(),
+                watch: watch.clone(),
+            })
+            .context("creating the consumer")?,
+    );
     consumer.subscribe(&[&topic]).context("subscribing")?;
     let client = InsertClient::new(
         &settings.clickhouse.user,
@@ -333,7 +309,7 @@ pub async fn run_with_health(
     let mut failed_in_a_row = 0u32;
     let mut details_at = Instant::now();
     loop {
-        absorb(&consumer, &topic, &mut st, &events, None)?;
+        absorb(&consumer, &topic, &mut st, &events, None).await?;
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
         if st.batches.is_empty() && st.queue.is_empty() {
             // Only undecodable records left to pass: quarantine them and commit past them now,
@@ -366,7 +342,7 @@ pub async fn run_with_health(
             };
             tokio::select! {
                 _ = &mut shutdown => break,
-                message = consumer.recv() => absorb(&consumer, &topic, &mut st, &events, Some(message))?,
+                message = consumer.recv() => absorb(&consumer, &topic, &mut st, &events, Some(message)).await?,
                 _ = tokio::time::sleep_until(wait) => {}
             }
             continue;
@@ -389,7 +365,9 @@ pub async fn run_with_health(
                     Duration::from_millis(20)
                 };
                 match tokio::time::timeout(patience, consumer.recv()).await {
-                    Ok(message) => absorb(&consumer, &topic, &mut st, &events, Some(message))?,
+                    Ok(message) => {
+                        absorb(&consumer, &topic, &mut st, &events, Some(message)).await?
+                    }
                     Err(_) => break, // nothing more ready right now
                 }
             }
@@ -397,10 +375,10 @@ pub async fn run_with_health(
             // queued before planning, or the batch would come from the old assignment and be
             // loaded a second time by whoever reads the partition from its committed offset
             // (found by a 20-minute chaos run: 140 rows twice).
-            if apply_rebalances(&consumer, &topic, &mut st, &events)? || st.queue.is_empty() {
+            if apply_rebalances(&consumer, &topic, &mut st, &events).await? || st.queue.is_empty() {
                 continue; // a rebalance took the work away
             }
-            plan_batch(&mut st, l.body_compression, l.max_days_per_batch);
+            plan_batch_off_runtime(&mut st, l.body_compression, l.max_days_per_batch).await;
             planning_lead = next_planning_lead(planning.elapsed(), l.slot_spacing);
             if Instant::now() < next_slot {
                 continue; // planned ahead: the batch waits for its slot
@@ -419,25 +397,32 @@ pub async fn run_with_health(
                 // Retention deleted all of it (logged as data loss by `rebuild`), or it held only
                 // undecodable records (dead-lettered before it was recorded): nothing to send.
                 let batch = st.batches.pop_front().expect("present");
-                finish(&consumer, &topic, &mut st, &batch.ranges)?;
+                finish(&consumer, &topic, &mut st, &batch.ranges).await?;
                 continue;
             }
             batch.records = Some(rebuilt);
         }
         if !batch.recorded {
             let release = std::mem::take(&mut st.release);
-            record_ranges(&consumer, &topic, &batch.id(), &release, &st.assigned)?;
+            record_ranges(&consumer, &topic, &batch.id(), &release, &st.assigned).await?;
             batch.recorded = true;
             Failpoint::hit(failpoint, Failpoint::AfterRecord);
         }
-        let records = batch.records.as_ref().expect("rebuilt above");
-        let body = batch
-            .body
-            .get_or_insert_with(|| {
+        if batch.body.is_none() {
+            // A rebuilt or re-planned batch: encode it (seconds at xz) off the runtime.
+            let records = batch.records.take().expect("rebuilt above");
+            let compression = l.body_compression;
+            let (records, body) = off_runtime(move || {
                 let refs: Vec<&AnonRecord> = records.iter().map(|b| &b.record).collect();
-                body::encode_body(&refs, l.body_compression)
+                let body = body::encode_body(&refs, compression);
+                (records, body)
             })
-            .clone();
+            .await;
+            batch.records = Some(records);
+            batch.body = Some(body);
+        }
+        let records = batch.records.as_ref().expect("rebuilt above");
+        let body = batch.body.clone().expect("encoded above");
         if records.len() == 1 && body.len() > l.max_body_bytes {
             // No proxy configured for `max_body_bytes` takes it: quarantine without a slot.
             let batch = st.batches.pop_front().expect("present");
@@ -501,7 +486,7 @@ pub async fn run_with_health(
         match outcome {
             Outcome::Inserted => {
                 let batch = st.batches.pop_front().expect("present");
-                finish(&consumer, &topic, &mut st, &batch.ranges)?;
+                finish(&consumer, &topic, &mut st, &batch.ranges).await?;
                 health.success();
                 st.body_limit.inserted();
                 st.rejected_in_a_row = 0;
@@ -654,14 +639,14 @@ fn status_details(
 
 /// Applies the rebalance events the callback queued, then buffers `message` if one came. Events
 /// go first: a message returned by `recv` after a rebalance belongs to the new assignment.
-fn absorb(
-    consumer: &StreamConsumer<LoaderContext>,
+async fn absorb(
+    consumer: &LoaderConsumer,
     topic: &str,
     st: &mut State,
     events: &Mutex<Vec<RebalanceEvent>>,
     message: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
 ) -> anyhow::Result<()> {
-    apply_rebalances(consumer, topic, st, events)?;
+    apply_rebalances(consumer, topic, st, events).await?;
     match message {
         Some(Ok(m)) => buffer(st, m.partition(), m.offset(), m.payload().unwrap_or(&[])),
         Some(Err(e)) => {
@@ -670,21 +655,6 @@ fn absorb(
         }
         None => Ok(()),
     }
-}
-
-/// Applies the rebalance events the callback queued; true if there were any.
-fn apply_rebalances(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    st: &mut State,
-    events: &Mutex<Vec<RebalanceEvent>>,
-) -> anyhow::Result<bool> {
-    let drained: Vec<RebalanceEvent> = std::mem::take(&mut *events.lock().expect("not poisoned"));
-    let any = !drained.is_empty();
-    for event in drained {
-        handle_rebalance(consumer, topic, st, event)?;
-    }
-    Ok(any)
 }
 
 fn batch_ranges(st: &State) -> String {
@@ -728,25 +698,77 @@ fn buffer(st: &mut State, partition: i32, offset: i64, payload: &[u8]) -> anyhow
 }
 
 /// Takes the longest prefix of the queue whose body fits the body limit (within 2%) as a new
-/// batch. Bisection, starting from a guess made with the last body's bytes per row.
+/// batch, with its body. The encodes take seconds, so they run on the blocking pool; the queue
+/// moves there and back (nothing else touches the state meanwhile: the loop is waiting here).
+async fn plan_batch_off_runtime(st: &mut State, compression: BodyCompression, max_days: usize) {
+    let queue = std::mem::take(&mut st.queue);
+    let sizing = Sizing::of(st);
+    let (queue, planned) = off_runtime(move || {
+        let planned = plan_prefix(&queue, sizing, compression, max_days);
+        (queue, planned)
+    })
+    .await;
+    st.queue = queue;
+    take_planned(st, planned);
+}
+
+/// [`plan_batch_off_runtime`] inline: the same plan, for tests.
+#[cfg(test)]
 fn plan_batch(st: &mut State, compression: BodyCompression, max_days: usize) {
-    let max_body_bytes = st.body_limit.get();
+    let planned = plan_prefix(&st.queue, Sizing::of(st), compression, max_days);
+    take_planned(st, planned);
+}
+
+/// What planning reads from the state besides the queue.
+#[derive(Debug, Clone, Copy)]
+struct Sizing {
+    max_body_bytes: usize,
+    /// Final-level over planning-level size (0: not learned yet).
+    level_ratio: f64,
+    bytes_per_row: f64,
+}
+
+impl Sizing {
+    fn of(st: &State) -> Sizing {
+        Sizing {
+            max_body_bytes: st.body_limit.get(),
+            level_ratio: st.level_ratio,
+            bytes_per_row: st.bytes_per_row,
+        }
+    }
+}
+
+/// A planned prefix of the queue: how many records, their body, the level ratio it measured.
+struct Planned {
+    n: usize,
+    body: Vec<u8>,
+    level_ratio: f64,
+}
+
+/// The pure core of planning: the longest prefix of `queue` whose body fits (within 2%).
+/// Bisection, starting from a guess made with the last body's bytes per row.
+fn plan_prefix(
+    queue: &VecDeque<Buffered>,
+    sizing: Sizing,
+    compression: BodyCompression,
+    max_days: usize,
+) -> Planned {
+    let max_body_bytes = sizing.max_body_bytes;
     let len = plan::prefix_within_days(
-        st.queue.iter().map(|b| b.record.timestamp_epoch_milli),
+        queue.iter().map(|b| b.record.timestamp_epoch_milli),
         max_days,
     );
     // Candidates are sized with a cheap zstd level scaled by the learned ratio to the final
     // level; only the chosen batch is encoded at the final level (see docs/BENCHMARKS.md).
-    let ratio = if st.level_ratio > 0.0 {
-        st.level_ratio
+    let ratio = if sizing.level_ratio > 0.0 {
+        sizing.level_ratio
     } else {
         compression.initial_planning_ratio()
     };
-    let refs =
-        |n: usize| -> Vec<&AnonRecord> { st.queue.iter().take(n).map(|b| &b.record).collect() };
+    let refs = |n: usize| -> Vec<&AnonRecord> { queue.iter().take(n).map(|b| &b.record).collect() };
     let planning_size = |n: usize| body::encode_body_at(&refs(n), body::PLANNING_ZSTD_LEVEL).len();
     let fits = |n: usize| planning_size(n) as f64 * ratio <= max_body_bytes as f64;
-    let guess = (max_body_bytes as f64 / st.bytes_per_row.max(1.0)) as usize;
+    let guess = (max_body_bytes as f64 / sizing.bytes_per_row.max(1.0)) as usize;
     let mut n = if guess >= len && fits(len) {
         len
     } else {
@@ -776,8 +798,22 @@ fn plan_batch(st: &mut State, compression: BodyCompression, max_days: usize) {
         n = ((n as f64 * max_body_bytes as f64 / body.len() as f64 * 0.98) as usize)
             .clamp(1, n - 1);
     };
-    let new_ratio = body.len() as f64 / planning_size(n).max(1) as f64;
-    st.level_ratio = new_ratio;
+    let level_ratio = body.len() as f64 / planning_size(n).max(1) as f64;
+    Planned {
+        n,
+        body,
+        level_ratio,
+    }
+}
+
+/// Moves a planned prefix out of the queue into a new batch.
+fn take_planned(st: &mut State, planned: Planned) {
+    let Planned {
+        n,
+        body,
+        level_ratio,
+    } = planned;
+    st.level_ratio = level_ratio;
     let records: Vec<Buffered> = st.queue.drain(..n).collect();
     st.queued_bytes -= records.iter().map(|b| b.bytes).sum::<usize>();
     let ranges =
@@ -823,7 +859,7 @@ fn requeue_records(st: &mut State, records: Vec<Buffered>) {
 
 /// Pauses consumption while the queue holds more than `max_bytes`; resumes below half of it.
 fn update_pause(
-    consumer: &StreamConsumer<LoaderContext>,
+    consumer: &LoaderConsumer,
     topic: &str,
     st: &mut State,
     max_bytes: usize,
@@ -850,171 +886,6 @@ fn update_pause(
         consumer.resume(&tpl)?;
     }
     st.paused = want_pause;
-    Ok(())
-}
-
-/// Revoke: forget everything (eager rebalancing revokes all partitions; Kafka holds the truth).
-/// Assign: read committed offsets; recorded batches become the first work, and consumption
-/// resumes after them; committed offsets below the log start are data loss, reported loudly.
-fn handle_rebalance(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    st: &mut State,
-    event: RebalanceEvent,
-) -> anyhow::Result<()> {
-    match event {
-        RebalanceEvent::Revoked => {
-            // Keep what was learned about sizes; forget everything else.
-            *st = State {
-                bytes_per_row: st.bytes_per_row,
-                level_ratio: st.level_ratio,
-                body_limit: st.body_limit,
-                rejected_in_a_row: st.rejected_in_a_row,
-                dead_lettered: std::mem::take(&mut st.dead_lettered),
-                ..State::default()
-            };
-        }
-        RebalanceEvent::Assigned(partitions) => {
-            let mut tpl = TopicPartitionList::new();
-            for &p in &partitions {
-                tpl.add_partition(topic, p);
-            }
-            let committed = tokio::task::block_in_place(|| {
-                consumer.committed_offsets(tpl, Duration::from_secs(30))
-            })
-            .context("reading committed offsets")?;
-            for e in committed.elements() {
-                let p = e.partition();
-                let (low, _) = tokio::task::block_in_place(|| {
-                    consumer.fetch_watermarks(topic, p, Duration::from_secs(30))
-                })?;
-                // A recorded batch's own losses are counted when it is rebuilt.
-                let pending = BatchId::is_pending(e.metadata());
-                if let (Offset::Offset(c), false) = (e.offset(), pending) {
-                    if c < low {
-                        metrics::counter!("edgelog_loader_lost_offsets_total")
-                            .increment((low - c) as u64);
-                        tracing::error!(
-                            partition = p,
-                            committed = c,
-                            log_start = low,
-                            lost = low - c,
-                            "DATA LOSS: retention deleted records before they were loaded"
-                        );
-                    }
-                }
-                // Everything below the committed offset is loaded. The consumer starts from the
-                // offset librdkafka fetched when it applied the assignment; should that ever be
-                // older than what is read here, the records in between are dropped, not loaded
-                // again.
-                if let Offset::Offset(c) = e.offset() {
-                    st.skip_below.insert(p, c);
-                }
-                match BatchId::from_metadata(e.metadata()) {
-                    Ok(Some(id)) => {
-                        if let (Some(recorded), Some(now)) = (&id.topic_id, &st.topic_id) {
-                            if recorded != now {
-                                bail!(
-                                    "partition {p} of {topic} holds a batch recorded for another \
-                                     incarnation of the topic (id {recorded}, now {now}): its \
-                                     offsets index records that no longer exist. Reset the loader \
-                                     group's offsets (docs/OPERATIONS.md, \"A recreated topic\")"
-                                );
-                            }
-                        }
-                        if let Some(r) = id.ranges.get(p) {
-                            let skip = st.skip_below.entry(p).or_default();
-                            *skip = (*skip).max(r.end);
-                        }
-                        if !st.batches.iter().any(|b| b.id() == id) {
-                            tracing::info!(partition = p, batch = %id, "recorded batch found; finishing it before anything new");
-                            st.batches.push_back(Batch::recorded(id));
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(err) => bail!("partition {p}: {err}"),
-                }
-            }
-            st.assigned = partitions;
-            tracing::info!(partitions = ?st.assigned, recovered_batches = st.batches.len(), "partitions assigned");
-        }
-    }
-    Ok(())
-}
-
-/// Step 2 of the cycle: make the batch's ranges durable before anything is sent. In the same
-/// commit, `release`d partitions (of a replaced batch, not overwritten by this one) lose their
-/// metadata and keep their offset: nothing of them is loaded yet.
-fn record_ranges(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    id: &BatchId,
-    release: &[PartitionRange],
-    assigned: &[i32],
-) -> anyhow::Result<()> {
-    let metadata = id.to_metadata();
-    let ranges = &id.ranges;
-    let mut tpl = TopicPartitionList::new();
-    for r in ranges.ranges() {
-        let mut e = tpl.add_partition(topic, r.partition);
-        e.set_offset(Offset::Offset(r.start))?;
-        e.set_metadata(metadata.as_str());
-    }
-    for r in release
-        .iter()
-        .filter(|r| ranges.get(r.partition).is_none() && assigned.contains(&r.partition))
-    {
-        let mut e = tpl.add_partition(topic, r.partition);
-        e.set_offset(Offset::Offset(r.start))?;
-        e.set_metadata("");
-    }
-    tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
-        .context("recording the batch's ranges")?;
-    Ok(())
-}
-
-/// Step 4: the batch landed; move each partition we still own past it and clear the record.
-fn commit_done(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    assigned: &[i32],
-    ranges: &BatchRanges,
-) -> anyhow::Result<()> {
-    let mut tpl = TopicPartitionList::new();
-    for r in ranges
-        .ranges()
-        .iter()
-        .filter(|r| assigned.contains(&r.partition))
-    {
-        let mut e = tpl.add_partition(topic, r.partition);
-        e.set_offset(Offset::Offset(r.end))?;
-        e.set_metadata("");
-    }
-    if tpl.count() > 0 {
-        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
-            .context("committing a loaded batch")?;
-    }
-    Ok(())
-}
-
-/// A batch is done (loaded, or nothing of it left to load): commit past it and forget the
-/// dead-lettered records its commit passes.
-fn finish(
-    consumer: &StreamConsumer<LoaderContext>,
-    topic: &str,
-    st: &mut State,
-    ranges: &BatchRanges,
-) -> anyhow::Result<()> {
-    commit_done(consumer, topic, &st.assigned, ranges)?;
-    for r in ranges.ranges() {
-        if st
-            .quarantined_to
-            .get(&r.partition)
-            .is_some_and(|&to| to <= r.end)
-        {
-            st.quarantined_to.remove(&r.partition);
-        }
-    }
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -25,8 +25,9 @@ use crate::dead_letter::{
 };
 use crate::kafka::client_config;
 
+use super::offsets::{finish, on_consumer, LoaderConsumer};
 use super::refused::Next;
-use super::{finish, Batch, LoaderContext, State};
+use super::{Batch, State};
 
 /// Largest dead letter the loader writes: librdkafka's default `message.max.bytes`, below the
 /// broker's default `max.message.bytes` (1048588). Larger payloads become a bounded envelope.
@@ -211,7 +212,7 @@ pub(super) async fn flush_dead_letters(
 /// With nothing queued or batched, every record below a dead-lettered one is loaded: dead-letter
 /// what is pending and commit past it all.
 pub(super) async fn commit_quarantined(
-    consumer: &StreamConsumer<LoaderContext>,
+    consumer: &LoaderConsumer,
     topic: &str,
     st: &mut State,
     dead_letters: &DeadLetters,
@@ -230,7 +231,8 @@ pub(super) async fn commit_quarantined(
         *skip = (*skip).max(to);
     }
     if tpl.count() > 0 {
-        tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
+        on_consumer(consumer, move |c| c.commit(&tpl, CommitMode::Sync))
+            .await
             .context("committing past quarantined records")?;
     }
     st.quarantined_to.clear();
@@ -239,7 +241,7 @@ pub(super) async fn commit_quarantined(
 
 /// Dead-letters the records of `batch` (one, refused on its own) and commits past it.
 pub(super) async fn quarantine(
-    consumer: &StreamConsumer<LoaderContext>,
+    consumer: &LoaderConsumer,
     topic: &str,
     st: &mut State,
     dead_letters: &DeadLetters,
@@ -255,12 +257,12 @@ pub(super) async fn quarantine(
         .collect();
     dead_letters.send_all(&letters).await?;
     *st.dead_lettered.entry(reason).or_default() += letters.len() as u64;
-    finish(consumer, topic, st, &batch.ranges)
+    finish(consumer, topic, st, &batch.ranges).await
 }
 
 /// Carries out what [`super::refused::replace_refused`] decided.
 pub(super) async fn after_refusal(
-    consumer: &StreamConsumer<LoaderContext>,
+    consumer: &LoaderConsumer,
     topic: &str,
     st: &mut State,
     dead_letters: &DeadLetters,
@@ -270,7 +272,7 @@ pub(super) async fn after_refusal(
 ) -> anyhow::Result<()> {
     match next {
         Next::Replanned => Ok(()),
-        Next::NotOurs(batch) => finish(consumer, topic, st, &batch.ranges),
+        Next::NotOurs(batch) => finish(consumer, topic, st, &batch.ranges).await,
         Next::Quarantine(batch) => {
             quarantine(consumer, topic, st, dead_letters, batch, reason, why).await
         }
