@@ -290,7 +290,7 @@ pub async fn run_with_health(
         l.request_timeout,
     );
 
-    let dead_letters = DeadLetters::new(settings)?;
+    let dead_letters = DeadLetters::new(settings, watch.clone())?;
 
     let failpoint = Failpoint::from_env();
     let mut st = State {

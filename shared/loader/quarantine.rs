@@ -8,6 +8,7 @@
 //! past its record. A crash in between sends it again on the next attempt, so a reader (`verify`
 //! among them) counts distinct positions, never letters.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,6 +25,7 @@ use crate::dead_letter::{
     HEADER_TOPIC,
 };
 use crate::kafka::client_config;
+use crate::kafka::{KafkaWatch, WatchedContext};
 
 use super::offsets::{finish, on_consumer, LoaderConsumer};
 use super::refused::Next;
@@ -111,14 +113,16 @@ impl DeadLetter {
 
 /// The producer of the loader's dead-letter topic.
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<WatchedContext>,
     topic: String,
     input_topic: String,
     anon_topic: String,
 }
 
 impl DeadLetters {
-    pub fn new(settings: &Settings) -> anyhow::Result<DeadLetters> {
+    /// `watch`: the loader's view of the cluster (the producer's errors are logged at a bounded
+    /// rate and mark Kafka down, like the consumer's).
+    pub fn new(settings: &Settings, watch: Arc<KafkaWatch>) -> anyhow::Result<DeadLetters> {
         let mut config = client_config(
             &settings.kafka,
             &settings.loader.kafka_options,
@@ -143,7 +147,7 @@ impl DeadLetters {
         }
         Ok(DeadLetters {
             producer: config
-                .create()
+                .create_with_context(WatchedContext(watch))
                 .context("creating the dead-letter producer")?,
             topic: settings.topics.loader_dead_letter.clone(),
             input_topic: settings.topics.input.clone(),
