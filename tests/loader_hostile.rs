@@ -101,6 +101,26 @@ impl Letter {
     }
 }
 
+/// The distinct `(partition, offset)` the letters name by the two headers (a letter may be
+/// written twice), each asserted to carry `reason`.
+fn distinct_positions(
+    letters: &[Letter],
+    reason: &str,
+    partition_header: &str,
+    offset_header: &str,
+) -> std::collections::BTreeSet<(String, String)> {
+    letters
+        .iter()
+        .map(|l| {
+            assert_eq!(l.get(HEADER_REASON), reason);
+            (
+                l.get(partition_header).to_string(),
+                l.get(offset_header).to_string(),
+            )
+        })
+        .collect()
+}
+
 /// Every record of the loader's dead-letter topic.
 fn read_dead_letters(s: &Settings) -> Vec<Letter> {
     let topic = &s.topics.loader_dead_letter;
@@ -315,16 +335,12 @@ async fn garbage_inside_a_recorded_batch_is_skipped_the_same_way_after_a_crash()
     wait_loaded(&s, 600).await;
     assert_loaded_exactly_once(&s, 600).await;
     let letters = read_dead_letters(&s);
-    let distinct: std::collections::BTreeSet<(String, String)> = letters
-        .iter()
-        .map(|l| {
-            assert_eq!(l.get(HEADER_REASON), "anon_undecodable");
-            (
-                l.get(HEADER_ANON_PARTITION).to_string(),
-                l.get(HEADER_ANON_OFFSET).to_string(),
-            )
-        })
-        .collect();
+    let distinct = distinct_positions(
+        &letters,
+        "anon_undecodable",
+        HEADER_ANON_PARTITION,
+        HEADER_ANON_OFFSET,
+    );
     assert_eq!(
         distinct.len(),
         3,
@@ -647,16 +663,12 @@ async fn a_refused_inherited_batch_is_re_planned_by_each_owner_over_its_own_part
         proxy_statuses(other.loader.source_address.unwrap())
     );
     let letters = read_dead_letters(&s);
-    let distinct: std::collections::BTreeSet<(String, String)> = letters
-        .iter()
-        .map(|l| {
-            assert_eq!(l.get(HEADER_REASON), "clickhouse_rejected");
-            (
-                l.get(HEADER_PARTITION).to_string(),
-                l.get(HEADER_OFFSET).to_string(),
-            )
-        })
-        .collect();
+    let distinct = distinct_positions(
+        &letters,
+        "clickhouse_rejected",
+        HEADER_PARTITION,
+        HEADER_OFFSET,
+    );
     assert_eq!(
         distinct.into_iter().collect::<Vec<_>>(),
         vec![("1".to_string(), "999".to_string())]
