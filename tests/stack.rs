@@ -244,17 +244,20 @@ async fn a_recreated_topic_has_a_new_id() {
         r.unwrap();
     }
     // Deletion is asynchronous in the controller: create again until the name is free.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        edgelog::setup::create_topics(&settings).await.unwrap();
-        match edgelog::topic_id::topic_id(admin.inner(), &topic, Duration::from_secs(10)) {
-            Ok(second) if second != first => break,
-            _ if std::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(200)).await
+    wait_for(
+        "a new id after recreating the topic",
+        Duration::from_secs(60),
+        || {
+            let (settings, admin, topic, first) = (&settings, &admin, &topic, &first);
+            async move {
+                edgelog::setup::create_topics(settings).await.unwrap();
+                edgelog::topic_id::topic_id(admin.inner(), topic, Duration::from_secs(10))
+                    .ok()
+                    .filter(|second| second != first)
             }
-            other => panic!("no new id after recreating {topic}: {other:?}"),
-        }
-    }
+        },
+    )
+    .await;
     let missing =
         edgelog::topic_id::topic_id(admin.inner(), "no_such_topic_x", Duration::from_secs(10));
     assert!(missing.is_err(), "{missing:?}");
