@@ -189,9 +189,101 @@ pub fn encode_body_at(records: &[&AnonRecord], level: i32) -> Vec<u8> {
     zstd::bulk::compress(&native, level).expect("zstd with a valid level")
 }
 
+// The request that carries a body: statement, pinned settings and token, all in the URL.
+
+/// Settings pinned on every insert. A retried batch must be cut into the same blocks as the first
+/// attempt (dedup works per block), so block sizes are fixed here, never left to server defaults.
+/// Every one of them exists in ClickHouse 22.1 (an unknown setting fails the request). The Native
+/// String -> LowCardinality conversion the body relies on is on by default on every version.
+pub const INSERT_SETTINGS: [(&str, &str); 8] = [
+    ("async_insert", "0"),
+    ("insert_deduplicate", "1"),
+    ("deduplicate_blocks_in_dependent_materialized_views", "1"),
+    ("max_insert_block_size", "1048576"),
+    ("min_insert_block_size_rows", "0"),
+    ("min_insert_block_size_bytes", "0"),
+    // Without these, each materialized view's GROUP BY output reaches its table as up to ~256
+    // small blocks per insert, each taking a slot of the target's dedup window: a retry was then
+    // caught only within ~39 inserts (measured, docs/BENCHMARKS.md). Squashed, it is a few blocks.
+    (
+        "min_insert_block_size_rows_for_materialized_views",
+        "1048576",
+    ),
+    (
+        "min_insert_block_size_bytes_for_materialized_views",
+        "268435456",
+    ),
+];
+
+/// The insert URL: `base` + the INSERT statement + pinned settings (+ the dedup token).
+/// The database name is a validated identifier; nothing from a record is in the URL.
+pub fn insert_url(base: &str, database: &str, token: Option<&str>) -> String {
+    insert_url_into(base, database, "http_log", token)
+}
+
+/// [`insert_url`] into another table of the same structure (replay's staging table).
+pub fn insert_url_into(base: &str, database: &str, table: &str, token: Option<&str>) -> String {
+    let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+    let query = format!(
+        "INSERT INTO {database}.{table} ({}) FORMAT Native",
+        columns.join(", ")
+    );
+    let mut url = url::Url::parse(base).expect("clickhouse.url is validated at start-up");
+    {
+        let mut pairs = url.query_pairs_mut();
+        pairs.append_pair("query", &query);
+        for (k, v) in INSERT_SETTINGS {
+            pairs.append_pair(k, v);
+        }
+        if let Some(token) = token {
+            pairs.append_pair("insert_deduplication_token", token);
+        }
+    }
+    url.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn url_carries_query_settings_and_token() {
+        let url = insert_url("http://127.0.0.1:8124", "edgelog", Some("tok-1"));
+        let parsed = url::Url::parse(&url).unwrap();
+        let pairs: Vec<(String, String)> = parsed.query_pairs().into_owned().collect();
+        let get = |k: &str| {
+            pairs
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(
+            get("query"),
+            Some(
+                "INSERT INTO edgelog.http_log (timestamp, resource_id, bytes_sent, request_time_milli, \
+                 response_status, cache_status, method, remote_addr, url, source_partition, source_offset) \
+                 FORMAT Native"
+            )
+        );
+        assert_eq!(get("insert_deduplication_token"), Some("tok-1"));
+        assert_eq!(get("async_insert"), Some("0"));
+        assert_eq!(
+            get("deduplicate_blocks_in_dependent_materialized_views"),
+            Some("1")
+        );
+        assert_eq!(parsed.host_str(), Some("127.0.0.1"));
+        assert_eq!(parsed.port(), Some(8124));
+    }
+
+    #[test]
+    fn url_without_token_and_with_a_path() {
+        let url = insert_url("http://proxy:8124/ch/", "db", None);
+        assert!(
+            url.starts_with("http://proxy:8124/ch/?query=INSERT+INTO+db.http_log"),
+            "{url}"
+        );
+        assert!(!url.contains("insert_deduplication_token"));
+    }
 
     fn rec(p: i32, o: i64, resource: u64, url: &str) -> AnonRecord {
         AnonRecord {

@@ -25,11 +25,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
-use crate::body::encode_body;
+use crate::body::{encode_body, insert_url_into};
 use crate::clickhouse::ClickHouseClient;
 use crate::config::{KafkaOptions, Settings};
 use crate::kafka::{client_config, group_positions};
-use crate::loader::insert::{insert_url_into, InsertClient, Outcome};
 use crate::staging::{
     day_of_epoch_ms, rebuild_table, refuse_if_loader_running, retarget, rollups, Days, STAGING,
 };
@@ -101,23 +100,20 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
             );
         }
     }
-    let client = InsertClient::new(
-        &settings.clickhouse.admin_user,
-        &settings.clickhouse.admin_password,
-        None,
-        Duration::from_secs(300),
-    );
     let url = insert_url_into(&settings.clickhouse.admin_url, db, &staging_raw, None);
     // The admin endpoint is the same server the loader inserts into: same body encoding.
     let compression = settings.loader.body_compression;
     for chunk in records.chunks(CHUNK_ROWS) {
         let refs: Vec<&AnonRecord> = chunk.iter().collect();
-        match client
-            .send(&url, compression, encode_body(&refs, compression))
-            .await
-        {
-            Outcome::Inserted => {}
-            other => bail!("inserting into the staging table failed: {other:?}"),
+        let answer = ch
+            .post(
+                &url,
+                Some(compression.content_encoding()),
+                encode_body(&refs, compression),
+            )
+            .await?;
+        if !answer.is_ok() {
+            bail!("inserting into the staging table failed: {answer:?}");
         }
     }
     let mut summary = ReplaySummary {

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use common::*;
 use edgelog::anon_record::{decode, transform, AnonRecord};
+use edgelog::body::insert_url;
 use edgelog::body::{encode_body, BodyCompression};
-use edgelog::loader::insert::{insert_url, InsertClient, Outcome};
+use edgelog::loader::insert::{InsertClient, Outcome};
 use edgelog::record::encode_capnp;
 use edgelog::synth::TrafficModel;
 

@@ -47,13 +47,14 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::anon_record::{self, AnonRecord};
 use crate::batch::{BatchId, BatchRanges, PartitionRange};
+use crate::body::insert_url;
 use crate::body::{self, BodyCompression};
 use crate::config::Settings;
 use crate::dead_letter::Reason;
 use crate::health::Health;
 use crate::kafka::{client_config, describe, KafkaWatch, WatchedContext};
 use crate::topic_id::{topic_id, TopicIdError};
-use insert::{insert_url, InsertClient, Outcome};
+use insert::{InsertClient, Outcome};
 use offsets::{apply_rebalances, finish, record_ranges};
 use offsets::{LoaderConsumer, LoaderContext, RebalanceEvent};
 use plan::BodyLimit;
