@@ -33,6 +33,22 @@ pub fn client_config(
     config
 }
 
+/// Re-asserts, after [`client_config`], what both stages' consumers rely on: group `group_id`,
+/// read_committed (aborted output is never seen), and no automatic commit or offset store (a
+/// stage commits only what it has made durable downstream). Statistics feed the lag gauge and
+/// the cluster watch.
+pub fn exactly_once_consumer<'c>(
+    config: &'c mut ClientConfig,
+    group_id: &str,
+) -> &'c mut ClientConfig {
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS)
+}
+
 /// The config as `key=value` pairs with secret values hidden, for logs.
 pub fn describe(config: &ClientConfig) -> String {
     let mut pairs: Vec<String> = config

@@ -38,13 +38,16 @@
 //! - [`anonymize`]: the IP anonymization, a pure function.
 //! - [`anon_record`]: the MessagePack record of the anonymized topic and the stage-one transform.
 //! - [`txn`]: classification of Kafka transactional errors and the retry loop around them.
-//! - [`anonymizer`]: stage one, the transactional consume-transform-produce loop.
-//! - [`loader`]: stage two: batches by offset ranges, Native+xz bodies, one insert per proxy slot.
+//! - [`anonymizer`]: stage one, the transactional consume-transform-produce loop (its loop, the
+//!   transactional producer, one record's output, the size limit: one file each).
+//! - [`loader`]: stage two: batches by offset ranges, Native+xz bodies, one insert per proxy slot;
+//!   a `Loader` value runs named phases (fill, plan, record, encode, send, confirm), one file per
+//!   concern below it.
 //! - [`synth`]: the seeded synthetic traffic model used by the producer and the benchmarks.
 //! - [`kafka`]: librdkafka client configuration built from settings.
 //! - [`producer`]: the synthetic producer's run loop.
 //! - [`topic_id`]: the id Kafka gives a topic at creation (binds dedup tokens to the topic's life).
-//! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
+//! - [`clickhouse`]: the one HTTP client for ClickHouse (the loader's inserts, the tools' queries).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
 //! - [`staging`]: rebuild tables per partition in staging copies and swap them in (replay, backfill).
 //! - [`replay`]: `edgelog replay`: reload whole days from the anonymized topic, swapped in per partition.

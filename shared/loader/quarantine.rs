@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
@@ -27,9 +26,9 @@ use crate::dead_letter::{
 use crate::kafka::client_config;
 use crate::kafka::{KafkaWatch, WatchedContext};
 
-use super::offsets::{finish, on_consumer, LoaderConsumer};
+use super::offsets::Offsets;
 use super::refused::Next;
-use super::{Batch, State};
+use super::state::{Batch, State};
 
 /// Largest dead letter the loader writes: librdkafka's default `message.max.bytes`, below the
 /// broker's default `max.message.bytes` (1048588). Larger payloads become a bounded envelope.
@@ -195,90 +194,84 @@ impl DeadLetters {
 }
 
 // In the loop: when dead letters are sent, and what is committed after them.
-
-/// Sends the pending dead letters of undecodable records and waits until Kafka has them all.
-pub(super) async fn flush_dead_letters(
-    st: &mut State,
-    dead_letters: &DeadLetters,
-) -> anyhow::Result<()> {
-    if st.undecodable.is_empty() {
-        return Ok(());
+impl DeadLetters {
+    /// Sends the pending dead letters of undecodable records and waits until Kafka has them all.
+    pub(super) async fn flush(&self, st: &mut State) -> anyhow::Result<()> {
+        if st.undecodable.is_empty() {
+            return Ok(());
+        }
+        self.send_all(&st.undecodable).await?;
+        for letter in std::mem::take(&mut st.undecodable) {
+            *st.dead_lettered.entry(letter.reason).or_default() += 1;
+            let to = st.quarantined_to.entry(letter.anon_partition).or_default();
+            *to = (*to).max(letter.anon_offset + 1);
+        }
+        Ok(())
     }
-    dead_letters.send_all(&st.undecodable).await?;
-    for letter in std::mem::take(&mut st.undecodable) {
-        *st.dead_lettered.entry(letter.reason).or_default() += 1;
-        let to = st.quarantined_to.entry(letter.anon_partition).or_default();
-        *to = (*to).max(letter.anon_offset + 1);
-    }
-    Ok(())
-}
 
-/// With nothing queued or batched, every record below a dead-lettered one is loaded: dead-letter
-/// what is pending and commit past it all.
-pub(super) async fn commit_quarantined(
-    consumer: &LoaderConsumer,
-    topic: &str,
-    st: &mut State,
-    dead_letters: &DeadLetters,
-) -> anyhow::Result<()> {
-    flush_dead_letters(st, dead_letters).await?;
-    let mut tpl = TopicPartitionList::new();
-    for (&p, &to) in st
-        .quarantined_to
-        .iter()
-        .filter(|(p, _)| st.assigned.contains(p))
-    {
-        let mut e = tpl.add_partition(topic, p);
-        e.set_offset(Offset::Offset(to))?;
-        e.set_metadata("");
-        let skip = st.skip_below.entry(p).or_default();
-        *skip = (*skip).max(to);
+    /// With nothing queued or batched, every record below a dead-lettered one is loaded:
+    /// dead-letter what is pending and commit past it all.
+    pub(super) async fn commit_quarantined(
+        &self,
+        offsets: &Offsets,
+        st: &mut State,
+    ) -> anyhow::Result<()> {
+        self.flush(st).await?;
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &to) in st
+            .quarantined_to
+            .iter()
+            .filter(|(p, _)| st.assigned.contains(p))
+        {
+            let mut e = tpl.add_partition(offsets.topic(), p);
+            e.set_offset(Offset::Offset(to))?;
+            e.set_metadata("");
+            let skip = st.skip_below.entry(p).or_default();
+            *skip = (*skip).max(to);
+        }
+        if tpl.count() > 0 {
+            offsets
+                .commit(tpl)
+                .await
+                .context("committing past quarantined records")?;
+        }
+        st.quarantined_to.clear();
+        Ok(())
     }
-    if tpl.count() > 0 {
-        on_consumer(consumer, move |c| c.commit(&tpl, CommitMode::Sync))
-            .await
-            .context("committing past quarantined records")?;
+
+    /// Dead-letters the records of `batch` (one, refused on its own) and commits past it.
+    pub(super) async fn quarantine(
+        &self,
+        offsets: &Offsets,
+        st: &mut State,
+        batch: Batch,
+        reason: Reason,
+        why: String,
+    ) -> anyhow::Result<()> {
+        let letters: Vec<DeadLetter> = batch
+            .records
+            .iter()
+            .flatten()
+            .map(|b| DeadLetter::of_record(reason, why.clone(), b.partition, b.offset, &b.record))
+            .collect();
+        self.send_all(&letters).await?;
+        *st.dead_lettered.entry(reason).or_default() += letters.len() as u64;
+        offsets.finish(st, &batch.ranges).await
     }
-    st.quarantined_to.clear();
-    Ok(())
-}
 
-/// Dead-letters the records of `batch` (one, refused on its own) and commits past it.
-pub(super) async fn quarantine(
-    consumer: &LoaderConsumer,
-    topic: &str,
-    st: &mut State,
-    dead_letters: &DeadLetters,
-    batch: Batch,
-    reason: Reason,
-    why: String,
-) -> anyhow::Result<()> {
-    let letters: Vec<DeadLetter> = batch
-        .records
-        .iter()
-        .flatten()
-        .map(|b| DeadLetter::of_record(reason, why.clone(), b.partition, b.offset, &b.record))
-        .collect();
-    dead_letters.send_all(&letters).await?;
-    *st.dead_lettered.entry(reason).or_default() += letters.len() as u64;
-    finish(consumer, topic, st, &batch.ranges).await
-}
-
-/// Carries out what [`super::refused::replace_refused`] decided.
-pub(super) async fn after_refusal(
-    consumer: &LoaderConsumer,
-    topic: &str,
-    st: &mut State,
-    dead_letters: &DeadLetters,
-    next: Next,
-    reason: Reason,
-    why: String,
-) -> anyhow::Result<()> {
-    match next {
-        Next::Replanned => Ok(()),
-        Next::NotOurs(batch) => finish(consumer, topic, st, &batch.ranges).await,
-        Next::Quarantine(batch) => {
-            quarantine(consumer, topic, st, dead_letters, batch, reason, why).await
+    /// Carries out what [`super::refused::replace_refused`] decided.
+    pub(super) async fn after_refusal(
+        &self,
+        offsets: &Offsets,
+        st: &mut State,
+        next: Next,
+        reason: Reason,
+        why: String,
+    ) -> anyhow::Result<()> {
+        match next {
+            Next::Replanned => Ok(()),
+            Next::NotOurs(batch) => offsets.finish(st, &batch.ranges).await,
+            Next::Quarantine(batch) => self.quarantine(offsets, st, batch, reason, why).await,
         }
     }
 }

@@ -8,10 +8,10 @@
 //! - The replaced batch's commit metadata must not outlive it: a crash would have the next owner
 //!   rebuild it whole and send records a smaller batch already loaded, under another token. So
 //!   its partitions are queued for release: the next recording clears the metadata of every one
-//!   it does not overwrite, in the same offset commit (see `record_ranges`).
+//!   it does not overwrite, in the same offset commit (see `Offsets::record`).
 
 use super::plan::halves;
-use super::{Batch, Buffered, State};
+use super::state::{Batch, Buffered, State};
 use crate::batch::{BatchId, BatchRanges};
 
 /// Why the batch was refused.
@@ -75,7 +75,7 @@ pub(super) fn replace_refused(st: &mut State, batch: Batch, refusal: Refusal) ->
         if st.batches.is_empty() {
             // Nothing after it but the queue, whose records follow it on every partition:
             // re-plan from the queue, as large as the lowered limit allows.
-            super::requeue_records(st, owned);
+            st.requeue_records(owned);
             return Next::Replanned;
         }
         // Batches wait behind it: re-queued records would go after them and break the order
@@ -268,7 +268,7 @@ mod tests {
     mod props {
         use super::*;
         use crate::body::BodyCompression;
-        use crate::loader::{buffer, plan_batch};
+        use crate::loader::plan::queue_tests::plan_batch;
         use proptest::prelude::*;
         use std::collections::BTreeMap;
 
@@ -296,7 +296,7 @@ mod tests {
                     } else {
                         good.push((p, o));
                     }
-                    buffer(&mut st, p, o, &crate::anon_record::encode(&b.record)).unwrap();
+                    st.buffer(p, o, &crate::anon_record::encode(&b.record));
                 }
                 let mut metadata: BTreeMap<i32, BatchRanges> = BTreeMap::new();
                 let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
@@ -312,7 +312,7 @@ mod tests {
                     }
                     let mut batch = st.batches.pop_front().unwrap();
                     if !batch.recorded {
-                        // What `record_ranges` commits.
+                        // What `Offsets::record` commits.
                         let mut commits = Vec::new();
                         for r in std::mem::take(&mut st.release) {
                             if batch.ranges.get(r.partition).is_none() {
@@ -360,7 +360,7 @@ mod tests {
                         },
                     };
                     if let Some(ranges) = done {
-                        // What `commit_done` commits.
+                        // What `Offsets::finish` commits.
                         for r in ranges.ranges() {
                             metadata.remove(&r.partition);
                             let before = committed.insert(r.partition, r.end).unwrap_or(0);

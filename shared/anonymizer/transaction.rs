@@ -1,0 +1,268 @@
+//! The transactional producer (a small wrapper in the manner of Materialize's Kafka sink): one
+//! open transaction at a time, every error classified ([`crate::txn`]) into retry, abort or
+//! fatal; and the consumer context that finishes the open transaction before partitions are
+//! revoked (commit) or lost (abort), inside the rebalance callback.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use crate::dead_letter::Reason;
+use crate::health::Health;
+use crate::kafka::{KafkaWatch, WatchedContext};
+use crate::txn::{classify_produce, with_retries, ProduceErrorAction, TxnError, TxnErrorAction};
+
+/// The open transaction, if any.
+#[derive(Debug, Default)]
+pub(super) struct TxnState {
+    pub(super) open: bool,
+    pub(super) started: Option<Instant>,
+    pub(super) records: usize,
+    /// Next input offset to read, per input partition, for the records in this transaction.
+    pub(super) next_offsets: BTreeMap<i32, i64>,
+    /// A fatal error seen in the rebalance callback, for the processing loop to act on.
+    pub(super) fatal: Option<KafkaError>,
+}
+
+/// The transactional producer and its open transaction, shared by the processing loop and the
+/// rebalance callback (both on the stage's one thread; the mutex only satisfies the types).
+pub(super) struct TxnProducer {
+    pub(super) producer: ThreadedProducer<WatchedContext>,
+    pub(super) watch: Arc<KafkaWatch>,
+    pub(super) input_topic: String,
+    pub(super) state: Mutex<TxnState>,
+    pub(super) health: Arc<Health>,
+    pub(super) txn_id: String,
+    /// `ANONYMIZER_FAILPOINT=send_error_at:<n>`: the n-th `send()` fails (tests only).
+    pub(super) send_error_at: Option<u64>,
+    pub(super) sends: AtomicU64,
+}
+
+impl TxnProducer {
+    pub(super) fn begin_if_needed(&self, state: &mut TxnState) -> Result<(), TxnError> {
+        if state.open {
+            return Ok(());
+        }
+        with_retries("begin_transaction", || self.producer.begin_transaction())
+            .map_err(to_txn_error)?;
+        state.open = true;
+        state.started = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Sends the input offsets into the transaction and commits it. On an abortable error the
+    /// transaction is aborted and `TxnError::Aborted` returned: the caller rewinds.
+    pub(super) fn commit(
+        &self,
+        consumer: &BaseConsumer<AnonContext>,
+        state: &mut TxnState,
+    ) -> Result<(), TxnError> {
+        if !state.open {
+            return Ok(());
+        }
+        let mut offsets = TopicPartitionList::new();
+        for (&partition, &next) in &state.next_offsets {
+            offsets
+                .add_partition_offset(&self.input_topic, partition, Offset::Offset(next))
+                .expect("a fresh list accepts any offset");
+        }
+        let result = (|| {
+            if offsets.count() > 0 {
+                // Only missing if the consumer has no group.id, which the config forbids.
+                let group = consumer.group_metadata().ok_or((
+                    TxnErrorAction::Fatal,
+                    KafkaError::Global(RDKafkaErrorCode::InvalidGroupId),
+                ))?;
+                with_retries("send_offsets_to_transaction", || {
+                    self.producer
+                        .send_offsets_to_transaction(&offsets, &group, Timeout::Never)
+                })?;
+            }
+            drain_in_flight(&self.producer).map_err(|e| (crate::txn::classify(&e), e))?;
+            with_retries("commit_transaction", || {
+                self.producer.commit_transaction(Timeout::Never)
+            })
+        })();
+        let elapsed = state.started.map(|s| s.elapsed()).unwrap_or_default();
+        match result {
+            Ok(()) => {
+                metrics::counter!("edgelog_anonymizer_transactions_committed_total").increment(1);
+                metrics::histogram!("edgelog_anonymizer_transaction_seconds")
+                    .record(elapsed.as_secs_f64());
+                tracing::debug!(records = state.records, ?elapsed, "transaction committed");
+                self.health.success();
+                self.watch.reachable();
+                self.health.details(vec![
+                    ("transactional id", self.txn_id.clone()),
+                    (
+                        "last transaction",
+                        format!(
+                            "{} records in {:.0} ms",
+                            state.records,
+                            elapsed.as_secs_f64() * 1e3
+                        ),
+                    ),
+                ]);
+                *state = TxnState {
+                    fatal: state.fatal.take(),
+                    ..TxnState::default()
+                };
+                Ok(())
+            }
+            Err((action, e)) => self.fail(state, action, e),
+        }
+    }
+
+    /// Aborts the open transaction (used on lost partitions and after abortable errors).
+    pub(super) fn abort(&self, state: &mut TxnState, why: &str) -> Result<(), TxnError> {
+        if !state.open {
+            return Ok(());
+        }
+        tracing::warn!(records = state.records, why, "aborting transaction");
+        // Let in-flight sends settle first: an abort racing the partition registrations of its own
+        // transaction was answered INVALID_TXN_STATE (fatal) by Kafka 4.1 in our abort test.
+        // Bounded: on a broken connection the abort proceeds and librdkafka purges.
+        let _ = self.producer.flush(Duration::from_secs(5));
+        let result = with_retries("abort_transaction", || {
+            self.producer.abort_transaction(Timeout::Never)
+        });
+        metrics::counter!("edgelog_anonymizer_transactions_aborted_total").increment(1);
+        *state = TxnState {
+            fatal: state.fatal.take(),
+            ..TxnState::default()
+        };
+        result.map_err(to_txn_error)
+    }
+
+    fn fail(
+        &self,
+        state: &mut TxnState,
+        action: TxnErrorAction,
+        e: KafkaError,
+    ) -> Result<(), TxnError> {
+        match action {
+            TxnErrorAction::Abort | TxnErrorAction::Retry => {
+                self.abort(state, "abortable error")?;
+                Err(TxnError::Aborted(e))
+            }
+            TxnErrorAction::Fatal => Err(TxnError::Fatal(e)),
+        }
+    }
+
+    /// Enqueues `record` into the open transaction. `Ok(None)`: sent. `Ok(Some(..))`: refused for
+    /// this record alone (the caller dead-letters it). `Err(Aborted)`: the caller aborts and rewinds.
+    pub(super) fn send(
+        &self,
+        mut record: BaseRecord<'_, [u8], [u8]>,
+    ) -> Result<Option<(Reason, KafkaError)>, TxnError> {
+        let n = self.sends.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.send_error_at == Some(n) {
+            tracing::warn!(send = n, "ANONYMIZER_FAILPOINT: failing this send");
+            return Err(TxnError::Aborted(KafkaError::MessageProduction(
+                RDKafkaErrorCode::Fail,
+            )));
+        }
+        loop {
+            let e = match self.producer.send(record) {
+                Ok(()) => return Ok(None),
+                Err((e, r)) => {
+                    record = r;
+                    e
+                }
+            };
+            let action = match &e {
+                KafkaError::MessageProduction(code) => classify_produce(*code),
+                _ => ProduceErrorAction::Abort,
+            };
+            match action {
+                // librdkafka's background thread drains the queue.
+                ProduceErrorAction::Wait => std::thread::sleep(Duration::from_millis(1)),
+                ProduceErrorAction::DeadLetter(reason) => return Ok(Some((reason, e))),
+                ProduceErrorAction::Abort => return Err(TxnError::Aborted(e)),
+                ProduceErrorAction::Fatal => return Err(TxnError::Fatal(e)),
+            }
+        }
+    }
+}
+
+/// Waits until every produced message is acknowledged. rdkafka's `commit_transaction` flushes
+/// first, but its flush polls in 100 ms steps while the `ThreadedProducer`'s own thread consumes
+/// the delivery events, so each commit would sleep 100 ms. Zero-timeout flushes in a short loop
+/// skip that wait (see docs/BENCHMARKS.md for the before/after).
+fn drain_in_flight(producer: &ThreadedProducer<WatchedContext>) -> Result<(), KafkaError> {
+    loop {
+        match producer.flush(Duration::ZERO) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn to_txn_error((action, e): (TxnErrorAction, KafkaError)) -> TxnError {
+    match action {
+        TxnErrorAction::Fatal => TxnError::Fatal(e),
+        _ => TxnError::Aborted(e),
+    }
+}
+
+/// Consumer context: finishes the open transaction inside the rebalance callback.
+pub(super) struct AnonContext {
+    pub(super) txn: Arc<TxnProducer>,
+}
+
+impl ClientContext for AnonContext {
+    fn stats(&self, statistics: rdkafka::statistics::Statistics) {
+        crate::kafka::record_lag(&statistics, "edgelog_anonymizer_lag");
+        self.txn.watch.observe(&statistics);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.txn.watch.log(level, fac, log_message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.txn.watch.error(&error, reason);
+    }
+}
+
+impl ConsumerContext for AnonContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(tpl) = rebalance else {
+            return;
+        };
+        let txn = &self.txn;
+        let mut state = txn.state.lock().expect("not poisoned");
+        let outcome = if consumer.assignment_lost() {
+            // Another member may already own these partitions: our output must not commit.
+            txn.abort(&mut state, "partitions lost")
+        } else {
+            tracing::info!(
+                partitions = tpl.count(),
+                records = state.records,
+                "partitions revoked; committing the open transaction"
+            );
+            txn.commit(consumer, &mut state)
+        };
+        match outcome {
+            Ok(()) | Err(TxnError::Aborted(_)) => {}
+            Err(TxnError::Fatal(e)) => state.fatal = Some(e),
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?partitions, "partitions assigned");
+        }
+    }
+}
