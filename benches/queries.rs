@@ -328,7 +328,7 @@ async fn backfill(ch: &Ch, a: &Args, settings: &Settings) -> anyhow::Result<()> 
     {
         return Ok(());
     }
-    let admin = ClickHouseClient::admin(&settings.clickhouse);
+    let admin = ClickHouseClient::admin(&settings.clickhouse)?;
     let mut empty = Vec::new();
     for table in rollup_tables(&admin, db).await? {
         if ch

@@ -284,12 +284,7 @@ pub async fn run_with_health(
             .context("creating the consumer")?,
     );
     consumer.subscribe(&[&topic]).context("subscribing")?;
-    let client = InsertClient::new(
-        &settings.clickhouse.user,
-        &settings.clickhouse.password,
-        l.source_address,
-        l.request_timeout,
-    );
+    let client = InsertClient::new(&settings.clickhouse, l.source_address, l.request_timeout)?;
 
     let dead_letters = DeadLetters::new(settings, watch.clone())?;
 
