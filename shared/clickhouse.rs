@@ -124,8 +124,14 @@ pub fn password_in_clear(url: &str, password: &Secret) -> bool {
     }
     match u.host() {
         Some(url::Host::Ipv4(ip)) => !ip.is_loopback(),
-        Some(url::Host::Ipv6(ip)) => !ip.is_loopback(),
-        Some(url::Host::Domain(d)) => !d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv6(ip)) => {
+            !(ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()))
+        }
+        // RFC 6761: `localhost` and names under it are this machine.
+        Some(url::Host::Domain(d)) => {
+            let d = d.trim_end_matches('.').to_ascii_lowercase();
+            d != "localhost" && !d.ends_with(".localhost")
+        }
         None => false,
     }
 }
@@ -479,6 +485,9 @@ mod tests {
             "http://127.0.0.7:8124",
             "http://localhost:8123",
             "http://[::1]:8123",
+            "http://[::ffff:127.0.0.1]:8123",
+            "http://LOCALHOST.:8123",
+            "http://ch.localhost:8123",
         ] {
             assert!(!password_in_clear(url, &pw), "{url}");
         }
