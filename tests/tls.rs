@@ -1,7 +1,10 @@
 //! HTTPS to ClickHouse against a real TLS server on 127.0.0.1 (tokio-rustls, certificates made
 //! here by rcgen from a throw-away CA): trusted through `clickhouse.ca_file`, every failure a TLS
 //! error naming its cause (never a transport error the loader would retry forever), a client
-//! certificate presented when the server asks for one. Needs no stack.
+//! certificate presented when the server asks for one. Only the last test, which runs the real
+//! loader, needs the local stack (Kafka).
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -308,5 +311,61 @@ async fn the_loader_takes_an_untrusted_certificate_as_permanent() {
     assert!(
         err.to_string().contains(&missing.display().to_string()),
         "{err}"
+    );
+}
+
+/// The real loader binary, records waiting, its proxy URL an `https` server whose certificate it
+/// does not trust: it exits non-zero at the first insert, naming the certificate problem, and
+/// commits no progress, instead of retrying slot after slot.
+#[tokio::test]
+async fn the_loader_stops_on_an_untrusted_certificate_and_commits_no_progress() {
+    common::require_stack();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "private");
+    let mut s = common::fast_loader_settings();
+    common::fill_anonymized_topic(&s, 20).await;
+    s.clickhouse.url = https_server(&["127.0.0.1"], &ca, None).await;
+    let mut loader = common::loader_command(&s);
+    loader
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = common::KillOnDrop::spawn(&mut loader);
+    let pid = child.0.id();
+    let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+    let status = common::wait_for(
+        "the loader to exit on the untrusted certificate",
+        Duration::from_secs(120),
+        || {
+            let child = child.clone();
+            async move { child.lock().unwrap().0.try_wait().unwrap() }
+        },
+    )
+    .await;
+    assert_eq!(status.code(), Some(1), "loader {pid}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(
+        child.lock().unwrap().0.stderr.as_mut().unwrap(),
+        &mut stderr,
+    )
+    .unwrap();
+    assert!(
+        stderr.contains("permanently") && stderr.contains("not signed by a trusted CA"),
+        "{stderr}"
+    );
+    let (group, topic) = (s.loader.group_id.clone(), s.topics.anonymized.clone());
+    let positions = tokio::task::spawn_blocking(move || common::committed_vs_end(&group, &topic))
+        .await
+        .unwrap();
+    // The batch is recorded as pending before it is sent (the next loader finishes it), so a
+    // position may be committed, but none past a record.
+    assert!(
+        positions
+            .iter()
+            .all(|(committed, _, _)| committed.unwrap_or(0) == 0),
+        "no progress committed: {positions:?}"
+    );
+    assert!(
+        positions.iter().any(|(_, end, _)| *end > 0),
+        "{positions:?}"
     );
 }
