@@ -110,6 +110,15 @@ impl Default for ClientOptions {
     }
 }
 
+/// Makes ring the process's default rustls provider. reqwest is built with `rustls-no-provider`,
+/// so a client built without a preconfigured TLS config (the stages' health probe, `edgelog
+/// status` reading `/status`, tests) panics unless one is installed: every binary calls this at
+/// start ([`crate::cli::init`]), and so does code that builds its own reqwest client. Idempotent.
+pub fn install_crypto_provider() {
+    // Err means a provider is installed already, which is all that is needed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// True when `password` would cross the network unencrypted: a plain `http` URL to a host that is
 /// not this machine.
 pub fn password_in_clear(url: &str, password: &Secret) -> bool {

@@ -118,6 +118,7 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
         }
     }
 
+    crate::clickhouse::install_crypto_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()

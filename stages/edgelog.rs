@@ -95,6 +95,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Before any reqwest client: `probe` runs without `cli::init`.
+    edgelog::clickhouse::install_crypto_provider();
     if let Command::Probe { url } = &args.command {
         let ok = match reqwest::get(url).await {
             Ok(r) => {

@@ -314,6 +314,35 @@ async fn the_loader_takes_an_untrusted_certificate_as_permanent() {
     );
 }
 
+/// reqwest is built without a crypto provider of its own: a plain-HTTP client built outside the
+/// ClickHouse client (here `edgelog probe`, the Docker health check) must still work, not panic.
+#[test]
+fn edgelog_probe_works_over_plain_http() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut tcp, _)) = listener.accept() {
+            let mut request = [0u8; 1024];
+            let _ = std::io::Read::read(&mut tcp, &mut request);
+            let _ = std::io::Write::write_all(
+                &mut tcp,
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n",
+            );
+        }
+    });
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgelog"))
+        .args(["probe", &format!("http://127.0.0.1:{port}/healthz")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.trim(), "200 OK ok");
+}
+
 /// The real loader binary, records waiting, its proxy URL an `https` server whose certificate it
 /// does not trust: it exits non-zero at the first insert, naming the certificate problem, and
 /// commits no progress, instead of retrying slot after slot.
