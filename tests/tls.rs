@@ -343,6 +343,35 @@ fn edgelog_probe_works_over_plain_http() {
     assert_eq!(stdout.trim(), "200 OK ok");
 }
 
+/// An `https` URL with no CA file on a machine without system roots (rustls-native-certs reads
+/// `SSL_CERT_FILE`/`SSL_CERT_DIR`, pointed at nothing here): the tool stops before any request,
+/// saying what to install or set.
+#[test]
+fn no_system_roots_and_no_ca_file_fail_at_start_saying_what_to_do() {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgelog"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("EDGELOG_") {
+            cmd.env_remove(name);
+        }
+    }
+    let out = cmd
+        .arg("totals")
+        .env("SSL_CERT_FILE", "/nonexistent/edgelog-test")
+        .env("SSL_CERT_DIR", "/nonexistent/edgelog-test")
+        // Port 1 on loopback: nothing is ever sent, client creation fails first.
+        .env("EDGELOG_CLICKHOUSE__ADMIN_URL", "https://127.0.0.1:1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("ClickHouse TLS settings unusable: system CA certificates")
+            && stderr.contains("clickhouse.ca_file"),
+        "{stderr}"
+    );
+}
+
 /// The real loader binary, records waiting, its proxy URL an `https` server whose certificate it
 /// does not trust: it exits non-zero at the first insert, naming the certificate problem, and
 /// commits no progress, instead of retrying slot after slot.
