@@ -328,7 +328,7 @@ async fn backfill(ch: &Ch, a: &Args, settings: &Settings) -> anyhow::Result<()> 
     {
         return Ok(());
     }
-    let admin = ClickHouseClient::admin(&settings.clickhouse);
+    let admin = ClickHouseClient::admin(&settings.clickhouse)?;
     let mut empty = Vec::new();
     for table in rollup_tables(&admin, db).await? {
         if ch
@@ -1325,6 +1325,7 @@ async fn cardinality(ch: &Ch, a: &Args) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    edgelog::clickhouse::install_crypto_provider();
     let ch = Ch {
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(7200))

@@ -7,6 +7,9 @@ command -v capnp >/dev/null || missing+=(capnproto)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v make >/dev/null || missing+=(make)
 command -v curl >/dev/null || missing+=(curl)
+# System roots for https ClickHouse URLs (and tests/tls.rs, which checks a client without
+# clickhouse.ca_file distrusts a private CA).
+[ -e /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "[deps] installing ${missing[*]} from Debian's packages" >&2
   DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -100,7 +100,7 @@ pub async fn backfill(
 ) -> anyhow::Result<BackfillSummary> {
     let s = settings.clone();
     tokio::task::spawn_blocking(move || refuse_if_loader_running(&s)).await??;
-    let ch = ClickHouseClient::admin(&settings.clickhouse);
+    let ch = ClickHouseClient::admin(&settings.clickhouse)?;
     rebuild_rollups(
         &ch,
         &settings.clickhouse.database,

@@ -18,6 +18,7 @@ pub struct CommonArgs {
 /// Loads settings and installs logging; on a configuration error prints it and exits with 2, so a
 /// bad key stops the process at start-up with a message naming that key.
 pub fn init(common: &CommonArgs, overrides: &[(&str, figment::value::Value)]) -> Settings {
+    crate::clickhouse::install_crypto_provider();
     let mut overrides = overrides.to_vec();
     if common.log_json {
         overrides.push(("log.format", "json".into()));

@@ -8,11 +8,19 @@
 //! `*.kafka_options` maps. Because environment variable names cannot hold dots, an option key may be
 //! written with `_` instead of `.` (`EDGELOG_KAFKA__OPTIONS__SECURITY_PROTOCOL=SASL_SSL`); keys are
 //! normalised to dots. No librdkafka property that takes a string has an underscore in its name.
+//!
+//! Secrets can be read from files, the way Docker and Kubernetes mount them:
+//! `clickhouse.password_file`, `clickhouse.admin_password_file`, and for librdkafka options the
+//! `kafka.secret_files` map (option name -> file, e.g. `"sasl.password" = "/run/secrets/kafka"`),
+//! a map of its own so that no file key can collide with a real librdkafka property (librdkafka
+//! has `*.location` keys holding paths). A value and its file both set is an error; one trailing
+//! newline is stripped from a file; [`Settings::validated`] reads the files. Every secret prints
+//! as `***` (see [`is_secret_key`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -236,6 +244,10 @@ pub struct KafkaSettings {
     /// librdkafka options applied to every client (secrets such as `sasl.password` included;
     /// values of keys that look secret are never logged).
     pub options: KafkaOptions,
+    /// Secret librdkafka options read from files: option name (`_` for `.` as in `options`) ->
+    /// path. Each becomes an entry of `options` for every client; the option must not also be set
+    /// in `options` or a stage's `kafka_options`, and must be one [`is_secret_key`] hides.
+    pub secret_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for KafkaSettings {
@@ -243,6 +255,7 @@ impl Default for KafkaSettings {
         KafkaSettings {
             brokers: "127.0.0.1:9092".into(),
             options: KafkaOptions::default(),
+            secret_files: BTreeMap::new(),
         }
     }
 }
@@ -362,9 +375,20 @@ pub struct ClickHouseSettings {
     #[serde(deserialize_with = "lenient_string")]
     pub user: String,
     pub password: Secret,
+    /// Read `password` from this file instead (one trailing newline stripped).
+    pub password_file: Option<PathBuf>,
     #[serde(deserialize_with = "lenient_string")]
     pub admin_user: String,
     pub admin_password: Secret,
+    /// Read `admin_password` from this file instead (one trailing newline stripped).
+    pub admin_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) trusted for `https` URLs instead of the system roots (a private CA).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) presented to a server that asks for one; needs
+    /// `client_key_file`.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
     #[serde(deserialize_with = "lenient_string")]
     pub database: String,
     /// TTL of raw rows in `http_log`, in days (0 = keep forever, at most [`MAX_TTL_DAYS`]).
@@ -380,8 +404,13 @@ impl Default for ClickHouseSettings {
             admin_url: "http://127.0.0.1:8123".into(),
             user: "edgelog_loader".into(),
             password: Secret::default(),
+            password_file: None,
             admin_user: "default".into(),
             admin_password: Secret::default(),
+            admin_password_file: None,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
             database: "edgelog".into(),
             raw_ttl_days: 30,
             totals_ttl_days: 400,
@@ -398,12 +427,35 @@ impl ClickHouseSettings {
         // request, which the loader would retry forever as a transient error.
         check_header_value("clickhouse.user", &ch.user, false)?;
         check_header_value("clickhouse.admin_user", &ch.admin_user, false)?;
-        check_header_value("clickhouse.password", ch.password.expose(), true)?;
-        check_header_value(
-            "clickhouse.admin_password",
-            ch.admin_password.expose(),
-            true,
-        )?;
+        // A password read from a file is named by its file key: that is where to look.
+        for (key, file_key, password, file) in [
+            (
+                "clickhouse.password",
+                "clickhouse.password_file",
+                &ch.password,
+                &ch.password_file,
+            ),
+            (
+                "clickhouse.admin_password",
+                "clickhouse.admin_password_file",
+                &ch.admin_password,
+                &ch.admin_password_file,
+            ),
+        ] {
+            let named = if file.is_some() { file_key } else { key };
+            check_header_value(named, password.expose(), true)?;
+        }
+        if ch.client_cert_file.is_some() != ch.client_key_file.is_some() {
+            return Err(invalid(
+                if ch.client_cert_file.is_some() {
+                    "clickhouse.client_key_file"
+                } else {
+                    "clickhouse.client_cert_file"
+                },
+                "must be set together with clickhouse.client_cert_file and \
+                 clickhouse.client_key_file (a client certificate needs its key)",
+            ));
+        }
         // TTLs are written into the table DDL; DateTime ends in 2106, and a TTL reaching past it
         // would overflow.
         check_range("clickhouse.raw_ttl_days", ch.raw_ttl_days, 0, MAX_TTL_DAYS)?;
@@ -786,8 +838,9 @@ impl Settings {
         figment
     }
 
-    /// Checks what types alone cannot (each section its own part), and normalises librdkafka
-    /// option keys.
+    /// Checks what types alone cannot (each section its own part), normalises librdkafka option
+    /// keys and reads the secrets given by file into their settings (so validating the result
+    /// again finds each secret set twice: `load` does it once).
     pub fn validated(mut self) -> Result<Settings, ConfigError> {
         for options in [
             &mut self.kafka.options,
@@ -797,6 +850,7 @@ impl Settings {
         ] {
             *options = options.normalised();
         }
+        self.resolve_secret_files()?;
         self.kafka.validate()?;
         self.topics.validate()?;
         self.clickhouse.validate()?;
@@ -804,6 +858,72 @@ impl Settings {
         self.anonymizer.validate(self.clickhouse.raw_ttl_days)?;
         self.loader.validate()?;
         Ok(self)
+    }
+
+    /// Reads every secret given by file into its setting (see the module doc).
+    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        let ch = &mut self.clickhouse;
+        for (key, file_key, password, file) in [
+            (
+                "clickhouse.password",
+                "clickhouse.password_file",
+                &mut ch.password,
+                &ch.password_file,
+            ),
+            (
+                "clickhouse.admin_password",
+                "clickhouse.admin_password_file",
+                &mut ch.admin_password,
+                &ch.admin_password_file,
+            ),
+        ] {
+            if let Some(path) = file {
+                if !password.is_empty() {
+                    return Err(invalid(
+                        file_key,
+                        format!("and {key} are both set; set one of them"),
+                    ));
+                }
+                *password = read_secret_file(file_key, path)?;
+            }
+        }
+        let files = std::mem::take(&mut self.kafka.secret_files);
+        let mut normalised = BTreeMap::new();
+        for (option, path) in files {
+            let option = option.replace('_', ".");
+            let file_key = format!("kafka.secret_files.{option}");
+            if !is_secret_key(&option) {
+                return Err(invalid(
+                    &file_key,
+                    "is not a secret librdkafka option (one whose name holds password, secret, \
+                     token, passphrase, or a key's PEM or sasl.oauthbearer.config): set it in \
+                     kafka.options",
+                ));
+            }
+            for (section, options) in [
+                ("kafka.options", &self.kafka.options),
+                ("producer.kafka_options", &self.producer.kafka_options),
+                ("anonymizer.kafka_options", &self.anonymizer.kafka_options),
+                ("loader.kafka_options", &self.loader.kafka_options),
+            ] {
+                if options.get(&option).is_some() {
+                    return Err(invalid(
+                        &file_key,
+                        format!("and {section}.{option} are both set; set one of them"),
+                    ));
+                }
+            }
+            let secret = read_secret_file(&file_key, &path)?;
+            normalised.insert(option, (path, secret));
+        }
+        for (option, (path, secret)) in normalised {
+            self.kafka
+                .options
+                .0
+                .insert(option.clone(), secret.expose().to_string());
+            self.kafka.secret_files.insert(option, path);
+        }
+        Ok(())
     }
 
     /// The effective settings as TOML with secrets redacted, for `edgelog config`.
@@ -887,10 +1007,37 @@ fn check_header_value(key: &str, value: &str, secret: bool) -> Result<(), Config
     }
 }
 
-/// True for librdkafka keys whose values must never be logged.
+/// A secret from `path` (`key` is the setting that names the file): the whole file, less one
+/// trailing newline (what `echo` and editors add). The error names the key and the path, never
+/// what the file holds.
+fn read_secret_file(key: &str, path: &Path) -> Result<Secret, ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| invalid(key, format!("{} is not UTF-8 text", path.display())))?;
+    let text = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if text.is_empty() {
+        // An empty secret file is a mount that went wrong, not an empty password.
+        return Err(invalid(key, format!("{} is empty", path.display())));
+    }
+    Ok(Secret::new(text))
+}
+
+/// True for librdkafka keys whose values must never be logged: passwords, passphrases, secrets,
+/// tokens, `sasl.oauthbearer.config` (which holds client secrets), and private key material
+/// given inline (`ssl.key.pem`, `ssl_key`, `sasl.oauthbearer.assertion.private.key.pem`). Paths
+/// to key files (`*.location`) are not secret. `_` and `.` are the same here, as in option keys.
 pub fn is_secret_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
-    k.contains("password") || k.contains("secret") || k.contains("token") || k.ends_with(".key.pem")
+    let k = key.to_ascii_lowercase().replace('_', ".");
+    ["password", "passphrase", "secret", "token", "credential"]
+        .iter()
+        .any(|word| k.contains(word))
+        || k == "sasl.oauthbearer.config"
+        || k == "ssl.key"
+        || (k.contains("key") && k.ends_with(".pem"))
 }
 
 fn check_topic_name(key: &str, name: &str) -> Result<(), ConfigError> {
@@ -1348,6 +1495,197 @@ mod tests {
             )
             .unwrap();
             assert_eq!(s.clickhouse.database, max_identifier);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_keys_cover_passwords_secrets_tokens_and_key_material() {
+        for key in [
+            "sasl.password",
+            "sasl_password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.truststore.password",
+            "ssl.key.pem",
+            "ssl_key",
+            "ssl.key",
+            "sasl.oauthbearer.config",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "sasl.oauthbearer.assertion.private.key.pem",
+            "SASL.PASSWORD",
+        ] {
+            assert!(is_secret_key(key), "{key} is secret");
+        }
+        for key in [
+            "sasl.username",
+            "sasl.mechanism",
+            "security.protocol",
+            "ssl.key.location",
+            "ssl.keystore.location",
+            "ssl.certificate.pem",
+            "ssl.ca.pem",
+            "ssl.ca.location",
+            "linger.ms",
+        ] {
+            assert!(!is_secret_key(key), "{key} is not secret");
+        }
+    }
+
+    #[test]
+    fn passwords_are_read_from_files_without_the_trailing_newline() {
+        Jail::expect_with(|jail| {
+            jail.create_file("ch_password", "s3cret pass\n")?;
+            jail.create_file("admin_password", "adm1n\r\n")?;
+            jail.create_file("kafka_password", "k4fka\n\n")?;
+            jail.create_file("oauth", "principal=edgelog secret=0auth")?;
+            jail.set_env("EDGELOG_CLICKHOUSE__PASSWORD_FILE", "ch_password");
+            jail.set_env("EDGELOG_CLICKHOUSE__ADMIN_PASSWORD_FILE", "admin_password");
+            jail.set_env(
+                "EDGELOG_KAFKA__SECRET_FILES__SASL_PASSWORD",
+                "kafka_password",
+            );
+            jail.set_env(
+                "EDGELOG_KAFKA__SECRET_FILES__SASL_OAUTHBEARER_CONFIG",
+                "oauth",
+            );
+            let s = Settings::load(None, &[]).unwrap();
+            assert_eq!(s.clickhouse.password.expose(), "s3cret pass");
+            assert_eq!(s.clickhouse.admin_password.expose(), "adm1n");
+            // Only one newline goes: the rest is the secret's.
+            assert_eq!(s.kafka.options.get("sasl.password"), Some("k4fka\n"));
+            assert_eq!(
+                s.kafka.options.get("sasl.oauthbearer.config"),
+                Some("principal=edgelog secret=0auth")
+            );
+            let toml = s.to_redacted_toml();
+            let debug = format!("{s:?}");
+            for text in [&toml, &debug] {
+                for secret in ["s3cret", "adm1n", "k4fka", "0auth"] {
+                    assert!(!text.contains(secret), "{secret} shows: {text}");
+                }
+            }
+            assert!(toml.contains("password_file = \"ch_password\""), "{toml}");
+            assert!(
+                toml.contains("\"sasl.oauthbearer.config\" = \"oauth\""),
+                "{toml}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_secret_and_its_file_both_set_is_an_error() {
+        Jail::expect_with(|jail| {
+            jail.create_file("pw", "from-file")?;
+            jail.set_env("EDGELOG_CLICKHOUSE__PASSWORD", "inline");
+            jail.set_env("EDGELOG_CLICKHOUSE__PASSWORD_FILE", "pw");
+            let err = Settings::load(None, &[]).unwrap_err().to_string();
+            assert!(err.contains("`clickhouse.password_file`"), "{err}");
+            assert!(err.contains("clickhouse.password are both set"), "{err}");
+            jail.clear_env();
+            for (var, value) in [
+                ("EDGELOG_KAFKA__OPTIONS__SASL_PASSWORD", "inline"),
+                ("EDGELOG_LOADER__KAFKA_OPTIONS__SASL_PASSWORD", "inline"),
+            ] {
+                jail.clear_env();
+                jail.set_env("EDGELOG_KAFKA__SECRET_FILES__SASL_PASSWORD", "pw");
+                jail.set_env(var, value);
+                let err = Settings::load(None, &[]).unwrap_err().to_string();
+                assert!(
+                    err.contains("`kafka.secret_files.sasl.password`"),
+                    "{var}: {err}"
+                );
+                assert!(
+                    !err.contains("inline") && !err.contains("from-file"),
+                    "{err}"
+                );
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unusable_secret_file_names_the_key_and_path_never_the_content() {
+        Jail::expect_with(|jail| {
+            jail.create_file("empty", "\n")?;
+            std::fs::write(jail.directory().join("binary"), b"hunter2\xff")
+                .map_err(|e| e.to_string())?;
+            for (key, path, named) in [
+                (
+                    "clickhouse.password_file",
+                    "nope/missing",
+                    "clickhouse.password_file",
+                ),
+                (
+                    "clickhouse.admin_password_file",
+                    "empty",
+                    "clickhouse.admin_password_file",
+                ),
+                (
+                    "clickhouse.password_file",
+                    "binary",
+                    "clickhouse.password_file",
+                ),
+                (
+                    "kafka.secret_files.sasl_password",
+                    "nope/missing",
+                    "kafka.secret_files.sasl.password",
+                ),
+            ] {
+                let err = Settings::load(None, &[(key, path.into())])
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(&format!("`{named}`")), "{err}");
+                assert!(err.contains(path), "names the path: {err}");
+                assert!(!err.contains("hunter2"), "{err}");
+            }
+            // A character a header cannot carry, read from a file, is named by the file's key.
+            jail.create_file("tabbed", "tab\there")?;
+            let err = Settings::load(None, &[("clickhouse.password_file", "tabbed".into())])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`clickhouse.password_file`"), "{err}");
+            assert!(!err.contains("tab\there"), "{err}");
+            // Only options that are hidden everywhere may come from a secret file.
+            jail.create_file("cert.pem", "-----BEGIN CERTIFICATE-----")?;
+            let err = Settings::load(
+                None,
+                &[("kafka.secret_files.ssl_certificate_pem", "cert.pem".into())],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("`kafka.secret_files.ssl.certificate.pem`"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        Jail::expect_with(|_| {
+            for (set, named) in [
+                ("clickhouse.client_cert_file", "clickhouse.client_key_file"),
+                ("clickhouse.client_key_file", "clickhouse.client_cert_file"),
+            ] {
+                let err = Settings::load(None, &[(set, "x.pem".into())])
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(&format!("`{named}`")), "{err}");
+            }
+            let s = Settings::load(
+                None,
+                &[
+                    ("clickhouse.ca_file", "ca.pem".into()),
+                    ("clickhouse.client_cert_file", "c.pem".into()),
+                    ("clickhouse.client_key_file", "c.key".into()),
+                ],
+            )
+            .unwrap();
+            assert_eq!(s.clickhouse.ca_file, Some(PathBuf::from("ca.pem")));
             Ok(())
         });
     }

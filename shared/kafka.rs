@@ -180,6 +180,7 @@ mod tests {
                 ("linger.ms".into(), "7".into()),
                 ("sasl.password".into(), "pw".into()),
             ])),
+            secret_files: BTreeMap::new(),
         };
         let stage = KafkaOptions(BTreeMap::from([("acks".into(), "1".into())]));
         let c = client_config(&kafka, &stage, &[("linger.ms", "20"), ("acks", "all")]);

@@ -47,7 +47,8 @@
 //! - [`kafka`]: librdkafka client configuration built from settings.
 //! - [`producer`]: the synthetic producer's run loop.
 //! - [`topic_id`]: the id Kafka gives a topic at creation (binds dedup tokens to the topic's life).
-//! - [`clickhouse`]: the one HTTP client for ClickHouse (the loader's inserts, the tools' queries).
+//! - [`clickhouse`]: the one HTTP(S) client for ClickHouse (the loader's inserts, the tools'
+//!   queries): credentials, timeouts, TLS (rustls with ring, `clickhouse.ca_file`).
 //! - [`setup`]: idempotent creation of topics and application of `sql/` migrations.
 //! - [`staging`]: rebuild tables per partition in staging copies and swap them in (replay, backfill).
 //! - [`replay`]: `edgelog replay`: reload whole days from the anonymized topic, swapped in per partition.

@@ -73,7 +73,7 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
     .await??;
 
     let db = &settings.clickhouse.database;
-    let ch = ClickHouseClient::admin(&settings.clickhouse);
+    let ch = ClickHouseClient::admin(&settings.clickhouse)?;
     let staging_raw = format!("http_log{STAGING}");
     ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging_raw}"), &[])
         .await?;

@@ -103,7 +103,7 @@ pub fn statements(sql: &str) -> Vec<String> {
 /// Applies pending migrations; returns the versions applied by this call.
 pub async fn apply_schema(settings: &Settings) -> anyhow::Result<Vec<u32>> {
     let ch = &settings.clickhouse;
-    let client = ClickHouseClient::admin(ch);
+    let client = ClickHouseClient::admin(ch)?;
     let db = &ch.database;
     client
         .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"), &[])

@@ -98,10 +98,11 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
             WHERE database = {{db:String}} AND table = 'http_log' AND active) \
          FROM {db}.http_log FORMAT TSV"
     );
-    match ClickHouseClient::admin(&settings.clickhouse)
-        .query(&sql, &[("db", db)])
-        .await
-    {
+    let answer = match ClickHouseClient::admin(&settings.clickhouse) {
+        Ok(client) => client.query(&sql, &[("db", db)]).await,
+        Err(e) => Err(e),
+    };
+    match answer {
         Ok(text) => {
             let f: Vec<&str> = text.trim().split('\t').collect();
             if let [rows, newest, written] = f[..] {
@@ -117,6 +118,7 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
         }
     }
 
+    crate::clickhouse::install_crypto_provider();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
         .build()

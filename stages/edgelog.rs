@@ -95,6 +95,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Before any reqwest client: `probe` runs without `cli::init`.
+    edgelog::clickhouse::install_crypto_provider();
     if let Command::Probe { url } = &args.command {
         let ok = match reqwest::get(url).await {
             Ok(r) => {
@@ -152,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("kafka topics ok (created now: {created:?})");
             }
             if !kafka_only {
-                let ch = ClickHouseClient::admin(&settings.clickhouse);
+                let ch = ClickHouseClient::admin(&settings.clickhouse)?;
                 let db = &settings.clickhouse.database;
                 let before = edgelog::backfill::rollup_tables(&ch, db).await?;
                 let applied = edgelog::setup::apply_schema(&settings).await?;
@@ -172,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Disk { .. } | Command::Probe { .. } => unreachable!("handled before start-up"),
         Command::Config => print!("{}", settings.to_redacted_toml()),
         Command::Totals { minutes } => {
-            let client = ClickHouseClient::admin(&settings.clickhouse);
+            let client = ClickHouseClient::admin(&settings.clickhouse)?;
             let db = &settings.clickhouse.database;
             let sql = format!(
                 "SELECT toStartOfFiveMinutes(ts) AS t, sum(requests) AS reqs, \

@@ -131,12 +131,12 @@ async fn clickhouse_decodes_the_insert_body_to_the_records() {
         })
         .collect();
     // The loader's own client, straight to ClickHouse as the set-up user.
-    let client = InsertClient::new(
-        "default",
-        &Default::default(),
-        None,
-        Duration::from_secs(60),
-    );
+    let as_admin = edgelog::config::ClickHouseSettings {
+        url: CLICKHOUSE.into(),
+        user: "default".into(),
+        ..Default::default()
+    };
+    let client = InsertClient::new(&as_admin, None, Duration::from_secs(60)).unwrap();
     for (i, (compression, batch)) in batches.iter().enumerate() {
         let compression = *compression;
         let refs: Vec<&AnonRecord> = batch.iter().collect();

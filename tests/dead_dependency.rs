@@ -45,6 +45,7 @@ impl Stage {
 
     async fn readyz(&self) -> Option<(u16, String)> {
         let url = format!("http://127.0.0.1:{}/readyz", self.port);
+        edgelog::clickhouse::install_crypto_provider();
         let response = reqwest::get(&url).await.ok()?;
         let status = response.status().as_u16();
         Some((status, response.text().await.ok()?))

@@ -92,6 +92,7 @@ async fn forward(
     headers: &[(String, String)],
     body: Vec<u8>,
 ) -> (u16, Option<String>, Vec<u8>) {
+    edgelog::clickhouse::install_crypto_provider();
     let mut req = reqwest::Client::new()
         .post(format!("{CLICKHOUSE}{target}"))
         .body(body);

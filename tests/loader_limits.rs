@@ -36,6 +36,7 @@ async fn delete_below(s: &Settings, to: &[(i32, i64)]) {
 }
 
 async fn lost_offsets_metric(addr: std::net::SocketAddr) -> u64 {
+    edgelog::clickhouse::install_crypto_provider();
     let text = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap()

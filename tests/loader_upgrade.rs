@@ -225,12 +225,7 @@ async fn previous_loader_died_after_clickhouse_answered(first_copy: FirstCopy) -
     while Some(source) == s.loader.source_address {
         source = fresh_loopback_ip();
     }
-    let client = InsertClient::new(
-        &s.clickhouse.user,
-        &s.clickhouse.password,
-        Some(source),
-        Duration::from_secs(30),
-    );
+    let client = InsertClient::new(&s.clickhouse, Some(source), Duration::from_secs(30)).unwrap();
     let outcome = client.send(&url, s.loader.body_compression, body).await;
     assert_eq!(outcome, Outcome::Inserted, "the previous loader's insert");
     let db = &s.clickhouse.database;

@@ -9,6 +9,7 @@ use common::*;
 use edgelog::health::Health;
 
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    edgelog::clickhouse::install_crypto_provider();
     let r = reqwest::get(format!("http://{addr}{path}")).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }

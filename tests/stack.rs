@@ -136,6 +136,7 @@ async fn the_same_dedup_token_lands_once() {
 #[tokio::test]
 async fn the_real_rate_proxy_allows_one_request_per_minute_and_one_mebibyte() {
     require_stack();
+    edgelog::clickhouse::install_crypto_provider();
     let client = reqwest::Client::builder()
         .local_address(fresh_loopback_ip())
         .build()

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::body::BodyCompression;
-use crate::clickhouse::{ClickHouseClient, ClickHouseError, ClientOptions};
-use crate::config::Secret;
+use crate::clickhouse::{ClickHouseClient, ClickHouseError, ClientOptions, TlsFiles};
+use crate::config::ClickHouseSettings;
 use crate::loader::classify::{classify_clickhouse, ErrorClass};
 
 /// What happened to one insert request, and so what the loader does next.
@@ -62,23 +62,31 @@ pub struct InsertClient {
 }
 
 impl InsertClient {
-    /// `source_address` pins the local address, which is what the proxy budgets by.
+    /// A client for `settings.url` as `settings.user`, with its TLS files. `source_address` pins
+    /// the local address, which is what the proxy budgets by. Fails at start-up on TLS files that
+    /// cannot be used.
     pub fn new(
-        user: &str,
-        password: &Secret,
+        settings: &ClickHouseSettings,
         source_address: Option<IpAddr>,
         timeout: Duration,
-    ) -> InsertClient {
+    ) -> Result<InsertClient, ClickHouseError> {
         let options = ClientOptions {
             source_address,
             timeout,
             // One request per minute: a pooled connection would have been closed by nginx anyway.
             reuse_connections: false,
+            tls: TlsFiles::from_settings(settings),
         };
-        // No base URL: every request's URL is given whole to `send` (`insert_url`).
-        InsertClient {
-            client: ClickHouseClient::with_options("http://127.0.0.1", user, password, &options),
-        }
+        // Every request's URL is given whole to `send` (`insert_url`); the base URL tells the
+        // client whether it needs TLS.
+        Ok(InsertClient {
+            client: ClickHouseClient::with_options(
+                &settings.url,
+                &settings.user,
+                &settings.password,
+                &options,
+            )?,
+        })
     }
 
     /// Sends one compressed Native body to `url`.
@@ -91,6 +99,11 @@ impl InsertClient {
             Ok(a) => classify_response(a.status, a.exception_code, &a.body),
             Err(ClickHouseError::Transport { detail, .. }) => {
                 Outcome::Transient(format!("request failed: {detail}"))
+            }
+            // A certificate the client does not trust (or a server refusing ours) stays so until
+            // someone changes a certificate or a setting: retrying would loop forever.
+            Err(e @ (ClickHouseError::Tls { .. } | ClickHouseError::TlsSetup(_))) => {
+                Outcome::Permanent(e.to_string())
             }
             Err(e) => Outcome::Transient(format!("request failed: {e}")),
         }

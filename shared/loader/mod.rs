@@ -141,12 +141,7 @@ pub async fn run_with_health(
     let loader = Loader {
         settings,
         offsets: Offsets::subscribe(settings, watch.clone())?,
-        client: InsertClient::new(
-            &settings.clickhouse.user,
-            &settings.clickhouse.password,
-            l.source_address,
-            l.request_timeout,
-        ),
+        client: InsertClient::new(&settings.clickhouse, l.source_address, l.request_timeout)?,
         dead_letters: DeadLetters::new(settings, watch)?,
         health,
         failpoint: Failpoint::from_env(),

@@ -342,7 +342,7 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
         bail!("input topic {} has no partitions", settings.topics.input);
     }
 
-    let client = ClickHouseClient::admin(&settings.clickhouse);
+    let client = ClickHouseClient::admin(&settings.clickhouse)?;
     let db = &settings.clickhouse.database;
     let landed = offset_runs(&client, db, false).await?;
     let duplicated = offset_runs(&client, db, true).await?;

@@ -74,7 +74,7 @@ pub fn fast_loader_settings() -> Settings {
 }
 
 pub fn admin() -> ClickHouseClient {
-    ClickHouseClient::new(CLICKHOUSE, "default", &Default::default())
+    ClickHouseClient::new(CLICKHOUSE, "default", &Default::default()).expect("a plain-HTTP client")
 }
 
 /// Polls `probe` until it returns `Some`, or panics after `timeout` with `what`.
