@@ -459,6 +459,7 @@ fn process(
     let stage = StageOne {
         ipv6_prefix_bits: a.ipv6_prefix_bits,
         policy: Policy::from_settings(settings),
+        url_query: a.url_query.clone(),
         max_message_bytes: limit,
     };
     health.details(vec![("transactional id", txn_id.clone())]);
@@ -471,7 +472,7 @@ fn process(
     consumer
         .subscribe(&[&topics.input])
         .context("subscribing")?;
-    tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, message_max_bytes = limit, "anonymizer running");
+    tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, message_max_bytes = limit, url_query = stage.url_query.label(), "anonymizer running");
 
     let mut abort_injection = match failpoint {
         Some(Failpoint::AbortEvery(every)) => Some(AbortInjection { every, due: 0 }),
@@ -617,7 +618,11 @@ fn handle(
         crate::clock::now_epoch_ms(),
     );
     match outcome {
-        Outcome::Record { bytes, kind } => {
+        Outcome::Record {
+            bytes,
+            kind,
+            url_redacted,
+        } => {
             if kind == AddressKind::Invalid {
                 metrics::counter!("edgelog_anonymizer_invalid_addresses_total").increment(1);
             }
@@ -626,7 +631,13 @@ fn handle(
                 .partition(msg.partition().rem_euclid(out_partitions))
                 .payload(&bytes[..]);
             match send(shared, record)? {
-                None => metrics::counter!("edgelog_anonymizer_records_out_total").increment(1),
+                None => {
+                    metrics::counter!("edgelog_anonymizer_records_out_total").increment(1);
+                    if url_redacted {
+                        metrics::counter!("edgelog_anonymizer_urls_redacted_total", "policy" => stage.url_query.label())
+                            .increment(1);
+                    }
+                }
                 // The pre-check let it through, yet the client refused it: still this record's
                 // fault alone.
                 Some((reason, e)) => {
