@@ -75,7 +75,8 @@ pub enum AddressKind {
 
 /// The whole stage-one transformation of one input message: decode Cap'n Proto (zero-copy),
 /// anonymize the address, encode MessagePack. Pure: the same input gives the same bytes. No
-/// validity policy and no size check: [`process`] is what stage one runs.
+/// URL policy (the URL is kept), no validity policy and no size check: [`process`] is what stage
+/// one runs.
 pub fn transform(
     payload: &[u8],
     source_partition: i32,

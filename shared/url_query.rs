@@ -154,14 +154,27 @@ fn redact<'a>(url: &'a str, rewrite: impl FnOnce(&str, &mut String)) -> Cow<'a, 
     }
 }
 
-/// The query's parameters, each with the separator that ends it (none for the last one).
+/// The query's parameters, each with the separator that ends it (none for the last one). Nothing
+/// after a final separator: `a=1&` is one parameter. Bytes are scanned, not chars: both
+/// separators are ASCII, so every cut is on a character boundary.
 fn parameters(query: &str) -> impl Iterator<Item = (&str, &str)> {
-    query
-        .split_inclusive(['&', ';'])
-        .map(|piece| match piece.strip_suffix(['&', ';']) {
-            Some(param) => (param, &piece[param.len()..]),
-            None => (piece, ""),
-        })
+    let mut rest = query;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let q = rest;
+        match q.bytes().position(|b| b == b'&' || b == b';') {
+            Some(i) => {
+                rest = &q[i + 1..];
+                Some((&q[..i], &q[i..i + 1]))
+            }
+            None => {
+                rest = "";
+                Some((q, ""))
+            }
+        }
+    })
 }
 
 fn drop_values(query: &str, out: &mut String) {
@@ -523,7 +536,7 @@ mod props {
 
     proptest! {
         // Cheap (microseconds per case), so more cases than proptest's default 256.
-        #![proptest_config(ProptestConfig::with_cases(4096))]
+        #![proptest_config(ProptestConfig::with_cases(1024))]
 
         #[test]
         fn idempotent_never_longer_head_kept(url in urlish(), policy in policy()) {
