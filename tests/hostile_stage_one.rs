@@ -322,10 +322,11 @@ async fn url_query_policies_redact_what_leaves_stage_one() {
         "/r7/a.jpg?lang=en;sid=abc123#access_token=xyz".to_string(),
         "/r7/plain.jpg".to_string(),
     ];
-    // (policy variable, value, what each URL becomes)
-    let policies: [(&str, &str, [&str; 4]); 2] = [
+    // (policy variable, value, its metric label, what each URL becomes)
+    let policies: [(&str, &str, &str, [&str; 4]); 2] = [
         (
             "EDGELOG_ANONYMIZER__URL_QUERY",
+            "drop_values",
             "drop_values",
             [
                 "/r7/a.jpg?email=&page=",
@@ -337,6 +338,7 @@ async fn url_query_policies_redact_what_leaves_stage_one() {
         (
             "EDGELOG_ANONYMIZER__URL_QUERY__ALLOW",
             "page,lang",
+            "allow_list",
             [
                 "/r7/a.jpg?page=2",
                 "/r7/a.jpg?page=3",
@@ -345,7 +347,7 @@ async fn url_query_policies_redact_what_leaves_stage_one() {
             ],
         ),
     ];
-    for (var, value, stored) in policies {
+    for (var, value, label, stored) in policies {
         let s = isolated_settings();
         edgelog::setup::create_topics(&s).await.unwrap();
         let mut payloads: Vec<Vec<u8>> = urls
@@ -365,7 +367,16 @@ async fn url_query_policies_redact_what_leaves_stage_one() {
         });
         payloads.push(rejected.clone());
         produce(&s, &payloads);
-        let mut child = KillOnDrop::spawn(anonymizer_command(&s, "0").env(var, value));
+        // A port nothing listens on (bound, then released), to read the binary's metrics.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = KillOnDrop::spawn(anonymizer_command(&s, "0").env(var, value).env(
+            "EDGELOG_ANONYMIZER__METRICS_LISTEN",
+            format!("127.0.0.1:{port}"),
+        ));
         let seen = tokio::task::spawn_blocking({
             let s = s.clone();
             let n = payloads.len();
@@ -386,6 +397,19 @@ async fn url_query_policies_redact_what_leaves_stage_one() {
         let dead = &seen[&(0, urls.len() as i64)][0];
         assert_dead_letter(&s, urls.len() as i64, dead, Reason::ValueOutOfRange);
         assert_eq!(dead.payload, rejected, "the dead letter is the original");
+        // Counted when sent, before the commit that made them readable: three URLs changed (the
+        // plain one and the dead letter are not counted).
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let series = format!("edgelog_anonymizer_urls_redacted_total{{policy=\"{label}\"}} ");
+        let redacted = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()));
+        assert_eq!(redacted, Some("3"), "{var}={value}: {metrics}");
         assert!(
             child.try_wait().unwrap().is_none(),
             "the anonymizer keeps running"
