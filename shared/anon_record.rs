@@ -301,12 +301,13 @@ mod tests {
             let capnp = encode_capnp(&HttpLogRecord {
                 remote_addr: addr.into(),
                 timestamp_epoch_milli: 1_779_999_999_000,
+                url: "/r42/assets/7.jpg?page=2&email=a%40b.c;lang=en#top".into(),
                 ..input()
             });
             // decode_anonymize: byte 0 is the IPv6 prefix length, byte 1 the message limit
-            // (0 = 1,000,000), the rest the payload.
-            for bits in [0u8, 48, 56, 128] {
-                let mut seed = vec![bits, 0];
+            // (0 = 1,000,000), byte 2 the URL policy (mod 3), the rest the payload.
+            for (bits, url_policy) in [(0u8, 0u8), (48, 1), (56, 2), (128, 0)] {
+                let mut seed = vec![bits, 0, url_policy];
                 seed.extend_from_slice(&capnp);
                 std::fs::write(decode_anonymize.join(format!("seed-{i}-{bits}")), seed).unwrap();
             }
