@@ -75,7 +75,8 @@ pub enum AddressKind {
 
 /// The whole stage-one transformation of one input message: decode Cap'n Proto (zero-copy),
 /// anonymize the address, encode MessagePack. Pure: the same input gives the same bytes. No
-/// validity policy and no size check: [`process`] is what stage one runs.
+/// URL policy (the URL is kept), no validity policy and no size check: [`process`] is what stage
+/// one runs.
 pub fn transform(
     payload: &[u8],
     source_partition: i32,
@@ -122,10 +123,12 @@ fn anonymized_bytes(
 }
 
 /// What stage one needs to decide about one record, fixed at start-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StageOne {
     pub ipv6_prefix_bits: u8,
     pub policy: crate::validate::Policy,
+    /// What is kept of the URL's query and fragment (`anonymizer.url_query`).
+    pub url_query: crate::url_query::UrlQuery,
     /// The effective `message.max.bytes` of the output: the smallest of the producer's and the
     /// topics' limits (see `anonymizer::effective_limit`).
     pub max_message_bytes: usize,
@@ -134,8 +137,13 @@ pub struct StageOne {
 /// Stage one's decision for one input message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Produce these bytes to the anonymized topic.
-    Record { bytes: Vec<u8>, kind: AddressKind },
+    /// Produce these bytes to the anonymized topic. `url_redacted`: the URL policy changed the
+    /// URL's query or fragment.
+    Record {
+        bytes: Vec<u8>,
+        kind: AddressKind,
+        url_redacted: bool,
+    },
     /// Dead-letter the original payload with this reason and error text.
     DeadLetter { reason: Reason, error: String },
 }
@@ -147,10 +155,14 @@ pub fn fits(len: usize, max_message_bytes: usize) -> bool {
     len.saturating_add(ENVELOPE_OVERHEAD) <= max_message_bytes
 }
 
-/// The whole per-record decision of stage one: decode → validate → anonymize → encode → size
-/// check. Pure (`now_ms` is given), so the anonymizer, the property tests and the fuzz target run
-/// the very same decision. Deciding size here, before `send()`, matters: a size the broker
-/// rejects arrives in a delivery report and makes the whole transaction abortable.
+/// The whole per-record decision of stage one: decode → URL policy → validate → anonymize →
+/// encode → size check. Pure (`now_ms` is given), so the anonymizer, the property tests and the
+/// fuzz target run the very same decision. Deciding size here, before `send()`, matters: a size
+/// the broker rejects arrives in a delivery report and makes the whole transaction abortable.
+///
+/// The URL policy comes before validation, so `max_url_bytes` bounds the URL as stored: a long
+/// URL whose query the policy shortens enough is stored, not dead-lettered (and a dead letter
+/// would carry its original bytes, query included).
 pub fn process(
     payload: &[u8],
     source_partition: i32,
@@ -159,6 +171,9 @@ pub fn process(
     now_ms: u64,
 ) -> Outcome {
     let decided = crate::record::with_record(payload, |r| {
+        let url = stage.url_query.apply(r.url);
+        let url_redacted = matches!(url, std::borrow::Cow::Owned(_));
+        let r = crate::record::RecordView { url: &url, ..r };
         if let Err(rejection) = crate::validate::check(&r, &stage.policy, now_ms) {
             return Outcome::DeadLetter {
                 reason: rejection.reason,
@@ -177,7 +192,11 @@ pub fn process(
                 ),
             };
         }
-        Outcome::Record { bytes, kind }
+        Outcome::Record {
+            bytes,
+            kind,
+            url_redacted,
+        }
     });
     decided.unwrap_or_else(|e| Outcome::DeadLetter {
         reason: Reason::Undecodable,
@@ -282,12 +301,13 @@ mod tests {
             let capnp = encode_capnp(&HttpLogRecord {
                 remote_addr: addr.into(),
                 timestamp_epoch_milli: 1_779_999_999_000,
+                url: "/r42/assets/7.jpg?page=2&email=a%40b.c;lang=en#top".into(),
                 ..input()
             });
             // decode_anonymize: byte 0 is the IPv6 prefix length, byte 1 the message limit
-            // (0 = 1,000,000), the rest the payload.
-            for bits in [0u8, 48, 56, 128] {
-                let mut seed = vec![bits, 0];
+            // (0 = 1,000,000), byte 2 the URL policy (mod 3), the rest the payload.
+            for (bits, url_policy) in [(0u8, 0u8), (48, 1), (56, 2), (128, 0)] {
+                let mut seed = vec![bits, 0, url_policy];
                 seed.extend_from_slice(&capnp);
                 std::fs::write(decode_anonymize.join(format!("seed-{i}-{bits}")), seed).unwrap();
             }
@@ -312,6 +332,7 @@ mod props {
     use crate::record::encode_capnp;
     use crate::record::props::any_record;
     use crate::record::HttpLogRecord;
+    use crate::url_query::{AllowList, UrlQuery};
     use proptest::prelude::*;
 
     const NOW: u64 = 1_780_000_000_000;
@@ -320,19 +341,33 @@ mod props {
         StageOne {
             ipv6_prefix_bits: 48,
             policy: crate::validate::Policy::from_settings(&crate::config::Settings::default()),
+            url_query: UrlQuery::Keep,
             max_message_bytes: 1_000_000,
         }
     }
 
-    /// Records near the policy's bounds, so the property sees every verdict, not only rejections.
+    fn any_url_query() -> impl Strategy<Value = UrlQuery> {
+        prop_oneof![
+            Just(UrlQuery::Keep),
+            Just(UrlQuery::DropValues),
+            Just(UrlQuery::AllowList(AllowList::new(["page", "lang"]))),
+        ]
+    }
+
+    /// Records near the policy's bounds, so the property sees every verdict, not only rejections;
+    /// some URLs carry a query (and cross `max_url_bytes` only because of it) and a fragment.
     fn plausible_record() -> impl Strategy<Value = HttpLogRecord> {
         (
             NOW - 31 * 86_400_000..NOW + 4_000_000,
             prop_oneof![95u16..605, any::<u16>()],
             prop_oneof![0usize..300, 8180usize..8200],
             prop_oneof![Just("1.2.3.4".to_string()), ".{0,70}"],
+            prop_oneof![
+                Just(String::new()),
+                "\\?(page=[0-9]{1,2}|email=[a-z]{1,5}@x\\.y|lang=en|t=[a-f0-9]{1,8})([&;](page=[0-9]|email=a@b|x)){0,3}(#[a-z=]{0,6})?",
+            ],
         )
-            .prop_map(|(ts, status, url_len, addr)| HttpLogRecord {
+            .prop_map(|(ts, status, url_len, addr, query)| HttpLogRecord {
                 timestamp_epoch_milli: ts,
                 resource_id: 1,
                 bytes_sent: 100,
@@ -341,7 +376,7 @@ mod props {
                 cache_status: "HIT".into(),
                 method: "GET".into(),
                 remote_addr: addr,
-                url: "u".repeat(url_len),
+                url: "u".repeat(url_len) + &query,
             })
     }
 
@@ -427,18 +462,26 @@ mod props {
                 plausible_record().prop_map(|r| encode_capnp(&r)),
             ],
             limit in prop_oneof![Just(1_000_000usize), 4096usize..4500],
+            url_query in any_url_query(),
         ) {
-            let stage = StageOne { max_message_bytes: limit, ..stage() };
+            let stage = StageOne { max_message_bytes: limit, url_query, ..stage() };
             match process(&payload, 0, 0, &stage, NOW) {
-                Outcome::Record { bytes, kind } => {
+                Outcome::Record { bytes, kind, url_redacted } => {
                     prop_assert!(fits(bytes.len(), limit));
                     let out = decode(&bytes).unwrap();
                     let input = crate::record::decode_capnp(&payload).unwrap();
+                    let stored_url = stage.url_query.apply(&input.url);
+                    // The policy's verdict is on the URL as stored.
                     crate::record::with_record(&payload, |v| {
+                        let v = crate::record::RecordView { url: &stored_url, ..v };
                         crate::validate::check(&v, &stage.policy, NOW).unwrap()
                     }).unwrap();
                     prop_assert_eq!(kind == AddressKind::Invalid, out.remote_addr == crate::anonymize::INVALID_MARKER);
-                    prop_assert_eq!(out.url, input.url);
+                    prop_assert_eq!(url_redacted, out.url != input.url);
+                    prop_assert_eq!(&out.url, &*stored_url);
+                    if stage.url_query != UrlQuery::Keep {
+                        prop_assert!(!out.url.contains('#'), "{:?}", out.url);
+                    }
                 }
                 Outcome::DeadLetter { reason, error } => {
                     prop_assert!(!error.trim().is_empty());
@@ -492,6 +535,7 @@ mod props {
 mod process_tests {
     use super::*;
     use crate::record::{encode_capnp, HttpLogRecord};
+    use crate::url_query::{AllowList, UrlQuery};
 
     const NOW: u64 = 1_780_000_000_000;
 
@@ -499,6 +543,7 @@ mod process_tests {
         StageOne {
             ipv6_prefix_bits: 48,
             policy: crate::validate::Policy::from_settings(&crate::config::Settings::default()),
+            url_query: UrlQuery::Keep,
             max_message_bytes: limit,
         }
     }
@@ -584,5 +629,82 @@ mod process_tests {
                 ..
             }
         ));
+    }
+
+    /// The URL policy runs before the checks: `max_url_bytes` and the size check see the URL as
+    /// stored, so a URL over the bound only because of its query is stored once the policy
+    /// removes the query, and dead-lettered (original bytes) under `keep`.
+    #[test]
+    fn the_policy_runs_before_the_url_and_size_checks() {
+        let long_token = format!("/r7/a.jpg?page=2&token={}", "t".repeat(9000));
+        let r = HttpLogRecord {
+            url: long_token.clone(),
+            ..record(0)
+        };
+        let run = |url_query: UrlQuery, limit: usize| {
+            let s = StageOne {
+                url_query,
+                ..stage(limit)
+            };
+            process(&encode_capnp(&r), 0, 0, &s, NOW)
+        };
+        assert!(matches!(
+            run(UrlQuery::Keep, 1_000_000),
+            Outcome::DeadLetter {
+                reason: Reason::FieldTooLong,
+                ..
+            }
+        ));
+        let page = UrlQuery::AllowList(AllowList::new(["page"]));
+        for (policy, stored) in [
+            (page.clone(), "/r7/a.jpg?page=2"),
+            (UrlQuery::DropValues, "/r7/a.jpg?page=&token="),
+        ] {
+            match run(policy, 1_000_000) {
+                Outcome::Record {
+                    bytes,
+                    url_redacted,
+                    ..
+                } => {
+                    assert!(url_redacted);
+                    assert_eq!(decode(&bytes).unwrap().url, stored);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The size check measures the redacted record: a limit the original URL's record would
+        // exceed many times over passes the redacted one.
+        let small = encoded_len(0) + ENVELOPE_OVERHEAD + 64;
+        assert!(matches!(run(page, small), Outcome::Record { .. }));
+    }
+
+    #[test]
+    fn url_redacted_says_whether_the_url_changed() {
+        let s = StageOne {
+            url_query: UrlQuery::DropValues,
+            ..stage(1_000_000)
+        };
+        for (url, stored, redacted) in [
+            ("/a?email=a@b.c&page=2", "/a?email=&page=", true),
+            ("/a?email=&page=", "/a?email=&page=", false),
+            ("/a#frag", "/a", true),
+            ("/plain", "/plain", false),
+        ] {
+            let r = HttpLogRecord {
+                url: url.into(),
+                ..record(0)
+            };
+            match process(&encode_capnp(&r), 0, 0, &s, NOW) {
+                Outcome::Record {
+                    bytes,
+                    url_redacted,
+                    ..
+                } => {
+                    assert_eq!(url_redacted, redacted, "{url}");
+                    assert_eq!(decode(&bytes).unwrap().url, stored);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

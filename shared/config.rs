@@ -28,6 +28,7 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 use crate::body::BodyCompression;
+use crate::url_query::UrlQuery;
 
 /// Environment variable prefix for every setting.
 pub const ENV_PREFIX: &str = "EDGELOG_";
@@ -604,8 +605,14 @@ pub struct AnonymizerSettings {
     /// is how late the loader may insert a record and still land it.
     #[serde(with = "humantime_serde")]
     pub retention_margin: Duration,
-    /// Longest `url` stored, in bytes; longer records are dead-lettered (`field_too_long`).
+    /// Longest `url` stored, in bytes, after `url_query`; longer records are dead-lettered
+    /// (`field_too_long`).
     pub max_url_bytes: usize,
+    /// What stage one keeps of each URL's query string and fragment: `"keep"` (default, the URL
+    /// as logged), `"drop_values"`, or `{ allow = ["page", "lang"] }` (only these parameters,
+    /// whole). From the environment: `EDGELOG_ANONYMIZER__URL_QUERY=drop_values`,
+    /// `EDGELOG_ANONYMIZER__URL_QUERY__ALLOW=page,lang`. See [`crate::url_query`].
+    pub url_query: UrlQuery,
     pub kafka_options: KafkaOptions,
 }
 
@@ -628,6 +635,8 @@ impl Default for AnonymizerSettings {
             // nginx's default `large_client_header_buffers` (8 KiB) bounds the request line an
             // edge accepts, so a longer URL is not one an edge served.
             max_url_bytes: 8192,
+            // Today's behaviour: what to redact depends on the sites behind the CDN.
+            url_query: UrlQuery::Keep,
             kafka_options: KafkaOptions::default(),
         }
     }
@@ -691,6 +700,9 @@ impl AnonymizerSettings {
         }
         // A URL must fit a record far below any topic's limit; 1 MiB is Kafka's default.
         check_range("anonymizer.max_url_bytes", a.max_url_bytes, 1, 1 << 20)?;
+        if let Some(problem) = a.url_query.problem() {
+            return Err(invalid("anonymizer.url_query", problem));
+        }
         Ok(())
     }
 }
@@ -1368,6 +1380,18 @@ mod tests {
             ("anonymizer.max_url_bytes", 0.into()),
             ("anonymizer.max_url_bytes", 2_000_000.into()),
             ("anonymizer.max_url_bytes", (-1).into()),
+            ("anonymizer.url_query", "drop".into()),
+            ("anonymizer.url_query", "allow".into()),
+            ("anonymizer.url_query", 5.into()),
+            (
+                "anonymizer.url_query",
+                url_query_table("allow", &["page", ""]),
+            ),
+            (
+                "anonymizer.url_query",
+                url_query_table("allow", &["%65mail"]),
+            ),
+            ("anonymizer.url_query", url_query_table("allo", &["page"])),
             ("loader.slot_spacing", "0s".into()),
             ("loader.slot_spacing", "1000years".into()),
             ("loader.request_timeout", "0s".into()),
@@ -1423,6 +1447,111 @@ mod tests {
                     .expect_err(&format!("{var}={value} was accepted"))
                     .to_string();
                 assert!(err.contains(&format!("`{key}`")), "{var}={value}: {err}");
+            }
+            Ok(())
+        });
+    }
+
+    fn url_query_table(key: &str, names: &[&str]) -> toml::Value {
+        let mut t = toml::Table::new();
+        t.insert(
+            key.into(),
+            toml::Value::Array(names.iter().map(|&n| n.into()).collect()),
+        );
+        toml::Value::Table(t)
+    }
+
+    /// Every form of `anonymizer.url_query` an operator can write, in a file and in the
+    /// environment, and `edgelog config`'s printout loads back to the same policy.
+    #[test]
+    fn url_query_loads_from_file_and_environment() {
+        use crate::url_query::AllowList;
+        let allow = |names: &[&str]| UrlQuery::AllowList(AllowList::new(names.iter().copied()));
+        let page_lang = allow(&["page", "lang"]);
+        Jail::expect_with(|jail| {
+            assert_eq!(
+                Settings::load(None, &[]).unwrap().anonymizer.url_query,
+                UrlQuery::Keep
+            );
+            for (line, expected) in [
+                ("url_query = \"keep\"", UrlQuery::Keep),
+                ("url_query = \"drop_values\"", UrlQuery::DropValues),
+                (
+                    "url_query = { allow = [\"page\", \"lang\", \"page\"] }",
+                    page_lang.clone(),
+                ),
+                ("url_query = { allow = [] }", allow(&[])),
+                ("url_query.allow = \"page, lang\"", page_lang.clone()),
+            ] {
+                jail.create_file("u.toml", &format!("[anonymizer]\n{line}\n"))?;
+                let s = Settings::load(Some(Path::new("u.toml")), &[]).unwrap();
+                assert_eq!(s.anonymizer.url_query, expected, "{line}");
+                jail.create_file("printed.toml", &s.to_redacted_toml())?;
+                let printed = Settings::load(Some(Path::new("printed.toml")), &[]).unwrap();
+                assert_eq!(printed.anonymizer.url_query, expected, "{line} printed");
+            }
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            for (var, value, expected) in [
+                ("URL_QUERY", "drop_values", UrlQuery::DropValues),
+                ("URL_QUERY", "keep", UrlQuery::Keep),
+                ("URL_QUERY", "{allow=[page,lang]}", page_lang.clone()),
+                ("URL_QUERY__ALLOW", "page,lang", page_lang.clone()),
+                ("URL_QUERY__ALLOW", " page , lang ", page_lang.clone()),
+                ("URL_QUERY__ALLOW", "[page, lang]", page_lang.clone()),
+                ("URL_QUERY__ALLOW", "10", allow(&["10"])),
+                ("URL_QUERY__ALLOW", "[page, 10]", allow(&["page", "10"])),
+                ("URL_QUERY__ALLOW", "", allow(&[])),
+            ] {
+                jail.clear_env();
+                jail.set_env(format!("EDGELOG_ANONYMIZER__{var}"), value);
+                let s = Settings::load(None, &[]).unwrap();
+                assert_eq!(s.anonymizer.url_query, expected, "{var}={value}");
+            }
+            // The environment beats the file whichever form each uses.
+            for (line, var, value, expected) in [
+                (
+                    "url_query = \"drop_values\"",
+                    "URL_QUERY__ALLOW",
+                    "page,lang",
+                    page_lang.clone(),
+                ),
+                (
+                    "url_query = { allow = [\"page\"] }",
+                    "URL_QUERY",
+                    "keep",
+                    UrlQuery::Keep,
+                ),
+                (
+                    "url_query = { allow = [\"x\"] }",
+                    "URL_QUERY__ALLOW",
+                    "page,lang",
+                    page_lang.clone(),
+                ),
+            ] {
+                jail.clear_env();
+                jail.create_file("u.toml", &format!("[anonymizer]\n{line}\n"))?;
+                jail.set_env(format!("EDGELOG_ANONYMIZER__{var}"), value);
+                let s = Settings::load(Some(Path::new("u.toml")), &[]).unwrap();
+                assert_eq!(
+                    s.anonymizer.url_query, expected,
+                    "{line} then {var}={value}"
+                );
+            }
+            for (var, value) in [
+                ("URL_QUERY", "drop-values"),
+                ("URL_QUERY__ALLOW", "page,,lang"),
+                ("URL_QUERY__ALLOW", "%65mail"),
+                ("URL_QUERY__DENY", "page"),
+            ] {
+                jail.clear_env();
+                jail.set_env(format!("EDGELOG_ANONYMIZER__{var}"), value);
+                let err = Settings::load(None, &[]).unwrap_err().to_string();
+                assert!(
+                    err.contains("`anonymizer.url_query"),
+                    "{var}={value}: {err}"
+                );
             }
             Ok(())
         });

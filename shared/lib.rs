@@ -13,7 +13,7 @@
 //! Layers, imports pointing down (docs/ARCHITECTURE.md draws them, with where each decision lives
 //! and the path of one record):
 //! 1. protocol and pure decisions: `record`, `anon_record`, `validate`, `anonymize`,
-//!    `dead_letter`, `batch`, `body`, `clock`; they import no stage;
+//!    `url_query`, `dead_letter`, `batch`, `body`, `clock`; they import no stage;
 //! 2. settings: `config`;
 //! 3. adapters: `kafka`, `topic_id`, `clickhouse`, `telemetry`, `health`, `log_gate`,
 //!    `shutdown`, `cli`, `txn`;
@@ -36,6 +36,7 @@
 //! - [`record`]: the log record, its Cap'n Proto wire form (input topic).
 //! - [`validate`]: the validity policy of an input record's fields (pure; now is a parameter).
 //! - [`anonymize`]: the IP anonymization, a pure function.
+//! - [`url_query`]: what stage one keeps of a URL's query string and fragment (`anonymizer.url_query`).
 //! - [`anon_record`]: the MessagePack record of the anonymized topic and the stage-one transform.
 //! - [`txn`]: classification of Kafka transactional errors and the retry loop around them.
 //! - [`anonymizer`]: stage one, the transactional consume-transform-produce loop (its loop, the
@@ -84,6 +85,7 @@ pub mod synth;
 pub mod telemetry;
 pub mod topic_id;
 pub mod txn;
+pub mod url_query;
 pub mod validate;
 pub mod verify;
 

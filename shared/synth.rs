@@ -360,6 +360,7 @@ mod tests {
         let stage = StageOne {
             ipv6_prefix_bits: 48,
             policy: crate::validate::Policy::from_settings(&crate::config::Settings::default()),
+            url_query: Default::default(),
             max_message_bytes: 1_000_000,
         };
         let mut m = model(|p| {

@@ -3,8 +3,10 @@
 //! [`Reason`] and a text naming the field and the bound (it then goes to the dead-letter topic
 //! with its original bytes). The table in `docs/FORMATS.md` ("Validity policy") is this module.
 //!
-//! Nothing here is corrected silently: the one correction of stage one, an address that is not an
-//! IP address becoming `invalid`, happens in [`crate::anonymize`] and is counted there.
+//! Nothing here is corrected silently: stage one's corrections, an address that is not an IP
+//! address becoming `invalid` ([`crate::anonymize`]) and a URL's query redacted by
+//! `anonymizer.url_query` ([`crate::url_query`], applied before this check), are counted where
+//! the anonymizer sends the record.
 //! "Now" is a parameter, so the decision is reproducible and property-testable.
 
 use std::time::Duration;

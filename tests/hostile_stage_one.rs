@@ -306,3 +306,114 @@ async fn hostile_records_never_reach_clickhouse_and_verify_accounts_for_them() {
     assert_eq!(landed, produced.sent - rejected, "{report}");
     assert_loaded_exactly_once(&s, produced.sent - rejected).await;
 }
+
+/// `anonymizer.url_query`, set through the environment as an orchestrator would, on the real
+/// binary: what reaches `http_log_anon` holds no query value (or only the allowed parameters)
+/// and no fragment, a URL over `max_url_bytes` only because of its query is stored, and a dead
+/// letter carries the original bytes, query included (docs/OPERATIONS.md says what to do about
+/// that topic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_query_policies_redact_what_leaves_stage_one() {
+    require_stack();
+    let token = format!("s3cr3t{}", "t".repeat(9_000));
+    let urls = [
+        "/r7/a.jpg?email=a@b.c&page=2".to_string(),
+        format!("/r7/a.jpg?page=3&token={token}"),
+        "/r7/a.jpg?lang=en;sid=abc123#access_token=xyz".to_string(),
+        "/r7/plain.jpg".to_string(),
+    ];
+    // (policy variable, value, its metric label, what each URL becomes)
+    let policies: [(&str, &str, &str, [&str; 4]); 2] = [
+        (
+            "EDGELOG_ANONYMIZER__URL_QUERY",
+            "drop_values",
+            "drop_values",
+            [
+                "/r7/a.jpg?email=&page=",
+                "/r7/a.jpg?page=&token=",
+                "/r7/a.jpg?lang=;sid=",
+                "/r7/plain.jpg",
+            ],
+        ),
+        (
+            "EDGELOG_ANONYMIZER__URL_QUERY__ALLOW",
+            "page,lang",
+            "allow_list",
+            [
+                "/r7/a.jpg?page=2",
+                "/r7/a.jpg?page=3",
+                "/r7/a.jpg?lang=en",
+                "/r7/plain.jpg",
+            ],
+        ),
+    ];
+    for (var, value, label, stored) in policies {
+        let s = isolated_settings();
+        edgelog::setup::create_topics(&s).await.unwrap();
+        let mut payloads: Vec<Vec<u8>> = urls
+            .iter()
+            .map(|url| {
+                encode_capnp(&HttpLogRecord {
+                    url: url.clone(),
+                    ..record(now_ms())
+                })
+            })
+            .collect();
+        // Rejected for its status: its dead letter is the original record.
+        let rejected = encode_capnp(&HttpLogRecord {
+            url: "/r7/a.jpg?email=dead@letter.example".into(),
+            response_status: 0,
+            ..record(now_ms())
+        });
+        payloads.push(rejected.clone());
+        produce(&s, &payloads);
+        // A port nothing listens on (bound, then released), to read the binary's metrics.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = KillOnDrop::spawn(anonymizer_command(&s, "0").env(var, value).env(
+            "EDGELOG_ANONYMIZER__METRICS_LISTEN",
+            format!("127.0.0.1:{port}"),
+        ));
+        let seen = tokio::task::spawn_blocking({
+            let s = s.clone();
+            let n = payloads.len();
+            move || read_landed(&s, n)
+        })
+        .await
+        .unwrap();
+        assert_exactly_once(&seen, payloads.len());
+        for (offset, expected) in stored.iter().enumerate() {
+            let landed = &seen[&(0, offset as i64)][0];
+            assert!(!landed.dead_letter, "{var}={value}: {:?}", landed.headers);
+            let url = edgelog::anon_record::decode(&landed.payload).unwrap().url;
+            assert_eq!(url, *expected, "{var}={value}");
+            for secret in ["a@b.c", "s3cr3t", "abc123", "xyz"] {
+                assert!(!url.contains(secret), "{var}={value}: {url}");
+            }
+        }
+        let dead = &seen[&(0, urls.len() as i64)][0];
+        assert_dead_letter(&s, urls.len() as i64, dead, Reason::ValueOutOfRange);
+        assert_eq!(dead.payload, rejected, "the dead letter is the original");
+        // Counted when sent, before the commit that made them readable: three URLs changed (the
+        // plain one and the dead letter are not counted).
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let series = format!("edgelog_anonymizer_urls_redacted_total{{policy=\"{label}\"}} ");
+        let redacted = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series.as_str()));
+        assert_eq!(redacted, Some("3"), "{var}={value}: {metrics}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the anonymizer keeps running"
+        );
+        child.kill().unwrap();
+    }
+}

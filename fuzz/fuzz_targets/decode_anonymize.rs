@@ -5,23 +5,30 @@
 //!
 //! Input layout: byte 0 picks the IPv6 prefix length (any value `config` accepts, 0..=128), byte 1
 //! the effective message limit (0 = 1,000,000, else 5,120 + 16 × byte: the smallest limit stage
-//! one starts with and up), the rest is the Kafka payload. "Now" and the source position are
-//! fixed: the policy's time windows are property-tested in `validate`.
+//! one starts with and up), byte 2 the URL policy (byte mod 3: `keep`, `drop_values`, an
+//! allow-list of `page` and `lang`), the rest is the Kafka payload. "Now" and the source position
+//! are fixed: the policy's time windows are property-tested in `validate`.
 #![no_main]
 
 use edgelog::anon_record::{decode, fits, process, Outcome, StageOne};
 use edgelog::anonymize::{anonymize_ip, Anonymized, INVALID_MARKER};
 use edgelog::config::Settings;
 use edgelog::dead_letter::{DeadLetterPayload, Reason};
-use edgelog::record::{decode_capnp, with_record};
+use edgelog::record::{decode_capnp, with_record, RecordView};
+use edgelog::url_query::{AllowList, UrlQuery};
 use edgelog::validate::{address_to_parse, check, Policy};
 use libfuzzer_sys::fuzz_target;
 
 const NOW: u64 = 1_780_000_000_000;
 
 fuzz_target!(|data: &[u8]| {
-    let [first, second, payload @ ..] = data else {
+    let [first, second, third, payload @ ..] = data else {
         return;
+    };
+    let url_query = match third % 3 {
+        0 => UrlQuery::Keep,
+        1 => UrlQuery::DropValues,
+        _ => UrlQuery::AllowList(AllowList::new(["page", "lang"])),
     };
     let prefix_bits = first % 129;
     let limit = match second {
@@ -31,10 +38,15 @@ fuzz_target!(|data: &[u8]| {
     let stage = StageOne {
         ipv6_prefix_bits: prefix_bits,
         policy: Policy::from_settings(&Settings::default()),
+        url_query,
         max_message_bytes: limit,
     };
     match process(payload, 7, 1234, &stage, NOW) {
-        Outcome::Record { bytes, .. } => {
+        Outcome::Record {
+            bytes,
+            url_redacted,
+            ..
+        } => {
             assert!(
                 fits(bytes.len(), limit),
                 "{} bytes over {limit}",
@@ -42,9 +54,24 @@ fuzz_target!(|data: &[u8]| {
             );
             let out = decode(&bytes).expect("process output decodes");
             let input = decode_capnp(payload).expect("process accepted it, so it decodes");
-            with_record(payload, |v| check(&v, &stage.policy, NOW))
-                .unwrap()
-                .expect("process accepted it, so the policy does");
+            // The URL as the policy leaves it is what is stored and what the checks saw.
+            let stored_url = stage.url_query.apply(&input.url);
+            with_record(payload, |v| {
+                check(
+                    &RecordView {
+                        url: &stored_url,
+                        ..v
+                    },
+                    &stage.policy,
+                    NOW,
+                )
+            })
+            .unwrap()
+            .expect("process accepted it, so the policy does");
+            assert_eq!(url_redacted, stored_url != input.url);
+            if stage.url_query != UrlQuery::Keep {
+                assert!(!out.url.contains('#'), "a fragment passed: {:?}", out.url);
+            }
             let expected = address_to_parse(&input.remote_addr)
                 .map(|a| anonymize_ip(a, prefix_bits))
                 .unwrap_or(Anonymized::Invalid);
@@ -75,7 +102,7 @@ fuzz_target!(|data: &[u8]| {
                     input.response_status,
                     input.cache_status.as_str(),
                     input.method.as_str(),
-                    input.url.as_str(),
+                    &*stored_url,
                 )
             );
         }

@@ -286,12 +286,13 @@ impl<'a> Worker<'a> {
         consumer
             .subscribe(&[&topics.input])
             .context("subscribing")?;
-        tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, message_max_bytes = limit, "anonymizer running");
+        tracing::info!(%txn_id, input = %topics.input, output = %topics.anonymized, dead_letter = %topics.dead_letter, out_partitions, message_max_bytes = limit, url_query = a.url_query.label(), "anonymizer running");
         Ok(Some(Worker {
             settings,
             stage: StageOne {
                 ipv6_prefix_bits: a.ipv6_prefix_bits,
                 policy: Policy::from_settings(settings),
+                url_query: a.url_query.clone(),
                 max_message_bytes: limit,
             },
             txn,

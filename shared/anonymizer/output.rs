@@ -36,7 +36,11 @@ pub(super) fn handle(
         crate::clock::now_epoch_ms(),
     );
     match outcome {
-        Outcome::Record { bytes, kind } => {
+        Outcome::Record {
+            bytes,
+            kind,
+            url_redacted,
+        } => {
             if kind == AddressKind::Invalid {
                 metrics::counter!("edgelog_anonymizer_invalid_addresses_total").increment(1);
             }
@@ -45,7 +49,13 @@ pub(super) fn handle(
                 .partition(msg.partition().rem_euclid(out_partitions))
                 .payload(&bytes[..]);
             match txn.send(record)? {
-                None => metrics::counter!("edgelog_anonymizer_records_out_total").increment(1),
+                None => {
+                    metrics::counter!("edgelog_anonymizer_records_out_total").increment(1);
+                    if url_redacted {
+                        metrics::counter!("edgelog_anonymizer_urls_redacted_total", "policy" => stage.url_query.label())
+                            .increment(1);
+                    }
+                }
                 // The pre-check let it through, yet the client refused it: still this record's
                 // fault alone.
                 Some((reason, e)) => {

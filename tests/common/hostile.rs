@@ -103,6 +103,7 @@ pub fn stage_one_corpus(
     let stage = StageOne {
         ipv6_prefix_bits: 48,
         policy,
+        url_query: s.anonymizer.url_query.clone(),
         max_message_bytes: usize::MAX,
     };
     let size_of = |n: usize| match process(
