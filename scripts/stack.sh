@@ -181,11 +181,21 @@ EOF
 # ---------------------------------------------------------------- clickhouse
 clickhouse_ready() { curl -sf -m 2 http://127.0.0.1:8123/ping >/dev/null; }
 
+users_xml_hash() { sha256sum "$HERE/clickhouse/users.xml" | cut -d' ' -f1; }
+
 start_clickhouse() {
   local dir=$RUN/clickhouse
-  if pid_alive "$dir/pid"; then log "clickhouse already running (pid $(cat "$dir/pid"))"; return 0; fi
+  if pid_alive "$dir/pid"; then
+    log "clickhouse already running (pid $(cat "$dir/pid"))"
+    # The chdb-core server reads users.xml once: a changed file needs a restart to apply.
+    if [ "$(cat "$dir/users.sha256" 2>/dev/null)" != "$(users_xml_hash)" ]; then
+      log "WARNING: clickhouse runs with another scripts/clickhouse/users.xml than this one; apply it with: scripts/stack.sh restart clickhouse"
+    fi
+    return 0
+  fi
   port_open 8123 && die "port 8123 is taken by another process"
   mkdir -p "$dir/data"
+  users_xml_hash > "$dir/users.sha256"
   nohup "$CHDB_VENV/bin/python" "$HERE/clickhouse/clickhouse_server.py" --data "$dir/data" \
     --http-port 8123 --tcp-port 9000 --users-xml "$HERE/clickhouse/users.xml" \
     > "$dir/server.log" 2>&1 < /dev/null &
