@@ -32,7 +32,8 @@ use crate::dead_letter::{
 };
 use crate::health::Health;
 use crate::kafka::{
-    client_config, describe, means_cluster_unreachable, KafkaWatch, WatchedContext,
+    client_config, describe, means_cluster_unreachable, permanent_error_message, permanent_failure,
+    KafkaWatch, WatchedContext,
 };
 use crate::txn::{classify_produce, with_retries, ProduceErrorAction, TxnError, TxnErrorAction};
 use crate::validate::Policy;
@@ -195,6 +196,14 @@ fn drain_in_flight(producer: &ThreadedProducer<WatchedContext>) -> Result<(), Ka
     }
 }
 
+/// `e` as an error whose message names a permanent cause (credentials, ACLs, certificate) first.
+fn with_cause(e: KafkaError) -> anyhow::Error {
+    match permanent_error_message(&e) {
+        Some(message) => anyhow::anyhow!(message),
+        None => e.into(),
+    }
+}
+
 fn to_txn_error((action, e): (TxnErrorAction, KafkaError)) -> TxnError {
     match action {
         TxnErrorAction::Fatal => TxnError::Fatal(e),
@@ -313,7 +322,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const STARTUP_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// [`message_limit`], retried while the cluster cannot be reached (the stage stays unready, with
-/// the reason on `/readyz`); other errors (a missing topic, limits that cannot work) are final.
+/// the reason on `/readyz`); other errors (a missing topic, limits that cannot work) are final, and
+/// so is a permanent refusal librdkafka reported meanwhile (credentials, ACLs, certificate).
 async fn wait_for_message_limit(
     settings: &Settings,
     watch: &Arc<KafkaWatch>,
@@ -324,14 +334,22 @@ async fn wait_for_message_limit(
                 watch.reachable();
                 return Ok(limit);
             }
-            Err(e) if unreachable_cluster(&e) => {
-                watch.unreachable(
-                    e.downcast_ref::<KafkaError>().expect("checked"),
-                    "reading the topics' max.message.bytes at start-up",
-                );
+            Err(e) if unreachable_cluster(&e) || e.is::<NoConfiguration>() => {
+                watch.check()?;
+                watch.unreachable(&e, "reading the topics' max.message.bytes at start-up");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(
+                    match e
+                        .downcast_ref::<KafkaError>()
+                        .and_then(permanent_error_message)
+                    {
+                        Some(message) => anyhow::anyhow!(message),
+                        None => e,
+                    },
+                )
+            }
         }
     }
 }
@@ -369,9 +387,10 @@ fn init_transactions(
                 return Ok(true);
             }
             Err(e) if crate::txn::classify(&e) == TxnErrorAction::Retry => {
+                watch.check()?;
                 watch.unreachable(&e, "init_transactions");
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(with_cause(e)),
         }
     }
     Ok(false)
@@ -480,6 +499,8 @@ fn process(
     let result = (|| -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
             let polled = consumer.poll(Duration::from_millis(100));
+            // Credentials, ACLs, certificate: waiting would not change them.
+            watch.check()?;
             health.beat();
             let mut state = shared.state.lock().expect("not poisoned");
             if let Some(e) = state.fatal.take() {
@@ -495,6 +516,9 @@ fn process(
                     Ok(())
                 }
                 Some(Err(e)) => {
+                    if let Some(message) = permanent_error_message(&e) {
+                        bail!("{message}");
+                    }
                     tracing::warn!(error = %e, "consumer error");
                     Ok(())
                 }
@@ -529,13 +553,18 @@ fn process(
                     if let Err(TxnError::Fatal(f)) = shared.abort(&mut state, "abortable error") {
                         bail!("fatal transactional error while aborting: {f}");
                     }
+                    // A refused write (a missing ACL) would be refused again after the rewind.
+                    if let Some(message) = permanent_error_message(&e) {
+                        bail!("{message}");
+                    }
                     drop(state);
                     tracing::warn!(error = %e, "transaction aborted; rewinding to the committed offsets");
                     rewind(&consumer)?;
                 }
-                Err(TxnError::Fatal(e)) => {
-                    bail!("fatal transactional error (fenced or broken producer): {e}")
-                }
+                Err(TxnError::Fatal(e)) => match permanent_error_message(&e) {
+                    Some(message) => bail!("{message}"),
+                    None => bail!("fatal transactional error (fenced or broken producer): {e}"),
+                },
             }
         }
         let mut state = shared.state.lock().expect("not poisoned");
@@ -749,12 +778,23 @@ async fn message_limit(settings: &Settings, watch: &Arc<KafkaWatch>) -> anyhow::
         .collect();
     let opts = AdminOptions::new().request_timeout(Some(STARTUP_ATTEMPT));
     // The Kafka error stays the outermost error: the caller tells "cluster unreachable" by it.
-    let described = admin.describe_configs(&specifiers, &opts).await?;
+    let described = admin.describe_configs(&specifiers, &opts).await;
+    // Why it timed out, if it did (a refused password, an untrusted certificate) is there.
+    crate::kafka::serve_admin_events(admin.inner());
+    let described = described?;
     let mut limits = Vec::new();
     for (topic, result) in topics.iter().zip(described) {
-        let resource = result.map_err(|code| {
-            anyhow::anyhow!("describing topic {topic}: {code} (run `edgelog setup`)")
+        let resource = result.map_err(|code| match permanent_failure(Some(code), "") {
+            Some(cause) => anyhow::anyhow!(
+                cause.message(&format!("describing topic {topic}'s configuration: {code}"))
+            ),
+            None => anyhow::anyhow!("describing topic {topic}: {code} (run `edgelog setup`)"),
         })?;
+        if resource.entries.is_empty() {
+            // rust-rdkafka 0.39 drops DescribeConfigs' per-topic error and returns no entries
+            // instead: ask the topic's metadata why.
+            return Err(empty_configuration(settings, topic).await);
+        }
         let value = resource
             .get("max.message.bytes")
             .and_then(|e| e.value.as_deref())
@@ -765,6 +805,40 @@ async fn message_limit(settings: &Settings, watch: &Arc<KafkaWatch>) -> anyhow::
     let limit = effective_limit((&key, producer), &limits).map_err(anyhow::Error::msg)?;
     tracing::info!(limit, producer, ?limits, "effective message.max.bytes");
     Ok(limit)
+}
+
+/// Kafka answered DescribeConfigs for a topic that exists and may be described, with no settings:
+/// seen once for a topic created a moment before, and what a user without DESCRIBE_CONFIGS on it
+/// gets (rust-rdkafka drops the error code). Retried like an unreachable cluster, the reason shown.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka returned no configuration for topic {0}: retrying (if this persists, the user lacks the DESCRIBE_CONFIGS ACL on it)")]
+struct NoConfiguration(String);
+
+/// Why DescribeConfigs returned nothing for `topic`, from its metadata: a permanent refusal (no
+/// ACL at all on the topic), a missing topic, or [`NoConfiguration`] (retried).
+async fn empty_configuration(settings: &Settings, topic: &str) -> anyhow::Error {
+    let (s, t) = (settings.clone(), topic.to_string());
+    let looked =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<RDKafkaErrorCode>> {
+            let client: rdkafka::producer::BaseProducer =
+                client_config(&s.kafka, &s.anonymizer.kafka_options, &[]).create()?;
+            let metadata = client.client().fetch_metadata(Some(&t), STARTUP_ATTEMPT)?;
+            Ok(metadata
+                .topics()
+                .first()
+                .and_then(|m| m.error())
+                .map(RDKafkaErrorCode::from))
+        })
+        .await;
+    match looked {
+        Ok(Ok(Some(code))) => match permanent_failure(Some(code), "") {
+            Some(cause) => anyhow::anyhow!(cause.message(&format!("topic {topic}: {code}"))),
+            None => anyhow::anyhow!("describing topic {topic}: {code} (run `edgelog setup`)"),
+        },
+        Ok(Ok(None)) => NoConfiguration(topic.to_string()).into(),
+        Ok(Err(e)) => e,
+        Err(e) => e.into(),
+    }
 }
 
 /// librdkafka's default `message.max.bytes`.
@@ -842,6 +916,15 @@ fn partition_count(consumer: &BaseConsumer<AnonContext>, topic: &str) -> anyhow:
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))
         .with_context(|| format!("fetching metadata of {topic}"))?;
+    if let Some(code) = metadata.topics().first().and_then(|t| t.error()) {
+        let code = RDKafkaErrorCode::from(code);
+        if let Some(cause) = permanent_failure(Some(code), "") {
+            bail!(
+                "{}",
+                cause.message(&format!("fetching metadata of {topic}: {code}"))
+            );
+        }
+    }
     let count = metadata
         .topics()
         .first()

@@ -197,7 +197,8 @@ pub async fn run(settings: &Settings, shutdown: impl Future) -> anyhow::Result<(
 }
 
 /// The anonymized topic's id ([`crate::topic_id`]), retried while the cluster does not answer
-/// (unready meanwhile, the reason on `/readyz`); a missing topic is final.
+/// (unready meanwhile, the reason on `/readyz`); a missing topic is final, and so is a permanent
+/// refusal librdkafka reported meanwhile (credentials, ACLs, certificate).
 async fn wait_for_topic_id(
     settings: &Settings,
     topic: &str,
@@ -210,7 +211,10 @@ async fn wait_for_topic_id(
                 client_config(&s.kafka, &s.loader.kafka_options, &[])
                     .create_with_context(WatchedContext(w))
                     .context("creating the Kafka admin client")?;
-            anyhow::Ok(topic_id(admin.inner(), &t, Duration::from_secs(5)))
+            let id = topic_id(admin.inner(), &t, Duration::from_secs(5));
+            // Why it timed out, if it did (a refused password, an untrusted certificate) is there.
+            crate::kafka::serve_admin_events(admin.inner());
+            anyhow::Ok(id)
         })
         .await??;
         match result {
@@ -219,8 +223,19 @@ async fn wait_for_topic_id(
                 return Ok(id);
             }
             Err(e @ TopicIdError::Unreachable { .. }) => {
+                // Credentials, ACLs, certificate: waiting would not change them.
+                watch.check()?;
                 watch.unreachable(&e, "reading the anonymized topic's id at start-up");
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(TopicIdError::Refused { code, detail, .. })
+                if crate::kafka::permanent_failure(Some(code), &detail).is_some() =>
+            {
+                let cause = crate::kafka::permanent_failure(Some(code), &detail).expect("checked");
+                bail!(
+                    "{}",
+                    cause.message(&format!("describing topic {topic}: {detail}"))
+                );
             }
             Err(e) => return Err(e.into()),
         }
@@ -310,6 +325,7 @@ pub async fn run_with_health(
     let mut failed_in_a_row = 0u32;
     let mut details_at = Instant::now();
     loop {
+        watch.check()?;
         absorb(&consumer, &topic, &mut st, &events, None).await?;
         update_pause(&consumer, &topic, &mut st, l.max_buffer_bytes)?;
         if st.batches.is_empty() && st.queue.is_empty() {
@@ -651,6 +667,9 @@ async fn absorb(
     match message {
         Some(Ok(m)) => buffer(st, m.partition(), m.offset(), m.payload().unwrap_or(&[])),
         Some(Err(e)) => {
+            if let Some(message) = crate::kafka::permanent_error_message(&e) {
+                bail!("{message}");
+            }
             tracing::warn!(error = %e, "consumer error");
             Ok(())
         }
