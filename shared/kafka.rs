@@ -430,9 +430,11 @@ pub fn means_cluster_unreachable(code: RDKafkaErrorCode) -> bool {
     )
 }
 
-/// Hands the error and log events waiting on an admin client's main queue to its [`KafkaWatch`].
-/// rust-rdkafka's `AdminClient` polls only the queue of its own requests, so without this an admin
-/// call that fails for a refused password or an untrusted certificate only ever says "timed out".
+/// Hands the permanent failures among the events waiting on an admin client's main queue to its
+/// [`KafkaWatch`]. rust-rdkafka's `AdminClient` polls only the queue of its own requests, so
+/// without this an admin call that fails for a refused password or an untrusted certificate only
+/// ever says "timed out". Other errors and log lines go to debug: the caller already reports an
+/// unanswered call (at a bounded rate), and the stage's own clients log the same connection.
 /// Call it after each admin request (it does not wait).
 pub fn serve_admin_events(client: &rdkafka::client::Client<WatchedContext>) {
     use rdkafka::bindings as rd;
@@ -463,12 +465,18 @@ pub fn serve_admin_events(client: &rdkafka::client::Client<WatchedContext>) {
                 rd::RD_KAFKA_EVENT_ERROR => {
                     let code = RDKafkaErrorCode::from(rd::rd_kafka_event_error(event));
                     let reason = text(rd::rd_kafka_event_error_string(event));
-                    watch.error(&KafkaError::Global(code), &reason);
+                    let error = KafkaError::Global(code);
+                    if permanent_failure(Some(code), &format!("{error} {reason}")).is_some() {
+                        watch.error(&error, &reason);
+                    } else {
+                        tracing::debug!(target: "librdkafka", %error, reason, "admin client error");
+                    }
                 }
                 rd::RD_KAFKA_EVENT_LOG => {
                     let (mut fac, mut message, mut level) = (std::ptr::null(), std::ptr::null(), 0);
                     if rd::rd_kafka_event_log(event, &mut fac, &mut message, &mut level) == 0 {
-                        watch.log(log_level(level), text(fac).trim(), text(message).trim());
+                        let (facility, message) = (text(fac), text(message));
+                        tracing::debug!(target: "librdkafka", level, facility = facility.trim(), message = message.trim(), "admin client");
                     }
                 }
                 _ => {}
@@ -476,21 +484,6 @@ pub fn serve_admin_events(client: &rdkafka::client::Client<WatchedContext>) {
             rd::rd_kafka_event_destroy(event);
         }
         rd::rd_kafka_queue_destroy(queue);
-    }
-}
-
-/// librdkafka's syslog level as rust-rdkafka's (whose own conversion is private).
-fn log_level(level: i32) -> RDKafkaLogLevel {
-    use RDKafkaLogLevel::*;
-    match level {
-        i32::MIN..=0 => Emerg,
-        1 => Alert,
-        2 => Critical,
-        3 => Error,
-        4 => Warning,
-        5 => Notice,
-        6 => Info,
-        _ => Debug,
     }
 }
 

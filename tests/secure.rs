@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use edgelog::config::{KafkaOptions, Settings};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::Producer;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 const SECURE_KAFKA: &str = "127.0.0.1:9192";
@@ -180,11 +181,46 @@ fn assert_stopped_naming(what: &str, (status, log): (ExitStatus, String), cause:
     }
 }
 
-/// Creates the test's topics as the operator (as `edgelog setup` does).
+/// Creates the test's topics as the operator (as `edgelog setup` does), then waits until the
+/// broker serves their metadata (a stage started a moment after creation was told "unknown topic").
 async fn create_topics(s: &Settings) {
     edgelog::setup::create_topics(&as_user(s, "edgelog-operator"))
         .await
         .expect("the operator creates the topics");
+    let admin = as_user(s, "admin");
+    wait_for("the new topics' metadata", Duration::from_secs(30), || {
+        let admin = admin.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let client: rdkafka::producer::BaseProducer =
+                    edgelog::kafka::client_config(&admin.kafka, &KafkaOptions::default(), &[])
+                        .create()
+                        .unwrap();
+                let t = &admin.topics;
+                [
+                    &t.input,
+                    &t.anonymized,
+                    &t.dead_letter,
+                    &t.loader_dead_letter,
+                ]
+                .iter()
+                .all(|topic| {
+                    client
+                        .client()
+                        .fetch_metadata(Some(topic), Duration::from_secs(5))
+                        .is_ok_and(|m| {
+                            m.topics()
+                                .first()
+                                .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty())
+                        })
+                })
+                .then_some(())
+            })
+            .await
+            .unwrap()
+        }
+    })
+    .await;
 }
 
 fn secure_anonymizer(s: &Settings, options: &BTreeMap<String, String>) -> Command {
