@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, starts the local stack (real Kafka, ClickHouse,
-# nginx, and the secure parts: `scripts/stack.sh up --secure`) if it is not running, then runs formatting and lint checks, every test, and a short
-# fault-injection run (scripts/chaos.sh; CHAOS_SECONDS, default 90).
+# nginx, and the secure parts: `scripts/stack.sh up --secure`) if it is not running, then runs
+# formatting and lint checks, every test, and a short fault-injection run (scripts/chaos.sh;
+# CHAOS_SECONDS, default 90).
 # A stack this script started is stopped again when it exits; one that was running stays up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
