@@ -41,7 +41,9 @@
 //! - [`anonymizer`]: stage one, the transactional consume-transform-produce loop.
 //! - [`loader`]: stage two: batches by offset ranges, Native+xz bodies, one insert per proxy slot.
 //! - [`synth`]: the seeded synthetic traffic model used by the producer and the benchmarks.
-//! - [`kafka`]: librdkafka client configuration built from settings.
+//! - [`kafka`]: librdkafka client configuration built from settings; [`kafka::KafkaWatch`], which
+//!   reports a client's errors, and [`kafka::permanent_failure`], which tells a refusal (credentials,
+//!   ACLs, certificate: the stage stops) from an unreachable cluster (the stage waits).
 //! - [`producer`]: the synthetic producer's run loop.
 //! - [`topic_id`]: the id Kafka gives a topic at creation (binds dedup tokens to the topic's life).
 //! - [`clickhouse`]: a small HTTP client for ClickHouse (queries, schema set-up).
