@@ -347,17 +347,34 @@ check(loader_user in users, f"users.xml: the loader's user {loader_user!r} is no
 check(loader_pw and hashlib.sha256(loader_pw.encode()).hexdigest() == user_hash(loader_user),
       f"users.xml: password_sha256_hex of {loader_user} does not match the loader's "
       "EDGELOG_CLICKHOUSE__PASSWORD")
-default_user = users.get("default")
-if check(default_user is not None, "users.xml: user default is not configured"):
-    nets = default_user.find("networks")
-    ips = [e.text.strip() for e in (nets if nets is not None else [])]
-    check(nets is not None and nets.get("replace") == "replace" and "::/0" not in ips
-          and "0.0.0.0/0" not in ips,
-          "users.xml: default (no password) must have networks replace=\"replace\" limited to "
-          "private addresses")
-check(env_of("clickhouse").get("CLICKHOUSE_SKIP_USER_SETUP") == "1",
-      "clickhouse: CLICKHOUSE_SKIP_USER_SETUP=1 is needed (else the entrypoint locks default to "
-      "localhost and setup fails)")
+# No password-less ClickHouse user: every user of users.xml has a password hash, "default" is not
+# configured there (the image's entrypoint removes it when it creates the administrator from the
+# secret file), and the operator's credentials in the edgelog services match users.xml.
+for name, u in users.items():
+    check(u.findtext("password_sha256_hex"), f"users.xml: {name} has no password_sha256_hex")
+check("default" not in users,
+      "users.xml: user default must not be configured (the entrypoint removes it)")
+chenv = env_of("clickhouse")
+check(chenv.get("CLICKHOUSE_SKIP_USER_SETUP") is None,
+      "clickhouse: CLICKHOUSE_SKIP_USER_SETUP would leave the password-less default user")
+check(chenv.get("CLICKHOUSE_USER") not in (None, "", "default")
+      and chenv.get("CLICKHOUSE_PASSWORD_FILE", "").startswith("/run/secrets/")
+      and "CLICKHOUSE_PASSWORD" not in chenv,
+      "clickhouse: the administrator must be CLICKHOUSE_USER (not default) with "
+      "CLICKHOUSE_PASSWORD_FILE from a compose secret")
+secret = chenv.get("CLICKHOUSE_PASSWORD_FILE", "").rsplit("/", 1)[-1]
+top_secrets = compose.get("secrets") or {}
+check(secret in top_secrets and os.path.isfile(str((top_secrets.get(secret) or {}).get("file", ""))),
+      f"clickhouse: secret {secret!r} is not defined in the compose file with an existing file")
+check(secret in ((services.get("clickhouse") or {}).get("secrets") or []),
+      f"clickhouse: the service does not mount secret {secret!r}")
+for svc_name in EDGELOG_SERVICES:
+    senv = env_of(svc_name)
+    admin_user = senv.get("EDGELOG_CLICKHOUSE__ADMIN_USER") or rust_default("ClickHouseSettings", "admin_user")
+    admin_pw = senv.get("EDGELOG_CLICKHOUSE__ADMIN_PASSWORD", "")
+    check(admin_user in users and admin_pw
+          and hashlib.sha256(admin_pw.encode()).hexdigest() == user_hash(admin_user),
+          f"{svc_name}: clickhouse.admin_user {admin_user!r} and its password must match users.xml")
 ch_vols = [str(v) for v in (services.get("clickhouse") or {}).get("volumes") or []]
 check(any(v.startswith("./docker/clickhouse/users.xml:/etc/clickhouse-server/users.d/") for v in ch_vols),
       "clickhouse: docker/clickhouse/users.xml is not mounted into users.d/")

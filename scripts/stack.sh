@@ -2,7 +2,11 @@
 # The local stack without Docker: real Apache Kafka (KRaft, single node), real ClickHouse 26.9 (from
 # the chdb-core wheel) and nginx proxies, all on 127.0.0.1, started as plain processes.
 #
-#   scripts/stack.sh up                      install what is missing, start what is not running
+#   scripts/stack.sh up [--secure]           install what is missing, start what is not running
+#                                            (--secure: also the secure parts below)
+#   scripts/stack.sh secure-up               start only the secure parts (the plain stack's
+#                                            ClickHouse must be running: the HTTPS proxies use it)
+#   scripts/stack.sh secure-down             stop only the secure parts
 #   scripts/stack.sh down                    stop everything this script started (by PID)
 #   scripts/stack.sh status                  one line per component
 #   scripts/stack.sh reset                   down, then delete all data (keeps installed software)
@@ -17,6 +21,15 @@
 #   clickhouse   127.0.0.1:8123 (native 9000)       chdb-core==$CHDB_VERSION from PyPI
 #   proxy        127.0.0.1:8124 rate 1r/m           the original ch-proxy config (no burst, 1 MiB)
 #   proxy-fast   127.0.0.1:8125 rate 600r/m         same config, faster, for tests
+# Secure parts (`up --secure`; a second broker, so the plain one everyone's tests use is unchanged):
+#   kafka-secure 127.0.0.1:9192 SASL_SSL (controller 9193 SASL_SSL)  SCRAM-SHA-512 users, ACLs
+#                from scripts/kafka/secure-acls.txt (StandardAuthorizer; nothing else allowed)
+#   proxy-tls    https://127.0.0.1:8443 rate 1r/m   the proxy's config, serving HTTPS
+#   proxy-tls-fast https://127.0.0.1:8444 600r/m    same, faster, for tests
+# A throw-away CA and a server certificate (SAN 127.0.0.1, localhost) are made with openssl in
+# $RUN/secure/tls (clients trust ca.pem); the SCRAM passwords are generated once per stack into
+# $RUN/secure/passwords/<user> (mode 600) and never printed. $RUN/secure/admin.properties lets
+# Kafka's Java tools connect as the super user `admin`.
 #
 # Software is cached in $EDGESTACK_HOME/opt, state (data, logs, pids) in $EDGESTACK_HOME/run;
 # EDGESTACK_HOME defaults to ~/.cache/edgelog-stack, outside the clone, so a second start is fast.
@@ -32,6 +45,11 @@ CHDB_VERSION=26.9.0
 KAFKA_HOME=$OPT/kafka-$KAFKA_VERSION
 CHDB_VENV=$OPT/chdb-core-$CHDB_VERSION
 KAFKA_CLUSTER_ID=ZWRnZWxvZy1sb2NhbC0x   # fixed: the data dir is formatted once
+SECURE_CLUSTER_ID=ZWRnZWxvZy1zZWN1cmUtMQ
+SECURE=$RUN/secure
+# SCRAM users of the secure broker: `broker` is the controller and inter-broker principal, `admin`
+# the operator's super user (ACLs); the stages' users get only scripts/kafka/secure-acls.txt.
+SECURE_USERS=(broker admin edgelog-anonymizer edgelog-loader edgelog-operator edgelog-producer)
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -127,21 +145,7 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.hours=168
 EOF
-  cat > "$dir/log4j2.properties" <<'EOF'
-status = warn
-appender.out.type = Console
-appender.out.name = OUT
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.out.ref = OUT
-logger.kafka.name = kafka
-logger.kafka.level = INFO
-logger.clients.name = org.apache.kafka
-logger.clients.level = WARN
-logger.raft.name = org.apache.kafka.raft
-logger.raft.level = WARN
-EOF
+  write_kafka_log4j "$dir"
   local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
     "-Dlog4j2.configurationFile=$dir/log4j2.properties")
   if [ ! -f "$dir/data/meta.properties" ]; then
@@ -156,14 +160,42 @@ EOF
   wait_until kafka 120 "$dir/pid" "$dir/server.log" kafka_ready
 }
 
+write_kafka_log4j() {
+  cat > "$1/log4j2.properties" <<'EOF'
+status = warn
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.out.ref = OUT
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.clients.name = org.apache.kafka
+logger.clients.level = WARN
+logger.raft.name = org.apache.kafka.raft
+logger.raft.level = WARN
+EOF
+}
+
 # ---------------------------------------------------------------- clickhouse
 clickhouse_ready() { curl -sf -m 2 http://127.0.0.1:8123/ping >/dev/null; }
 
+users_xml_hash() { sha256sum "$HERE/clickhouse/users.xml" | cut -d' ' -f1; }
+
 start_clickhouse() {
   local dir=$RUN/clickhouse
-  if pid_alive "$dir/pid"; then log "clickhouse already running (pid $(cat "$dir/pid"))"; return 0; fi
+  if pid_alive "$dir/pid"; then
+    log "clickhouse already running (pid $(cat "$dir/pid"))"
+    # The chdb-core server reads users.xml once: a changed file needs a restart to apply.
+    if [ "$(cat "$dir/users.sha256" 2>/dev/null)" != "$(users_xml_hash)" ]; then
+      log "WARNING: clickhouse runs with another scripts/clickhouse/users.xml than this one; apply it with: scripts/stack.sh restart clickhouse"
+    fi
+    return 0
+  fi
   port_open 8123 && die "port 8123 is taken by another process"
   mkdir -p "$dir/data"
+  users_xml_hash > "$dir/users.sha256"
   nohup "$CHDB_VENV/bin/python" "$HERE/clickhouse/clickhouse_server.py" --data "$dir/data" \
     --http-port 8123 --tcp-port 9000 --users-xml "$HERE/clickhouse/users.xml" \
     > "$dir/server.log" 2>&1 < /dev/null &
@@ -174,12 +206,14 @@ start_clickhouse() {
 # ---------------------------------------------------------------- nginx proxies
 # The original ch-proxy: limit_req per client IP, no burst (over budget = 503), nginx's default
 # client_max_body_size of 1 MiB (413 above it), default proxy timeouts.
+# proxy_start NAME PORT RATE [tls]: `tls` serves HTTPS with the secure stack's certificate.
 proxy_start() {
-  local name=$1 port=$2 rate=$3 dir=$RUN/$1
+  local name=$1 port=$2 rate=$3 tls=${4:-} dir=$RUN/$1
   if pid_alive "$dir/nginx.pid"; then log "$name already running (pid $(cat "$dir/nginx.pid"))"; return 0; fi
   port_open "$port" && die "port $port is taken by another process"
   mkdir -p "$dir/tmp"
   echo "$port" > "$dir/port"; echo "$rate" > "$dir/rate"
+  if [ "$tls" = tls ]; then echo "$SECURE/tls" > "$dir/tls"; else rm -f "$dir/tls"; fi
   proxy_conf "$name" normal
   nginx -c "$dir/nginx.conf" -p "$dir" 2>> "$dir/error.log"
   wait_until "$name" 20 "" "$dir/error.log" port_open "$port"
@@ -189,8 +223,17 @@ proxy_start() {
 # scripts/chaos.sh: `budget` (1r/m: 503 outside the budget), `503` (every request), `504` (nginx
 # gives up on ClickHouse after 1 ms: the insert usually lands, the client sees 504).
 proxy_conf() {
-  local name=$1 mode=$2 dir=$RUN/$1 port rate location
+  local name=$1 mode=$2 dir=$RUN/$1 port rate location listen
   port=$(cat "$dir/port"); rate=$(cat "$dir/rate")
+  listen="listen 127.0.0.1:$port;"
+  if [ -f "$dir/tls" ]; then
+    local certs; certs=$(cat "$dir/tls")
+    # Only TLS differs from the plain proxy: same budget, body limit and timeouts.
+    listen="listen 127.0.0.1:$port ssl;
+        ssl_certificate $certs/server.crt;
+        ssl_certificate_key $certs/server.key;
+        ssl_protocols TLSv1.2 TLSv1.3;"
+  fi
   case $mode in
     normal) location="limit_req zone=ch-limit;" ;;
     budget) rate=1r/m; location="limit_req zone=ch-limit;" ;;
@@ -217,7 +260,7 @@ http {
     limit_req_zone \$binary_remote_addr zone=ch-limit:10m rate=$rate;
 
     server {
-        listen 127.0.0.1:$port;
+        $listen
         location / {
             $location
             proxy_pass http://127.0.0.1:8123;
@@ -237,6 +280,149 @@ proxy_mode() {
 }
 
 proxy_stop() { stop_pidfile "$1" "$RUN/$1/nginx.pid"; }
+
+# ---------------------------------------------------------------- secure parts
+# The throw-away CA and one server certificate for everything on 127.0.0.1 (Kafka, nginx).
+secure_certs() {
+  local d=$SECURE/tls
+  [ -f "$d/server.crt" ] && return 0
+  command -v openssl >/dev/null || apt_install openssl
+  rm -rf "$d"; mkdir -p "$d"; chmod 700 "$d"
+  (
+    cd "$d"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 825 -subj "/CN=edgelog local stack CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+      -keyout ca.key -out ca.pem 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
+    printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "basicConstraints=CA:FALSE" \
+      "keyUsage=critical,digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" > server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile server.ext -out server.crt 2>/dev/null
+    # Kafka's PEM key store: the unencrypted PKCS#8 key followed by the certificate chain.
+    cat server.key server.crt ca.pem > kafka-keystore.pem
+    chmod 600 ./*.key kafka-keystore.pem
+    chmod 644 ca.pem server.crt
+    rm -f server.csr server.ext
+  ) || die "openssl could not make the stack's certificates"
+  log "made a throw-away CA and a server certificate in $d (clients trust ca.pem)"
+}
+
+# One random password per SCRAM user, made once per stack (the broker's data is formatted with them).
+secure_passwords() {
+  local d=$SECURE/passwords user
+  mkdir -p "$d"; chmod 700 "$d"
+  for user in "${SECURE_USERS[@]}"; do
+    [ -s "$d/$user" ] && continue
+    (umask 077; openssl rand -hex 24 | tr -d '\n' > "$d/$user")
+  done
+}
+secure_password() { cat "$SECURE/passwords/$1"; }
+
+secure_kafka_ready() {
+  port_open 9192 && grep -q "Kafka Server started" "$SECURE/kafka/server.log" 2>/dev/null
+}
+
+start_secure_kafka() {
+  local dir=$SECURE/kafka
+  if pid_alive "$dir/pid"; then log "kafka-secure already running (pid $(cat "$dir/pid"))"; return 0; fi
+  port_open 9192 && die "port 9192 is taken by another process"
+  mkdir -p "$dir/data"; chmod 700 "$dir"
+  local broker_pw tls=$SECURE/tls
+  broker_pw=$(secure_password broker)
+  # Written with umask 077: it holds the broker's own password (JAAS), like any broker's config.
+  (umask 077; cat > "$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:9193
+listeners=SASL_SSL://127.0.0.1:9192,CONTROLLER://127.0.0.1:9193
+advertised.listeners=SASL_SSL://127.0.0.1:9192
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=SASL_SSL:SASL_SSL,CONTROLLER:SASL_SSL
+inter.broker.listener.name=SASL_SSL
+# Clients: SCRAM-SHA-512 over TLS. The controller listener uses PLAIN (KRaft controllers cannot
+# check SCRAM: the credentials live in the metadata they serve), also over TLS, as user broker.
+sasl.enabled.mechanisms=SCRAM-SHA-512
+sasl.mechanism.inter.broker.protocol=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="broker" password="$broker_pw";
+listener.name.controller.sasl.enabled.mechanisms=PLAIN
+sasl.mechanism.controller.protocol=PLAIN
+listener.name.controller.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required username="broker" password="$broker_pw" user_broker="$broker_pw";
+ssl.keystore.type=PEM
+ssl.keystore.location=$tls/kafka-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$tls/ca.pem
+ssl.client.auth=none
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+super.users=User:broker;User:admin
+allow.everyone.if.no.acl.found=false
+log.dirs=$dir/data
+num.partitions=4
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+EOF
+  cat > "$SECURE/admin.properties" <<EOF
+bootstrap.servers=127.0.0.1:9192
+security.protocol=SASL_SSL
+sasl.mechanism=SCRAM-SHA-512
+sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required username="admin" password="$(secure_password admin)";
+ssl.truststore.type=PEM
+ssl.truststore.location=$tls/ca.pem
+EOF
+  )
+  write_kafka_log4j "$dir"
+  local java_opts=(-Xms256m -Xmx768m -XX:+UseG1GC -Djava.awt.headless=true
+    "-Dlog4j2.configurationFile=$dir/log4j2.properties")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    # SCRAM credentials are part of the formatted metadata, so every user exists before the first
+    # client connects. (The passwords are on this one command line for the second it runs.)
+    local scram=() user
+    for user in "${SECURE_USERS[@]}"; do
+      scram+=(--add-scram "SCRAM-SHA-512=[name=$user,password=$(secure_password "$user")]")
+    done
+    java "${java_opts[@]}" -cp "$KAFKA_HOME/libs/*" kafka.tools.StorageTool format --standalone \
+      -t "$SECURE_CLUSTER_ID" -c "$dir/server.properties" "${scram[@]}" > "$dir/format.log" 2>&1 \
+      || { cat "$dir/format.log" >&2; die "formatting the secure KRaft storage failed"; }
+  fi
+  : > "$dir/server.log"
+  nohup java "${java_opts[@]}" -cp "$KAFKA_HOME/libs/*" kafka.Kafka "$dir/server.properties" \
+    >> "$dir/server.log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  wait_until kafka-secure 120 "$dir/pid" "$dir/server.log" secure_kafka_ready
+}
+
+# Makes the secure broker's ACLs exactly scripts/kafka/secure-acls.txt (one JVM, one connection).
+secure_acls() {
+  command -v javac >/dev/null || apt_install openjdk-17-jdk-headless
+  java -Xmx256m -cp "$KAFKA_HOME/libs/*" "-Dlog4j2.configurationFile=$SECURE/kafka/log4j2.properties" \
+    "$HERE/kafka/SetAcls.java" "$SECURE/admin.properties" "$HERE/kafka/secure-acls.txt" \
+    > "$SECURE/acls.log" 2>&1 || { cat "$SECURE/acls.log" >&2; die "setting the secure broker's ACLs failed"; }
+  log "kafka-secure: $(tail -n 1 "$SECURE/acls.log")"
+}
+
+secure_up() {
+  local t0; t0=$(now)
+  mkdir -p "$SECURE"; chmod 700 "$SECURE"
+  install_kafka; install_nginx
+  clickhouse_ready || die "ClickHouse is not running on 8123: start the stack first (scripts/stack.sh up --secure)"
+  secure_certs; secure_passwords
+  start_secure_kafka
+  secure_acls
+  proxy_start proxy-tls 8443 1r/m tls
+  proxy_start proxy-tls-fast 8444 600r/m tls
+  log "secure parts up in $(since "$t0"): SASL_SSL 127.0.0.1:9192, HTTPS 8443/8444, CA $SECURE/tls/ca.pem"
+}
+
+secure_down() {
+  proxy_stop proxy-tls
+  proxy_stop proxy-tls-fast
+  stop_pidfile kafka-secure "$SECURE/kafka/pid"
+}
 
 # ---------------------------------------------------------------- stop / status
 stop_pidfile() {
@@ -266,12 +452,17 @@ status() {
   status_line clickhouse "$RUN/clickhouse/pid" 8123
   status_line proxy "$RUN/proxy/nginx.pid" 8124
   status_line proxy-fast "$RUN/proxy-fast/nginx.pid" 8125
+  if [ -d "$SECURE" ]; then
+    status_line kafka-secure "$SECURE/kafka/pid" 9192
+    status_line proxy-tls "$RUN/proxy-tls/nginx.pid" 8443
+    status_line proxy-tls-fast "$RUN/proxy-tls-fast/nginx.pid" 8444
+  fi
   local extra
   for extra in "$RUN"/*/nginx.pid; do
     [ -e "$extra" ] || continue
     local name; name=$(basename "$(dirname "$extra")")
-    case $name in proxy|proxy-fast) continue ;; esac
-    status_line "$name" "$extra" "$(sed -n 's/.*listen 127.0.0.1:\([0-9]*\);/\1/p' "$(dirname "$extra")/nginx.conf")"
+    case $name in proxy|proxy-fast|proxy-tls|proxy-tls-fast) continue ;; esac
+    status_line "$name" "$extra" "$(sed -n 's/.*listen 127.0.0.1:\([0-9]*\)[ ;].*/\1/p' "$(dirname "$extra")/nginx.conf")"
   done
 }
 
@@ -316,19 +507,27 @@ down() {
     [ -e "$pidfile" ] || continue
     proxy_stop "$(basename "$(dirname "$pidfile")")"
   done
+  stop_pidfile kafka-secure "$SECURE/kafka/pid"
   stop_pidfile kafka "$RUN/kafka/pid"
   stop_pidfile clickhouse "$RUN/clickhouse/pid"
 }
 
 case ${1:-} in
-  up) up ;;
+  up)
+    case ${2:-} in
+      "") up ;;
+      --secure) up; secure_up ;;
+      *) die "usage: $0 up [--secure]" ;;
+    esac ;;
+  secure-up) secure_up ;;
+  secure-down) secure_down ;;
   down) down ;;
   status) status ;;
   reset) down; rm -rf "$RUN"; echo "data deleted ($RUN)" ;;
-  logs) ls -1 "$RUN"/*/*.log 2>/dev/null || echo "no logs yet" ;;
+  logs) ls -1 "$RUN"/*/*.log "$RUN"/secure/*/*.log 2>/dev/null || echo "no logs yet" ;;
   proxy-start) [ $# -eq 4 ] || die "usage: $0 proxy-start NAME PORT RATE"; install_nginx; proxy_start "$2" "$3" "$4" ;;
   proxy-stop) [ $# -eq 2 ] || die "usage: $0 proxy-stop NAME"; proxy_stop "$2" ;;
   proxy-mode) [ $# -eq 3 ] || die "usage: $0 proxy-mode NAME normal|budget|503|504"; proxy_mode "$2" "$3" ;;
   restart) [ $# -ge 2 ] || die "usage: $0 restart kafka|clickhouse [--kill]"; restart "$2" "${3:-}" ;;
-  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, starts the local stack (real Kafka, ClickHouse,
-# nginx) if it is not running, then runs formatting and lint checks, every test, and a short
-# fault-injection run (scripts/chaos.sh; CHAOS_SECONDS, default 90).
+# nginx, and the secure parts: `scripts/stack.sh up --secure`) if it is not running, then runs
+# formatting and lint checks, every test, and a short fault-injection run (scripts/chaos.sh;
+# CHAOS_SECONDS, default 90).
 # A stack this script started is stopped again when it exits; one that was running stays up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,10 +12,17 @@ scripts/install-build-deps.sh
 # Capture first: `status | grep -q` under pipefail fails whenever grep exits before status has
 # written its last line (SIGPIPE), which skipped `up` in about one run in five.
 stack_status=$(scripts/stack.sh status)
-if grep -q stopped <<<"$stack_status"; then
+stop_at_exit=()
+if grep -qE '^(kafka|clickhouse|proxy|proxy-fast) +stopped' <<<"$stack_status"; then
   scripts/stack.sh up
-  trap 'scripts/stack.sh down >/dev/null' EXIT
+  stop_at_exit+=(down)
 fi
+# The secure parts (tests/secure.rs): a SASL_SSL broker with ACLs and the HTTPS proxies.
+if [ "$(grep -cE '^(kafka-secure|proxy-tls|proxy-tls-fast) +running' <<<"$stack_status")" -lt 3 ]; then
+  scripts/stack.sh secure-up
+  stop_at_exit+=(secure-down)
+fi
+trap 'for c in "${stop_at_exit[@]}"; do scripts/stack.sh "$c" >/dev/null; done' EXIT
 
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings

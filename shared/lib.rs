@@ -45,7 +45,9 @@
 //!   a `Loader` value runs named phases (fill, plan, record, encode, send, confirm), one file per
 //!   concern below it.
 //! - [`synth`]: the seeded synthetic traffic model used by the producer and the benchmarks.
-//! - [`kafka`]: librdkafka client configuration built from settings.
+//! - [`kafka`]: librdkafka client configuration built from settings; [`kafka::KafkaWatch`], which
+//!   reports a client's errors, and [`kafka::permanent_failure`], which tells a refusal (credentials,
+//!   ACLs, certificate: the stage stops) from an unreachable cluster (the stage waits).
 //! - [`producer`]: the synthetic producer's run loop.
 //! - [`topic_id`]: the id Kafka gives a topic at creation (binds dedup tokens to the topic's life).
 //! - [`clickhouse`]: the one HTTP(S) client for ClickHouse (the loader's inserts, the tools'

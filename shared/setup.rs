@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "006_http_log_totals_by_ip_resource_1d.sql",
         sql: include_str!("../sql/006_http_log_totals_by_ip_resource_1d.sql"),
     },
+    Migration {
+        version: 7,
+        name: "007_views_sql_security_definer.sql",
+        sql: include_str!("../sql/007_views_sql_security_definer.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name

@@ -23,6 +23,13 @@ pub enum TopicIdError {
     Unreachable { topic: String, detail: String },
     #[error("topic {0} does not exist (run `edgelog setup`)")]
     NoSuchTopic(String),
+    /// The cluster answered with an error code (e.g. an authorization failure).
+    #[error("describing topic {topic}: {detail}")]
+    Refused {
+        topic: String,
+        code: rdkafka::types::RDKafkaErrorCode,
+        detail: String,
+    },
     #[error("describing topic {topic}: {detail}")]
     Other { topic: String, detail: String },
 }
@@ -87,7 +94,11 @@ pub fn topic_id<C: ClientContext>(
                     topic: topic.to_string(),
                     detail,
                 },
-                _ => other(detail),
+                code => TopicIdError::Refused {
+                    topic: topic.to_string(),
+                    code: code.into(),
+                    detail,
+                },
             });
         }
         let result = rd::rd_kafka_event_DescribeTopics_result(event.0);
@@ -107,7 +118,13 @@ pub fn topic_id<C: ClientContext>(
                 RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART => {
                     return Err(TopicIdError::NoSuchTopic(topic.to_string()))
                 }
-                _ => return Err(other(text(rd::rd_kafka_error_string(error)))),
+                code => {
+                    return Err(TopicIdError::Refused {
+                        topic: topic.to_string(),
+                        code: code.into(),
+                        detail: text(rd::rd_kafka_error_string(error)),
+                    })
+                }
             }
         }
         let id = rd::rd_kafka_TopicDescription_topic_id(description);

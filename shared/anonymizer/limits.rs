@@ -9,7 +9,10 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 
 use crate::config::Settings;
 use crate::dead_letter::ENVELOPE_OVERHEAD;
-use crate::kafka::{client_config, KafkaWatch, WatchedContext};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::Producer;
+
+use crate::kafka::{client_config, permanent_failure, KafkaWatch, WatchedContext};
 
 use super::STARTUP_ATTEMPT;
 
@@ -32,12 +35,23 @@ pub(super) async fn message_limit(
         .collect();
     let opts = AdminOptions::new().request_timeout(Some(STARTUP_ATTEMPT));
     // The Kafka error stays the outermost error: the caller tells "cluster unreachable" by it.
-    let described = admin.describe_configs(&specifiers, &opts).await?;
+    let described = admin.describe_configs(&specifiers, &opts).await;
+    // Why it timed out, if it did (a refused password, an untrusted certificate) is there.
+    crate::kafka::serve_admin_events(admin.inner());
+    let described = described?;
     let mut limits = Vec::new();
     for (topic, result) in topics.iter().zip(described) {
-        let resource = result.map_err(|code| {
-            anyhow::anyhow!("describing topic {topic}: {code} (run `edgelog setup`)")
+        let resource = result.map_err(|code| match permanent_failure(Some(code), "") {
+            Some(cause) => anyhow::anyhow!(
+                cause.message(&format!("describing topic {topic}'s configuration: {code}"))
+            ),
+            None => anyhow::anyhow!("describing topic {topic}: {code} (run `edgelog setup`)"),
         })?;
+        if resource.entries.is_empty() {
+            // rust-rdkafka 0.39 drops DescribeConfigs' per-topic error and returns no entries
+            // instead: ask the topic's metadata why.
+            return Err(empty_configuration(settings, topic).await);
+        }
         let value = resource
             .get("max.message.bytes")
             .and_then(|e| e.value.as_deref())
@@ -48,6 +62,40 @@ pub(super) async fn message_limit(
     let limit = effective_limit((&key, producer), &limits).map_err(anyhow::Error::msg)?;
     tracing::info!(limit, producer, ?limits, "effective message.max.bytes");
     Ok(limit)
+}
+
+/// Kafka answered DescribeConfigs for a topic that exists and may be described, with no settings:
+/// seen once for a topic created a moment before, and what a user without DESCRIBE_CONFIGS on it
+/// gets (rust-rdkafka drops the error code). Retried like an unreachable cluster, the reason shown.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka returned no configuration for topic {0}: retrying (if this persists, the user lacks the DESCRIBE_CONFIGS ACL on it)")]
+pub(super) struct NoConfiguration(String);
+
+/// Why DescribeConfigs returned nothing for `topic`, from its metadata: a permanent refusal (no
+/// ACL at all on the topic), a missing topic, or [`NoConfiguration`] (retried).
+async fn empty_configuration(settings: &Settings, topic: &str) -> anyhow::Error {
+    let (s, t) = (settings.clone(), topic.to_string());
+    let looked =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<RDKafkaErrorCode>> {
+            let client: rdkafka::producer::BaseProducer =
+                client_config(&s.kafka, &s.anonymizer.kafka_options, &[]).create()?;
+            let metadata = client.client().fetch_metadata(Some(&t), STARTUP_ATTEMPT)?;
+            Ok(metadata
+                .topics()
+                .first()
+                .and_then(|m| m.error())
+                .map(RDKafkaErrorCode::from))
+        })
+        .await;
+    match looked {
+        Ok(Ok(Some(code))) => match permanent_failure(Some(code), "") {
+            Some(cause) => anyhow::anyhow!(cause.message(&format!("topic {topic}: {code}"))),
+            None => anyhow::anyhow!("describing topic {topic}: {code} (run `edgelog setup`)"),
+        },
+        Ok(Ok(None)) => NoConfiguration(topic.to_string()).into(),
+        Ok(Err(e)) => e,
+        Err(e) => e.into(),
+    }
 }
 
 /// librdkafka's default `message.max.bytes`.

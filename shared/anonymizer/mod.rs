@@ -37,14 +37,14 @@ use crate::anon_record::StageOne;
 use crate::config::Settings;
 use crate::health::Health;
 use crate::kafka::{
-    client_config, describe, exactly_once_consumer, means_cluster_unreachable, KafkaWatch,
-    WatchedContext,
+    client_config, describe, exactly_once_consumer, means_cluster_unreachable,
+    permanent_error_message, permanent_failure, KafkaWatch, WatchedContext,
 };
 use crate::txn::{TxnError, TxnErrorAction};
 use crate::validate::Policy;
 use failpoint::{AbortInjection, Failpoint};
-use limits::message_limit;
 pub use limits::{effective_limit, MIN_MESSAGE_BYTES};
+use limits::{message_limit, NoConfiguration};
 use output::handle;
 use transaction::{AnonContext, TxnProducer, TxnState};
 
@@ -113,7 +113,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub(super) const STARTUP_ATTEMPT: Duration = Duration::from_secs(5);
 
 /// [`message_limit`], retried while the cluster cannot be reached (the stage stays unready, with
-/// the reason on `/readyz`); other errors (a missing topic, limits that cannot work) are final.
+/// the reason on `/readyz`); other errors (a missing topic, limits that cannot work) are final, and
+/// so is a permanent refusal librdkafka reported meanwhile (credentials, ACLs, certificate).
 async fn wait_for_message_limit(
     settings: &Settings,
     watch: &Arc<KafkaWatch>,
@@ -124,14 +125,22 @@ async fn wait_for_message_limit(
                 watch.reachable();
                 return Ok(limit);
             }
-            Err(e) if unreachable_cluster(&e) => {
-                watch.unreachable(
-                    e.downcast_ref::<KafkaError>().expect("checked"),
-                    "reading the topics' max.message.bytes at start-up",
-                );
+            Err(e) if unreachable_cluster(&e) || e.is::<NoConfiguration>() => {
+                watch.check()?;
+                watch.unreachable(&e, "reading the topics' max.message.bytes at start-up");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                return Err(
+                    match e
+                        .downcast_ref::<KafkaError>()
+                        .and_then(permanent_error_message)
+                    {
+                        Some(message) => anyhow::anyhow!(message),
+                        None => e,
+                    },
+                )
+            }
         }
     }
 }
@@ -169,12 +178,21 @@ fn init_transactions(
                 return Ok(true);
             }
             Err(e) if crate::txn::classify(&e) == TxnErrorAction::Retry => {
+                watch.check()?;
                 watch.unreachable(&e, "init_transactions");
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(with_cause(e)),
         }
     }
     Ok(false)
+}
+
+/// `e` as an error whose message names a permanent cause (credentials, ACLs, certificate) first.
+fn with_cause(e: KafkaError) -> anyhow::Error {
+    match permanent_error_message(&e) {
+        Some(message) => anyhow::anyhow!(message),
+        None => e.into(),
+    }
 }
 
 /// Stage one on its thread: start, run the loop until `stop` is set or a fatal error, finish.
@@ -311,6 +329,13 @@ impl<'a> Worker<'a> {
     fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) {
             let polled = self.consumer.poll(Duration::from_millis(100));
+            // Credentials, ACLs, certificate: waiting would not change them.
+            self.txn.watch.check()?;
+            if let Some(Err(e)) = &polled {
+                if let Some(message) = permanent_error_message(e) {
+                    bail!("{message}");
+                }
+            }
             self.health.beat();
             let txn = self.txn.clone();
             let mut state = txn.state.lock().expect("not poisoned");
@@ -328,13 +353,18 @@ impl<'a> Worker<'a> {
                     if let Err(TxnError::Fatal(f)) = txn.abort(&mut state, "abortable error") {
                         bail!("fatal transactional error while aborting: {f}");
                     }
+                    // A refused write (a missing ACL) would be refused again after the rewind.
+                    if let Some(message) = permanent_error_message(&e) {
+                        bail!("{message}");
+                    }
                     drop(state);
                     tracing::warn!(error = %e, "transaction aborted; rewinding to the committed offsets");
                     rewind(&self.consumer)?;
                 }
-                Err(TxnError::Fatal(e)) => {
-                    bail!("fatal transactional error (fenced or broken producer): {e}")
-                }
+                Err(TxnError::Fatal(e)) => match permanent_error_message(&e) {
+                    Some(message) => bail!("{message}"),
+                    None => bail!("fatal transactional error (fenced or broken producer): {e}"),
+                },
             }
         }
         Ok(())
@@ -441,6 +471,15 @@ fn partition_count(consumer: &BaseConsumer<AnonContext>, topic: &str) -> anyhow:
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))
         .with_context(|| format!("fetching metadata of {topic}"))?;
+    if let Some(code) = metadata.topics().first().and_then(|t| t.error()) {
+        let code = RDKafkaErrorCode::from(code);
+        if let Some(cause) = permanent_failure(Some(code), "") {
+            bail!(
+                "{}",
+                cause.message(&format!("fetching metadata of {topic}: {code}"))
+            );
+        }
+    }
     let count = metadata
         .topics()
         .first()

@@ -141,6 +141,7 @@ pub async fn run_with_health(
     let loader = Loader {
         settings,
         offsets: Offsets::subscribe(settings, watch.clone())?,
+        watch: watch.clone(),
         client: InsertClient::new(&settings.clickhouse, l.source_address, l.request_timeout)?,
         dead_letters: DeadLetters::new(settings, watch)?,
         health,
@@ -155,7 +156,8 @@ pub async fn run_with_health(
 }
 
 /// The anonymized topic's id ([`crate::topic_id`]), retried while the cluster does not answer
-/// (unready meanwhile, the reason on `/readyz`); a missing topic is final.
+/// (unready meanwhile, the reason on `/readyz`); a missing topic is final, and so is a permanent
+/// refusal librdkafka reported meanwhile (credentials, ACLs, certificate).
 async fn wait_for_topic_id(
     settings: &Settings,
     topic: &str,
@@ -168,7 +170,10 @@ async fn wait_for_topic_id(
                 client_config(&s.kafka, &s.loader.kafka_options, &[])
                     .create_with_context(WatchedContext(w))
                     .context("creating the Kafka admin client")?;
-            anyhow::Ok(topic_id(admin.inner(), &t, Duration::from_secs(5)))
+            let id = topic_id(admin.inner(), &t, Duration::from_secs(5));
+            // Why it timed out, if it did (a refused password, an untrusted certificate) is there.
+            crate::kafka::serve_admin_events(admin.inner());
+            anyhow::Ok(id)
         })
         .await??;
         match result {
@@ -177,8 +182,19 @@ async fn wait_for_topic_id(
                 return Ok(id);
             }
             Err(e @ TopicIdError::Unreachable { .. }) => {
+                // Credentials, ACLs, certificate: waiting would not change them.
+                watch.check()?;
                 watch.unreachable(&e, "reading the anonymized topic's id at start-up");
                 tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(TopicIdError::Refused { code, detail, .. })
+                if crate::kafka::permanent_failure(Some(code), &detail).is_some() =>
+            {
+                let cause = crate::kafka::permanent_failure(Some(code), &detail).expect("checked");
+                bail!(
+                    "{}",
+                    cause.message(&format!("describing topic {topic}: {detail}"))
+                );
             }
             Err(e) => return Err(e.into()),
         }
@@ -230,6 +246,8 @@ struct Loader<'a> {
     offsets: Offsets,
     client: InsertClient,
     dead_letters: DeadLetters,
+    /// What librdkafka reported: a permanent refusal (credentials, ACLs, certificate) stops us.
+    watch: Arc<KafkaWatch>,
     health: Arc<Health>,
     failpoint: Option<Failpoint>,
     st: State,
@@ -303,6 +321,8 @@ impl Loader<'_> {
     /// Between steps: apply rebalances, pause or resume reading, commit past dead letters when
     /// nothing else is left, and tell `/healthz`, `/readyz` and `/status` how things are.
     async fn tend(&mut self) -> anyhow::Result<()> {
+        // Credentials, ACLs, certificate: waiting would not change them.
+        self.watch.check()?;
         self.offsets.absorb(&mut self.st, None).await?;
         let max_buffer = self.settings.loader.max_buffer_bytes;
         self.offsets.update_pause(&mut self.st, max_buffer)?;

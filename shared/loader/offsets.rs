@@ -152,7 +152,12 @@ impl Offsets {
         self.apply_rebalances(st).await?;
         match message {
             Some(Ok(m)) => st.buffer(m.partition(), m.offset(), m.payload().unwrap_or(&[])),
-            Some(Err(e)) => tracing::warn!(error = %e, "consumer error"),
+            Some(Err(e)) => {
+                if let Some(message) = crate::kafka::permanent_error_message(&e) {
+                    bail!("{message}");
+                }
+                tracing::warn!(error = %e, "consumer error")
+            }
             None => {}
         }
         Ok(())

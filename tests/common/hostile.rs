@@ -54,6 +54,22 @@ pub async fn set_topic_limit(s: &Settings, topic: &str, bytes: usize) {
     {
         r.unwrap();
     }
+    // The broker applies the change a moment after answering: a stage started before it reads
+    // the old limit (seen under load as a corpus record sent instead of dead-lettered).
+    super::wait_for(
+        &format!("{topic}'s max.message.bytes to read {bytes}"),
+        Duration::from_secs(30),
+        || async {
+            let described = admin
+                .describe_configs(&[ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+                .await
+                .ok()?;
+            let resource = described.into_iter().next()?.ok()?;
+            let value = resource.get("max.message.bytes")?.value.clone()?;
+            (value == bytes.to_string()).then_some(())
+        },
+    )
+    .await;
 }
 
 pub fn now_ms() -> u64 {
