@@ -119,3 +119,22 @@ func TestEachBreakageIsFound(t *testing.T) {
 		})
 	}
 }
+
+// The setup hook runs before the release's plain objects exist: a Secret of the chart that it
+// reads must be a hook of lower weight.
+func TestSetupReadsOnlySecretsCreatedBeforeIt(t *testing.T) {
+	withSecret := func(annotations string) string {
+		m := strings.Replace(good, "          command: [edgelog, setup]\n",
+			"          command: [edgelog, setup]\n          env:\n            - name: EDGELOG_CLICKHOUSE__PASSWORD\n              valueFrom: {secretKeyRef: {name: chart-secret, key: k}}\n", 1)
+		return m + "---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: chart-secret\n  annotations: " + annotations + "\nstringData: {k: v}\n"
+	}
+	if p := problems(withSecret(`{helm.sh/hook: "pre-install,pre-upgrade", helm.sh/hook-weight: "-10"}`)); len(p) > 0 {
+		t.Fatalf("a hook Secret of lower weight: want no problems, got %q", p)
+	}
+	for _, a := range []string{`{}`, `{helm.sh/hook: "pre-install,pre-upgrade", helm.sh/hook-weight: "5"}`} {
+		p := problems(withSecret(a))
+		if !strings.Contains(strings.Join(p, "\n"), "not a hook created before it") {
+			t.Fatalf("Secret annotations %s: want the ordering problem, got %q", a, p)
+		}
+	}
+}
