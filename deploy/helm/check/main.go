@@ -291,7 +291,7 @@ func checkPod(w podOwner, keys map[string]bool) []string {
 	add := func(format string, args ...any) { p = append(p, w.String()+": "+fmt.Sprintf(format, args...)) }
 	s := w.Spec
 	if s.EnableServiceLinks == nil || *s.EnableServiceLinks {
-		add("enableServiceLinks is not false: service variables such as EDGELOG_LOADER_PORT would stop the binaries")
+		add("enableServiceLinks is not false: a Service named edgelog-… would add EDGELOG_…_PORT variables, which stop the binaries")
 	}
 	podNonRoot := s.SecurityContext != nil && s.SecurityContext.RunAsNonRoot != nil && *s.SecurityContext.RunAsNonRoot
 	if len(s.Containers) == 0 {

@@ -120,9 +120,9 @@ password. `.admin` adds the ClickHouse admin password (setup, verify); `.loader`
 
 {{/* The pod-level settings every pod of the chart shares. */}}
 {{- define "edgelog.podSpecCommon" -}}
-# Service links would add <SERVICE>_PORT-style variables, and with a release named "edgelog"
-# those start with EDGELOG_ (e.g. EDGELOG_ANONYMIZER_PORT): the settings loader would take them
-# for configuration keys and refuse to start.
+# Service links add <SERVICE>_PORT-style variables for every Service in the namespace that has
+# a cluster IP; one named edgelog-… (say an edgelog-ch-proxy) gives EDGELOG_CH_PROXY_PORT, which
+# the settings loader would take for a configuration key and refuse to start.
 enableServiceLinks: false
 # No edgelog binary talks to the Kubernetes API.
 automountServiceAccountToken: false
