@@ -8,6 +8,9 @@
 #     its sources change.
 # Needs Go (>= 1.21; a newer toolchain that go.mod asks for is fetched from the module proxy).
 # Prints the directory holding both binaries on stdout; progress goes to stderr.
+# Cost, measured 2026-12-03 on a shared 2-core machine (load average ~10) with empty tools, Go
+# module and build caches (`scripts/check-helm.sh` in a fresh clone): 451 s for the whole check,
+# of which helm's build 398 s (5 min of CPU); with the caches warm, 5-11 s.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
