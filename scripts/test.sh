@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, starts the local stack (real Kafka, ClickHouse,
 # nginx, and the secure parts: `scripts/stack.sh up --secure`) if it is not running, then runs
-# formatting and lint checks, every test, and a short fault-injection run (scripts/chaos.sh;
-# CHAOS_SECONDS, default 90).
+# formatting and lint checks, the Docker and Helm checks, every test, and a short fault-injection
+# run (scripts/chaos.sh; CHAOS_SECONDS, default 90).
 # A stack this script started is stopped again when it exits; one that was running stays up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -30,6 +30,10 @@ cargo clippy --locked --all-targets -- -D warnings
 # the real settings loader, so they run after the build, with that binary.
 cargo build --locked --bins
 DOCKER_CHECK_EDGELOG_BIN=target/debug/edgelog bash docker/check.sh
+# The Helm chart: lint, render, strict decode into the Kubernetes API types, and the same binary
+# loading each rendered container's environment. helm and the checker are built with Go once and
+# cached in ~/.cache/edgelog-tools (scripts/install-helm-tools.sh).
+HELM_CHECK_EDGELOG_BIN=target/debug/edgelog scripts/check-helm.sh
 # --all-targets would also run the benches (harness = false); clippy above compiles them.
 # The timeout turns a hung test into a loud failure well inside CI's 90 minutes.
 timeout 45m cargo test --locked --lib --bins --tests
