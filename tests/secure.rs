@@ -8,11 +8,8 @@
 //! - the loader's ClickHouse user may INSERT through the HTTPS proxy, and cannot read the raw rows
 //!   or drop a table.
 //!
-//! TODO(loader over HTTPS): the loader end to end through https://127.0.0.1:8444 (with
-//! `clickhouse.ca_file`) as `edgelog-loader` on Kafka and `edgelog_loader` on ClickHouse, once the
-//! ClickHouse client speaks HTTPS (reqwest + rustls, in progress on another branch): fill the
-//! anonymized topic as below, run `loader_command` with the secure Kafka options and the HTTPS
-//! URL, and `assert_loaded_exactly_once`.
+//! - the whole pipeline, each stage as its own least-privilege Kafka user and the loader through the
+//!   HTTPS proxy (`clickhouse.ca_file`) as `edgelog_loader`, lands every record exactly once.
 //!
 //! Every test here needs the secure parts: they fail, naming the command to start them, when the
 //! stack is not up (never skipped).
@@ -534,4 +531,43 @@ async fn the_loaders_clickhouse_user_inserts_over_https_but_cannot_read_raw_rows
         "curl without the CA: {}",
         String::from_utf8_lossy(&untrusted.stderr)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pipeline_lands_every_record_once_over_sasl_ssl_and_https_as_least_privilege_users() {
+    require_secure_stack();
+    require_current_clickhouse_users().await;
+    let mut s = secure_settings();
+    s.clickhouse.url = FAST_HTTPS_PROXY.into();
+    s.clickhouse.ca_file = Some(ca_file().into());
+    s.loader.slot_spacing = Duration::from_millis(300);
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    create_topics(&s).await;
+    let n = 5000;
+    let mut p = as_user(&s, "edgelog-producer");
+    p.producer.rate = 0.0;
+    p.producer.count = Some(n);
+    let report = edgelog::producer::run(&p, std::future::pending::<()>())
+        .await
+        .expect("the producer writes http_log");
+    assert_eq!(report.delivered, n);
+
+    let anonymizer = start_anonymizer(&as_user(&s, "edgelog-anonymizer"));
+    let loader = start_loader(&as_user(&s, "edgelog-loader"));
+    let db = s.clickhouse.database.clone();
+    wait_for(
+        "every record in ClickHouse over HTTPS",
+        Duration::from_secs(180),
+        || {
+            let db = db.clone();
+            async move { (count(format!("SELECT count() FROM {db}.http_log")).await >= n).then_some(()) }
+        },
+    )
+    .await;
+    anonymizer
+        .stop()
+        .await
+        .expect("the anonymizer stops cleanly");
+    loader.stop().await.expect("the loader stops cleanly");
+    assert_loaded_exactly_once(&s, n).await;
 }
