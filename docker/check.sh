@@ -2,9 +2,9 @@
 # Checks the Docker deployment files without a Docker engine (none runs on the CI machines, and
 # nothing here needs network access or cargo):
 #   1. docker-compose.yml, Prometheus and Grafana provisioning YAML parse; dashboards are JSON.
-#   2. Every EDGELOG_* variable in the compose file is a real configuration key of
-#      shared/config.rs with a value of the right type (the binaries reject unknown keys at
-#      start-up, so a typo would be a crash loop), and the addresses agree with each other: brokers
+#   2. EDGELOG_* variables only on edgelog services (that each is a real key with a value of the
+#      right type is step 7's: the built binary loads them; a typo would be a crash loop), and
+#      the addresses agree with each other: brokers
 #      with Kafka's listeners, clickhouse.url with ch-proxy, admin_url with ClickHouse, each
 #      metrics_listen with its published port and Prometheus' targets, the loader's password and
 #      Grafana's with the hashes in docker/clickhouse/users.xml.
@@ -45,8 +45,26 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 # ------------------------------------------------------------------------------------------------
+# The built binary, if any (step 7), also gives the static checks the settings' defaults: they
+# come from the real settings loader (`edgelog config` with an empty environment), not from
+# reading shared/config.rs.
+bin=${DOCKER_CHECK_EDGELOG_BIN:-}
+if [ -z "$bin" ]; then
+  for candidate in target/release/edgelog target/debug/edgelog; do
+    if [ -x "$candidate" ] && [ "$candidate" -nt shared/config.rs ]; then bin=$candidate; break; fi
+  done
+fi
+defaults=()
+if [ -n "$bin" ] && [ "$bin" != none ]; then
+  [ -x "$bin" ] || die "DOCKER_CHECK_EDGELOG_BIN=$bin is not an executable"
+  env -i PATH=/usr/bin:/bin "$bin" config > "$tmp/defaults.toml" \
+    || die "$bin config fails with an empty environment"
+  defaults=("$tmp/defaults.toml")
+fi
+
+# ------------------------------------------------------------------------------------------------
 # 1-6: static checks (Python). Writes one env file per edgelog service for step 7.
-python3 docker/check_static.py "$tmp" || die "static checks (see above)"
+python3 docker/check_static.py "$tmp" "${defaults[@]}" || die "static checks (see above)"
 
 # ------------------------------------------------------------------------------------------------
 # 4. nginx accepts the proxy config (upstream host replaced: "clickhouse" does not resolve here).
@@ -87,12 +105,6 @@ else
 fi
 
 # 7b. An existing edgelog binary loads each service's environment (never builds one).
-bin=${DOCKER_CHECK_EDGELOG_BIN:-}
-if [ -z "$bin" ]; then
-  for candidate in target/release/edgelog target/debug/edgelog; do
-    if [ -x "$candidate" ] && [ "$candidate" -nt shared/config.rs ]; then bin=$candidate; break; fi
-  done
-fi
 if [ -n "$bin" ] && [ "$bin" != none ]; then
   [ -x "$bin" ] || die "DOCKER_CHECK_EDGELOG_BIN=$bin is not an executable"
   for envfile in "$tmp"/*.env; do
