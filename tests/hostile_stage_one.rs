@@ -399,6 +399,7 @@ async fn url_query_policies_redact_what_leaves_stage_one() {
         assert_eq!(dead.payload, rejected, "the dead letter is the original");
         // Counted when sent, before the commit that made them readable: three URLs changed (the
         // plain one and the dead letter are not counted).
+        edgelog::clickhouse::install_crypto_provider();
         let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
             .await
             .unwrap()

@@ -533,6 +533,24 @@ async fn the_loaders_clickhouse_user_inserts_over_https_but_cannot_read_raw_rows
     );
 }
 
+/// `cmd` (a stage binary) as Kafka user `user` with its password read from the stack's password
+/// file (`kafka.secret_files`), logging at debug level into a file: what an orchestrator that
+/// mounts secrets runs.
+fn with_secret_files(mut cmd: Command, user: &str, log: &tempfile::NamedTempFile) -> Command {
+    let mut options = credentials(user);
+    options.remove("sasl.password");
+    let mut cmd = {
+        cmd.env("EDGELOG_LOG__LEVEL", "debug");
+        with_kafka_options(cmd, &options)
+    };
+    cmd.env(
+        "EDGELOG_KAFKA__SECRET_FILES__SASL_PASSWORD",
+        secure_dir().join("passwords").join(user),
+    )
+    .stderr(log.reopen().unwrap());
+    cmd
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pipeline_lands_every_record_once_over_sasl_ssl_and_https_as_least_privilege_users() {
     require_secure_stack();
@@ -540,7 +558,6 @@ async fn the_pipeline_lands_every_record_once_over_sasl_ssl_and_https_as_least_p
     let mut s = secure_settings();
     s.clickhouse.url = FAST_HTTPS_PROXY.into();
     s.clickhouse.ca_file = Some(ca_file().into());
-    s.loader.slot_spacing = Duration::from_millis(300);
     edgelog::setup::apply_schema(&s).await.unwrap();
     create_topics(&s).await;
     let n = 5000;
@@ -552,22 +569,57 @@ async fn the_pipeline_lands_every_record_once_over_sasl_ssl_and_https_as_least_p
         .expect("the producer writes http_log");
     assert_eq!(report.delivered, n);
 
-    let anonymizer = start_anonymizer(&as_user(&s, "edgelog-anonymizer"));
-    let loader = start_loader(&as_user(&s, "edgelog-loader"));
+    // Both stages as binaries, every secret from a file, as an orchestrator mounts them.
+    let ch_password = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(ch_password.path(), format!("{LOADER_PASSWORD}\n")).unwrap();
+    let (anonymizer_log, loader_log) = (
+        tempfile::NamedTempFile::new().unwrap(),
+        tempfile::NamedTempFile::new().unwrap(),
+    );
+    let mut anonymizer_cmd = with_secret_files(
+        anonymizer_command(&s, "0"),
+        "edgelog-anonymizer",
+        &anonymizer_log,
+    );
+    let mut loader_cmd = with_secret_files(loader_command(&s), "edgelog-loader", &loader_log);
+    loader_cmd
+        .env_remove("EDGELOG_CLICKHOUSE__PASSWORD")
+        .env("EDGELOG_CLICKHOUSE__PASSWORD_FILE", ch_password.path())
+        .env("EDGELOG_CLICKHOUSE__CA_FILE", ca_file());
+    let anonymizer = KillOnDrop::spawn(&mut anonymizer_cmd);
+    let loader = KillOnDrop::spawn(&mut loader_cmd);
     let db = s.clickhouse.database.clone();
     wait_for(
         "every record in ClickHouse over HTTPS",
         Duration::from_secs(180),
         || {
             let db = db.clone();
-            async move { (count(format!("SELECT count() FROM {db}.http_log")).await >= n).then_some(()) }
+            async move {
+                (count(format!("SELECT count() FROM {db}.http_log")).await >= n).then_some(())
+            }
         },
     )
     .await;
-    anonymizer
-        .stop()
-        .await
-        .expect("the anonymizer stops cleanly");
-    loader.stop().await.expect("the loader stops cleanly");
+    for (name, mut child) in [("anonymizer", anonymizer), ("loader", loader)] {
+        terminate(&child);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{name} stopped with {status}");
+    }
     assert_loaded_exactly_once(&s, n).await;
+
+    // Nothing either stage logged, at debug level, holds a secret it was given.
+    for (name, log, said) in [
+        ("anonymizer", &anonymizer_log, "anonymizer running"),
+        ("loader", &loader_log, "loader starting"),
+    ] {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        assert!(text.contains(said), "{name} logged {said:?}:\n{text}");
+        for secret in [
+            password("edgelog-anonymizer"),
+            password("edgelog-loader"),
+            LOADER_PASSWORD.to_string(),
+        ] {
+            assert!(!text.contains(&secret), "{name}'s log holds a secret");
+        }
+    }
 }
