@@ -118,6 +118,23 @@ install_nginx() {
 }
 
 # ---------------------------------------------------------------- kafka
+# kafka_one_node_properties DIR: the broker settings both single-node brokers (plain and secure)
+# share: data in DIR/data, and the internal topics (transactions included) on one replica.
+kafka_one_node_properties() {
+  cat <<EOF
+log.dirs=$1/data
+num.partitions=4
+auto.create.topics.enable=false
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=168
+EOF
+}
+
 kafka_ready() { port_open 9092 && grep -q "Kafka Server started" "$RUN/kafka/server.log" 2>/dev/null; }
 
 start_kafka() {
@@ -134,17 +151,8 @@ advertised.listeners=PLAINTEXT://127.0.0.1:9092
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
-log.dirs=$dir/data
-num.partitions=4
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-log.retention.hours=168
 EOF
+  kafka_one_node_properties "$dir" >> "$dir/server.properties"
   write_kafka_log4j "$dir"
   local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
     "-Dlog4j2.configurationFile=$dir/log4j2.properties")
@@ -355,17 +363,8 @@ ssl.client.auth=none
 authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:broker;User:admin
 allow.everyone.if.no.acl.found=false
-log.dirs=$dir/data
-num.partitions=4
-auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-log.retention.hours=168
 EOF
+  kafka_one_node_properties "$dir" >> "$dir/server.properties"
   cat > "$SECURE/admin.properties" <<EOF
 bootstrap.servers=127.0.0.1:9192
 security.protocol=SASL_SSL
