@@ -178,6 +178,26 @@ fn assert_stopped_naming(what: &str, (status, log): (ExitStatus, String), cause:
     }
 }
 
+/// Each stage, run as its own Kafka user with `change` made to its options, stops naming `cause`.
+fn assert_each_stage_stops_naming(
+    s: &Settings,
+    change: impl Fn(&mut BTreeMap<String, String>),
+    cause: &[&str],
+) {
+    for (stage, user) in [
+        ("anonymizer", "edgelog-anonymizer"),
+        ("loader", "edgelog-loader"),
+    ] {
+        let mut options = credentials(user);
+        change(&mut options);
+        let cmd = match stage {
+            "anonymizer" => secure_anonymizer(s, &options),
+            _ => secure_loader(s, &options),
+        };
+        assert_stopped_naming(stage, run_until_it_stops(cmd), cause);
+    }
+}
+
 /// Creates the test's topics as the operator (as `edgelog setup` does), then waits until the
 /// broker serves their metadata (a stage started a moment after creation was told "unknown topic").
 async fn create_topics(s: &Settings) {
@@ -342,22 +362,13 @@ async fn a_wrong_password_stops_each_stage_with_authentication_failed() {
     require_secure_stack();
     let s = secure_settings();
     create_topics(&s).await;
-    for (stage, user) in [
-        ("anonymizer", "edgelog-anonymizer"),
-        ("loader", "edgelog-loader"),
-    ] {
-        let mut options = credentials(user);
-        options.insert("sasl.password".into(), "not-the-password".into());
-        let cmd = match stage {
-            "anonymizer" => secure_anonymizer(&s, &options),
-            _ => secure_loader(&s, &options),
-        };
-        assert_stopped_naming(
-            stage,
-            run_until_it_stops(cmd),
-            &["Kafka authentication failed", "SCRAM-SHA-512"],
-        );
-    }
+    assert_each_stage_stops_naming(
+        &s,
+        |options| {
+            options.insert("sasl.password".into(), "not-the-password".into());
+        },
+        &["Kafka authentication failed", "SCRAM-SHA-512"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,25 +419,16 @@ async fn a_stage_that_does_not_trust_the_brokers_ca_stops_naming_the_certificate
     require_secure_stack();
     let s = secure_settings();
     create_topics(&s).await;
-    for (stage, user) in [
-        ("anonymizer", "edgelog-anonymizer"),
-        ("loader", "edgelog-loader"),
-    ] {
-        let mut options = credentials(user);
-        options.remove("ssl.ca.location");
-        let cmd = match stage {
-            "anonymizer" => secure_anonymizer(&s, &options),
-            _ => secure_loader(&s, &options),
-        };
-        assert_stopped_naming(
-            stage,
-            run_until_it_stops(cmd),
-            &[
-                "Kafka TLS certificate not trusted",
-                "certificate verify failed",
-            ],
-        );
-    }
+    assert_each_stage_stops_naming(
+        &s,
+        |options| {
+            options.remove("ssl.ca.location");
+        },
+        &[
+            "Kafka TLS certificate not trusted",
+            "certificate verify failed",
+        ],
+    );
 }
 
 /// `curl` to the HTTPS proxy as `user` from `source` (the proxies budget per client address):
@@ -536,18 +538,16 @@ async fn the_loaders_clickhouse_user_inserts_over_https_but_cannot_read_raw_rows
 /// `cmd` (a stage binary) as Kafka user `user` with its password read from the stack's password
 /// file (`kafka.secret_files`), logging at debug level into a file: what an orchestrator that
 /// mounts secrets runs.
-fn with_secret_files(mut cmd: Command, user: &str, log: &tempfile::NamedTempFile) -> Command {
+fn with_secret_files(cmd: Command, user: &str, log: &tempfile::NamedTempFile) -> Command {
     let mut options = credentials(user);
     options.remove("sasl.password");
-    let mut cmd = {
-        cmd.env("EDGELOG_LOG__LEVEL", "debug");
-        with_kafka_options(cmd, &options)
-    };
-    cmd.env(
-        "EDGELOG_KAFKA__SECRET_FILES__SASL_PASSWORD",
-        secure_dir().join("passwords").join(user),
-    )
-    .stderr(log.reopen().unwrap());
+    let mut cmd = with_kafka_options(cmd, &options);
+    cmd.env("EDGELOG_LOG__LEVEL", "debug")
+        .env(
+            "EDGELOG_KAFKA__SECRET_FILES__SASL_PASSWORD",
+            secure_dir().join("passwords").join(user),
+        )
+        .stderr(log.reopen().unwrap());
     cmd
 }
 

@@ -130,17 +130,7 @@ async fn wait_for_message_limit(
                 watch.unreachable(&e, "reading the topics' max.message.bytes at start-up");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            Err(e) => {
-                return Err(
-                    match e
-                        .downcast_ref::<KafkaError>()
-                        .and_then(permanent_error_message)
-                    {
-                        Some(message) => anyhow::anyhow!(message),
-                        None => e,
-                    },
-                )
-            }
+            Err(e) => return Err(with_cause(e)),
         }
     }
 }
@@ -181,17 +171,20 @@ fn init_transactions(
                 watch.check()?;
                 watch.unreachable(&e, "init_transactions");
             }
-            Err(e) => return Err(with_cause(e)),
+            Err(e) => return Err(with_cause(e.into())),
         }
     }
     Ok(false)
 }
 
 /// `e` as an error whose message names a permanent cause (credentials, ACLs, certificate) first.
-fn with_cause(e: KafkaError) -> anyhow::Error {
-    match permanent_error_message(&e) {
+fn with_cause(e: anyhow::Error) -> anyhow::Error {
+    match e
+        .downcast_ref::<KafkaError>()
+        .and_then(permanent_error_message)
+    {
         Some(message) => anyhow::anyhow!(message),
-        None => e.into(),
+        None => e,
     }
 }
 
@@ -327,6 +320,8 @@ impl<'a> Worker<'a> {
     /// Poll, put the record into the open transaction, close the transaction when it is due;
     /// after an abortable error, abort and rewind. Until `stop` or a fatal error.
     fn run(&mut self, stop: &AtomicBool) -> anyhow::Result<()> {
+        // Its own handle: the state's guard borrows it while `close_if_due` borrows `self` mutably.
+        let txn = self.txn.clone();
         while !stop.load(Ordering::Relaxed) {
             let polled = self.consumer.poll(Duration::from_millis(100));
             // Credentials, ACLs, certificate: waiting would not change them.
@@ -337,7 +332,6 @@ impl<'a> Worker<'a> {
                 }
             }
             self.health.beat();
-            let txn = self.txn.clone();
             let mut state = txn.state.lock().expect("not poisoned");
             if let Some(e) = state.fatal.take() {
                 bail!("fatal transactional error during a rebalance: {e}");
