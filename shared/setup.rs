@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "007_views_sql_security_definer.sql",
         sql: include_str!("../sql/007_views_sql_security_definer.sql"),
     },
+    Migration {
+        version: 8,
+        name: "008_http_log_uniques.sql",
+        sql: include_str!("../sql/008_http_log_uniques.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name

@@ -15,6 +15,7 @@
 //! GROUP BY); Kafka is read sequentially once, keeping only runs of offsets.
 
 pub mod ranges;
+pub mod uniques;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -35,6 +36,7 @@ use crate::dead_letter::{
 };
 use crate::kafka::{client_config, group_positions, GroupPosition};
 pub use ranges::OffsetSet;
+pub use uniques::UniquesCheck;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 const KAFKA_RETRY_FOR: Duration = Duration::from_secs(120);
@@ -126,6 +128,8 @@ pub struct Report {
     /// Source partitions found in ClickHouse that the input topic does not have.
     pub foreign_partitions: Vec<(i32, u64)>,
     pub totals: TotalsCheck,
+    /// The unique-client rollups against `uniqExact` from the raw table (`uniques`).
+    pub uniques: UniquesCheck,
     /// `topic:partition` with an open transaction: records behind it are invisible until it
     /// commits or times out, so the audit cannot call the pipeline drained.
     pub open_transactions: Vec<String>,
@@ -163,6 +167,7 @@ impl Report {
         self.partitions.iter().all(PartitionAudit::is_clean)
             && self.foreign_partitions.is_empty()
             && self.totals.is_clean()
+            && self.uniques.is_clean()
             && self.dead_letters.is_clean()
     }
 
@@ -307,6 +312,7 @@ impl fmt::Display for Report {
                 t.raw_rows, t.raw_bytes
             )?;
         }
+        writeln!(f, "{}", self.uniques)?;
         let verdict = if self.is_clean() { "OK" } else { "FAILED" };
         write!(
             f,
@@ -354,6 +360,7 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
     .filter(|&d| d > 0)
     .min();
     let totals = check_totals(&client, db, ttl_days).await?;
+    let uniques = uniques::check(&client, db, &compared_since(ttl_days)).await?;
 
     let open_transactions = open_transactions(settings, &input_positions, &loader_positions);
     let s = settings.clone();
@@ -383,6 +390,7 @@ pub async fn audit(settings: &Settings) -> anyhow::Result<Report> {
         partitions,
         foreign_partitions,
         totals,
+        uniques,
         open_transactions,
         dead_letters,
         undecodable_in_flight,
@@ -747,6 +755,14 @@ async fn offset_runs(
     Ok(out)
 }
 
+/// Where rollups and the raw table are compared from: two days inside the shorter TTL (`ttl_days`).
+fn compared_since(ttl_days: Option<u32>) -> String {
+    match ttl_days {
+        Some(d) => format!("toStartOfDay(now() - INTERVAL {d} DAY) + INTERVAL 2 DAY"),
+        None => "toDateTime(0)".to_string(),
+    }
+}
+
 /// `ttl_days`: the shorter TTL of the raw and totals tables. The tables expire rows at different
 /// ages, and row by row, so sums are compared only from two days inside the shorter TTL on.
 async fn check_totals(
@@ -754,10 +770,7 @@ async fn check_totals(
     db: &str,
     ttl_days: Option<u32>,
 ) -> anyhow::Result<TotalsCheck> {
-    let since = match ttl_days {
-        Some(d) => format!("toStartOfDay(now() - INTERVAL {d} DAY) + INTERVAL 2 DAY"),
-        None => "toDateTime(0)".to_string(),
-    };
+    let since = compared_since(ttl_days);
     let (raw_where, totals_where) = (
         format!("WHERE timestamp >= {since}"),
         format!("WHERE ts >= {since}"),
@@ -926,6 +939,7 @@ mod tests {
                 totals_requests: 6,
                 ..TotalsCheck::default()
             },
+            uniques: UniquesCheck::default(),
             dead_letters: DeadLetterSummary {
                 by_reason: [("undecodable".to_string(), 4), ("too_old".to_string(), 1)].into(),
                 repeated_by_anonymizer: 1,
