@@ -184,11 +184,11 @@ async fn main() -> anyhow::Result<()> {
                   formatReadableSize(sum(bytes_sent)) AS bytes, \
                   round(sum(request_time_milli) / reqs, 1) AS avg_ms \
                   FROM {db}.http_log_totals WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
-                  GROUP BY t) \
+                  GROUP BY t) AS totals \
                  LEFT JOIN \
                  (SELECT toStartOfFiveMinutes(ts) AS t, uniqMerge(clients) AS unique_clients \
                   FROM {db}.http_log_uniques WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
-                  GROUP BY t) USING t \
+                  GROUP BY t) AS uniques USING t \
                  ORDER BY t FORMAT PrettyCompactMonoBlock"
             );
             print!(

@@ -184,5 +184,19 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
         "the backfill gives what the views gave"
     );
 
+    // `edgelog totals` as an operator runs it: the unique_clients column of the last minutes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgelog"))
+        .args(["totals", "--minutes", "240"])
+        .env("EDGELOG_CLICKHOUSE__DATABASE", &db)
+        .env("EDGELOG_CLICKHOUSE__ADMIN_URL", CLICKHOUSE)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("unique_clients"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     ch.query(&format!("DROP DATABASE {db}"), &[]).await.unwrap();
 }
