@@ -55,7 +55,7 @@ done
 echo
 echo "bytes on disk per row (active parts, compressed):"
 q "
-  SELECT table, sum(rows) AS rows,
+  SELECT table, sum(rows) AS table_rows,
          round(sum(data_compressed_bytes) / sum(rows), 2) AS bytes_per_row
   FROM system.parts WHERE database = '${db}' AND active AND startsWith(table, 'http_log_uniques')
   GROUP BY table ORDER BY table FORMAT PrettyCompactMonoBlock"

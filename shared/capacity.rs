@@ -81,6 +81,28 @@ pub const STATUS_CACHE: Dimensions = Dimensions {
     ],
 };
 
+/// Resource alone (the unique-client rollups of migration 008), measured on the 3-day, 10M-record
+/// dataset at 38.6 records/s (docs/BENCHMARKS.md, "Unique clients"): longer buckets for higher
+/// rates, every 10th/100th record for lower ones. Saturates at the model's 10,000 resources.
+pub const RESOURCE: Dimensions = Dimensions {
+    name: "resource",
+    curve: &[
+        (23.1, 0.7957),
+        (231.5, 0.5466),
+        (2_315.0, 0.3311),
+        (23_148.0, 0.1582),
+        (138_889.0, 0.0592),
+        (833_333.0, 0.0120),
+        (3_333_333.0, 0.0030),
+    ],
+};
+
+/// No dimension: one row per bucket (the overall unique-client rollups of migration 008).
+pub const NONE: Dimensions = Dimensions {
+    name: "none",
+    curve: &[(1.0, 1.0), (10_000_000.0, 1.0 / 10_000_000.0)],
+};
+
 /// The top-N summaries of migration 005: one row per bucket and filter combination, 56 status ×
 /// cache pairs plus 8 "any cache", 7 "any status" and 1 "any" row, whatever the rate. Past a few
 /// records per combination the rows stop growing (slope -1: 72 per bucket), and so do their
@@ -102,7 +124,7 @@ pub struct Table {
     pub bytes_per_row: f64,
 }
 
-pub const TABLES: [Table; 10] = [
+pub const TABLES: [Table; 16] = [
     // With the codecs of migration 004, after OPTIMIZE FINAL rewrote all 100M rows (18.96 B/row
     // with the codecs of 001 once merges settled). For the rollups: the larger of "merges
     // settled" and "OPTIMIZE FINAL" (docs/BENCHMARKS.md, "Disk space").
@@ -158,6 +180,39 @@ pub const TABLES: [Table; 10] = [
         name: "http_log_totals_by_ip_resource_1d",
         rollup: Some((&RESOURCE_STATUS_CACHE_IP, 86_400)),
         bytes_per_row: 6.69,
+    },
+    // Migration 008, unique-client states, merges settled at 38.6 records/s (docs/BENCHMARKS.md,
+    // "Unique clients"). A state takes ~4 B per distinct client of its bucket (up to 256 KiB), so
+    // these grow with the rate where the others do not: at higher rates an underestimate.
+    Table {
+        name: "http_log_uniques_by_resource",
+        rollup: Some((&RESOURCE, 60)),
+        bytes_per_row: 13.47,
+    },
+    Table {
+        name: "http_log_uniques_by_resource_1d",
+        rollup: Some((&RESOURCE, 86_400)),
+        bytes_per_row: 243.0,
+    },
+    Table {
+        name: "http_log_uniques_by_status",
+        rollup: Some((&STATUS_CACHE, 60)),
+        bytes_per_row: 125.0,
+    },
+    Table {
+        name: "http_log_uniques_by_status_1h",
+        rollup: Some((&STATUS_CACHE, 3600)),
+        bytes_per_row: 3031.0,
+    },
+    Table {
+        name: "http_log_uniques",
+        rollup: Some((&NONE, 60)),
+        bytes_per_row: 4340.0,
+    },
+    Table {
+        name: "http_log_uniques_1h",
+        rollup: Some((&NONE, 3600)),
+        bytes_per_row: 97_903.0,
     },
 ];
 
@@ -292,6 +347,7 @@ mod tests {
             ("http_log_totals_by_resource", 0.518),
             ("http_log_totals_by_resource_1h", 0.182),
             ("http_log_totals_by_status", 0.020),
+            ("http_log_uniques_by_resource", 0.331),
         ] {
             assert!(
                 (get(t) - measured).abs() / measured < 0.02,

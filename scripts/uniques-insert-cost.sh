@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# What the six unique-client views (sql/008) cost an insert.
+#
+#   scripts/uniques-insert-cost.sh [SOURCE_DATABASE] [ROWS] [RUNS] [CLICKHOUSE_URL]
+#
+# Makes two scratch databases, one with migrations 001-007 and one with 001-008 (`edgelog setup`'s
+# SQL, rendered with the TTLs off), and inserts the same ROWS rows of SOURCE_DATABASE.http_log
+# (default edgelog_bench, 1000000 rows; the bench numbers its rows by source_offset) into each, RUNS times alternately (a different slice each
+# run), with the loader's pinned insert settings. Prints the server's elapsed time of each insert
+# and the medians. The scratch databases are dropped at the end.
+set -euo pipefail
+src=${1:-edgelog_bench}
+rows=${2:-1000000}
+runs=${3:-3}
+url=${4:-http://127.0.0.1:8123/}
+cd "$(dirname "$0")/.."
+q() { curl -sS --fail-with-body "$url" --data-binary "$1"; }
+
+apply() { # database, migration files...
+  local db=$1
+  shift
+  q "CREATE DATABASE $db"
+  python3 - "$db" "$url" "$@" <<'EOF'
+import sys, urllib.request
+db, url, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+for f in files:
+    sql = open(f).read().replace("${database}", db)
+    sql = sql.replace("${raw_ttl_clause}", "").replace("${totals_ttl_clause}", "")
+    stmt = []
+    for line in sql.splitlines():  # as shared/setup.rs `statements`
+        if line.strip().startswith("--"):
+            continue
+        stmt.append(line)
+        if line.rstrip().endswith(";"):
+            text = "\n".join(stmt).strip().rstrip(";")
+            if text:
+                urllib.request.urlopen(urllib.request.Request(url, data=text.encode())).read()
+            stmt = []
+EOF
+}
+
+without=uq_cost_without_$$
+with=uq_cost_with_$$
+trap 'q "DROP DATABASE IF EXISTS $without"; q "DROP DATABASE IF EXISTS $with"' EXIT
+apply "$without" sql/00[1-7]_*.sql
+apply "$with" sql/00[1-8]_*.sql
+# The slices in memory first, so the timed inserts do not include reading the source table.
+q "CREATE TABLE $without.source ENGINE = Memory AS SELECT * FROM $src.http_log
+   WHERE source_offset < $((rows * runs))"
+settings="async_insert=0&insert_deduplicate=1&deduplicate_blocks_in_dependent_materialized_views=1&max_insert_block_size=1048576&min_insert_block_size_rows=0&min_insert_block_size_bytes=0&min_insert_block_size_rows_for_materialized_views=1048576&min_insert_block_size_bytes_for_materialized_views=268435456&wait_end_of_query=1"
+declare -A ms
+for run in $(seq 1 "$runs"); do
+  offset=$(( (run - 1) * rows ))
+  for db in "$without" "$with"; do
+    summary=$(curl -sS --fail-with-body -D - -o /dev/null "$url?$settings" --data-binary \
+      "INSERT INTO $db.http_log SELECT * FROM $without.source WHERE source_offset >= $offset AND source_offset < $offset + $rows" |
+      tr -d '\r' | sed -n 's/^X-ClickHouse-Summary: //p')
+    elapsed=$(sed -n 's/.*"elapsed_ns":"\([0-9]*\)".*/\1/p' <<<"$summary")
+    ms[$db]+="$((elapsed / 1000000)) "
+    echo "run $run ${db%_$$}: $((elapsed / 1000000)) ms for $rows rows"
+  done
+done
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+a=$(median <<<"${ms[$without]}")
+b=$(median <<<"${ms[$with]}")
+echo "median: 001-007 $a ms, 001-008 $b ms: the unique-client views add $(( (b - a) * 100 / a ))% to the insert"
