@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "007_views_sql_security_definer.sql",
         sql: include_str!("../sql/007_views_sql_security_definer.sql"),
     },
+    Migration {
+        version: 8,
+        name: "008_verify_audited.sql",
+        sql: include_str!("../sql/008_verify_audited.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name
