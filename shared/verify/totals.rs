@@ -13,6 +13,9 @@ use crate::clickhouse::ClickHouseClient;
 /// ClickHouse's memory error instead of starving the server; lower `--bucket-offsets` then.
 pub const QUERY_MEMORY_LIMIT: &str = "SETTINGS max_memory_usage = 2000000000";
 
+/// Aggregations larger than this spill to disk (the per-day recount of the rollups).
+const QUERY_SPILL: &str = "max_bytes_before_external_group_by = 1000000000";
+
 /// The rollups against a recount from the raw table, over the days checked.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TotalsCheck {
@@ -191,27 +194,29 @@ async fn check_day(
         "WHERE timestamp >= toDateTime({day:Date}) AND timestamp < toDateTime({day:Date} + 1)",
         "WHERE ts >= toDateTime({day:Date}) AND ts < toDateTime({day:Date} + 1)",
     );
-    // The recount groups the raw table exactly as the materialized view does; the comparison is
-    // a full join on the group keys. Without join_use_nulls a group missing on one side gets
-    // zero sums there, so it counts as differing (no real group has zero requests).
+    // The recount groups the raw table exactly as the materialized view does. Both sides go into
+    // one GROUP BY, the raw side negated: a group whose sums do not cancel differs, including a
+    // group present on one side only. One aggregation (no join) spills to disk past
+    // QUERY_SPILL_BYTES, so a day of any size fits the memory limit.
+    let keys = "ts, resource_id, response_status, cache_status, remote_addr";
     let sql = format!(
-        "WITH \
-           t AS (SELECT ts, resource_id, response_status, cache_status, remote_addr, \
-                        sum(requests) AS r, sum(bytes_sent) AS b, sum(request_time_milli) AS m \
-                 FROM {db}.http_log_totals {totals_where} GROUP BY ALL), \
-           raw AS (SELECT toStartOfMinute(timestamp) AS ts, resource_id, response_status, \
-                        cache_status, remote_addr, toUInt64(count()) AS r, sum(bytes_sent) AS b, \
-                        sum(request_time_milli) AS m \
-                 FROM {db}.http_log {raw_where} GROUP BY ALL) \
-         SELECT \
+        "SELECT \
            (SELECT count() FROM {db}.http_log {raw_where}), \
            (SELECT sum(requests) FROM {db}.http_log_totals {totals_where}), \
            (SELECT sum(bytes_sent) FROM {db}.http_log {raw_where}), \
            (SELECT sum(bytes_sent) FROM {db}.http_log_totals {totals_where}), \
-           (SELECT count() FROM t FULL OUTER JOIN raw \
-              USING (ts, resource_id, response_status, cache_status, remote_addr) \
-            WHERE t.r != raw.r OR t.b != raw.b OR t.m != raw.m) \
-         {QUERY_MEMORY_LIMIT} FORMAT TSV"
+           (SELECT count() FROM ( \
+              SELECT {keys}, sum(r) AS r, sum(b) AS b, sum(m) AS m FROM ( \
+                SELECT {keys}, toInt64(requests) AS r, toInt64(bytes_sent) AS b, \
+                       toInt64(request_time_milli) AS m \
+                FROM {db}.http_log_totals {totals_where} \
+                UNION ALL \
+                SELECT toStartOfMinute(timestamp) AS ts, resource_id, response_status, \
+                       cache_status, remote_addr, -1 AS r, -toInt64(bytes_sent) AS b, \
+                       -toInt64(request_time_milli) AS m \
+                FROM {db}.http_log {raw_where}) \
+              GROUP BY {keys} HAVING r != 0 OR b != 0 OR m != 0)) \
+         {QUERY_MEMORY_LIMIT}, {QUERY_SPILL} FORMAT TSV"
     );
     let text = client.query(&sql, &day_param).await?;
     let fields: Vec<u64> = text
