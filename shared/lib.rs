@@ -70,6 +70,7 @@ pub mod capacity;
 pub mod cli;
 pub mod clickhouse;
 pub mod clock;
+pub mod cluster_schema;
 pub mod config;
 pub mod dead_letter;
 pub mod health;

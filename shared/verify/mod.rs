@@ -798,12 +798,15 @@ async fn check_totals(
         .query(
             "SELECT name FROM system.tables WHERE database = {db:String} \
              AND (startsWith(name, 'http_log_totals_') OR startsWith(name, 'http_log_top_')) \
-             AND engine LIKE '%MergeTree' \
+             AND (engine LIKE '%MergeTree' OR engine = 'Distributed') \
+             AND NOT endsWith(name, '_local') \
              ORDER BY name FORMAT TSV",
             &[("db", db)],
         )
         .await?;
     let mut rollups_differing = Vec::new();
+    // In cluster mode every rollup is a Distributed table over its shards' `_local` tables: the
+    // Distributed one holds the whole cluster's rows, a local one only its shard's.
     // Names come from system.tables; only plain identifiers are spliced into SQL.
     for table in tables
         .lines()
