@@ -174,6 +174,21 @@ async fn crash_after_both_shards_answered_then_verify_and_status() {
         !status.contains("1970-01-01"),
         "parts of every shard: {status}"
     );
+
+    // Replay and backfill swap partitions on one server: they refuse, touching nothing.
+    let days = edgelog::staging::Days::parse("2026-01-01", "2026-01-01").unwrap();
+    for err in [
+        edgelog::replay::replay(&s, &days).await.unwrap_err(),
+        edgelog::backfill::backfill(&s, &[], None)
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            err.to_string().contains("does not run in cluster mode"),
+            "{err}"
+        );
+    }
+    assert_sharded_exactly_once(&s, good).await;
     drop_database(&s).await;
 }
 
