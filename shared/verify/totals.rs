@@ -167,11 +167,14 @@ async fn rollup_tables(client: &ClickHouseClient, db: &str) -> anyhow::Result<Ve
         .query(
             "SELECT name FROM system.tables WHERE database = {db:String} \
              AND (startsWith(name, 'http_log_totals_') OR startsWith(name, 'http_log_top_')) \
-             AND engine LIKE '%MergeTree' \
+             AND (engine LIKE '%MergeTree' OR engine = 'Distributed') \
+             AND NOT endsWith(name, '_local') \
              ORDER BY name FORMAT TSV",
             &[("db", db)],
         )
         .await?;
+    // In cluster mode every rollup is a Distributed table over its shards' `_local` tables: the
+    // Distributed one holds the whole cluster's rows, a local one only its shard's.
     // Names come from system.tables; only plain identifiers are spliced into SQL.
     Ok(tables
         .lines()
