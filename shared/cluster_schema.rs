@@ -28,6 +28,10 @@ pub enum Form {
 /// The suffix of a shard-local table.
 pub const LOCAL_SUFFIX: &str = "_local";
 
+/// `verify`'s record of what it has audited: bookkeeping of the audit, not traffic, so it is not
+/// sharded (see `Rewriter::unsharded_table`).
+pub const UNSHARDED_TABLES: &[&str] = &["verify_audited", "verify_days_audited"];
+
 /// How long a replicated table remembers the hash (or token) of an inserted block. The loader
 /// re-sends a batch until it lands, also after an outage of hours; the single-node window
 /// (`non_replicated_deduplication_window`) has no time limit, so the replicated one gets a long
@@ -117,6 +121,9 @@ impl Rewriter<'_> {
                 return Err(refuse("CREATE TABLE without columns or AS"));
             };
             let name = name.to_string();
+            if UNSHARDED_TABLES.contains(&name.as_str()) {
+                return self.unsharded_table(&name, &def).map_err(|r| refuse(&r));
+            }
             let out = self.table(&name, &def).map_err(|r| refuse(&r))?;
             self.tables.insert(name, def);
             return Ok(out);
@@ -142,10 +149,10 @@ impl Rewriter<'_> {
             let target = if self.tables.contains_key(name) {
                 // Only storage matters may change on the locals alone: the Distributed table
                 // would need any change of a column's name or type as well.
-                if !is_codec_change(rest) {
+                if !is_storage_change(rest) {
                     return Err(refuse(
-                        "an ALTER of a sharded table other than MODIFY COLUMN ... CODEC \
-                         (the Distributed table would need it too)",
+                        "an ALTER of a sharded table other than MODIFY COLUMN ... CODEC or ADD \
+                         INDEX (the Distributed table would need it too)",
                     ));
                 }
                 format!("{name}{LOCAL_SUFFIX}")
@@ -172,7 +179,10 @@ impl Rewriter<'_> {
         let local = format!("{name}{LOCAL_SUFFIX}");
         let storage = match self.form {
             Form::PerShard => def.storage.clone(),
-            Form::Keeper => replicated_storage(&def.storage, db, &local)?,
+            Form::Keeper => replicated_storage(
+                &def.storage,
+                &format!("/clickhouse/tables/{{shard}}/{db}/{local}"),
+            )?,
         };
         let on = self.on_cluster();
         // The raw table is sharded by source partition: each Kafka partition's rows land on one
@@ -195,6 +205,25 @@ impl Rewriter<'_> {
                 self.cluster
             ),
         ])
+    }
+
+    /// One table under its own name on every node, not split into shards: `verify` reads and
+    /// writes it through whichever node it is connected to. With Keeper every node holds the same
+    /// rows (one replication path for the whole cluster, no `{shard}`); without Keeper each node
+    /// has its own, and `verify` uses the one behind `clickhouse.admin_url`.
+    fn unsharded_table(&self, name: &str, def: &TableDef) -> Result<Vec<String>, String> {
+        let db = self.db;
+        let storage = match self.form {
+            Form::PerShard => def.storage.clone(),
+            Form::Keeper => {
+                replicated_storage(&def.storage, &format!("/clickhouse/tables/all/{db}/{name}"))?
+            }
+        };
+        Ok(vec![format!(
+            "CREATE TABLE IF NOT EXISTS {db}.{name}{}\n({})\n{storage}",
+            self.on_cluster(),
+            def.columns
+        )])
     }
 
     fn on_cluster(&self) -> String {
@@ -238,7 +267,7 @@ impl Rewriter<'_> {
 
 /// `ENGINE = XMergeTree[(args)] ...` as `ENGINE = ReplicatedXMergeTree('<path>', '{replica}'
 /// [, args]) ...`, with the single-node dedup window replaced by the replicated ones.
-fn replicated_storage(storage: &str, db: &str, local: &str) -> Result<String, String> {
+fn replicated_storage(storage: &str, path: &str) -> Result<String, String> {
     let after = strip_prefix_ci(storage, "ENGINE = ").ok_or("no `ENGINE = `")?;
     let end = after
         .find(|c: char| !is_ident_char(c))
@@ -258,7 +287,6 @@ fn replicated_storage(storage: &str, db: &str, local: &str) -> Result<String, St
         }
         tail = &tail[close + 1..];
     }
-    let path = format!("/clickhouse/tables/{{shard}}/{db}/{local}");
     let tail = tail.replace(
         "non_replicated_deduplication_window = ",
         &format!(
@@ -271,11 +299,13 @@ fn replicated_storage(storage: &str, db: &str, local: &str) -> Result<String, St
     ))
 }
 
-/// `rest` of an ALTER TABLE is only `MODIFY COLUMN <name> <type> CODEC(...)` clauses.
-fn is_codec_change(rest: &str) -> bool {
+/// `rest` of an ALTER TABLE changes only how the shards store rows: `MODIFY COLUMN <name> <type>
+/// CODEC(...)` and `ADD INDEX` (a data-skipping index) clauses.
+fn is_storage_change(rest: &str) -> bool {
     split_top_level(rest, ',').iter().all(|clause| {
         let c = clause.trim();
-        strip_prefix_ci(c, "MODIFY COLUMN ").is_some() && c.contains(" CODEC(")
+        (strip_prefix_ci(c, "MODIFY COLUMN ").is_some() && c.contains(" CODEC("))
+            || strip_prefix_ci(c, "ADD INDEX ").is_some()
     })
 }
 
@@ -395,7 +425,11 @@ mod tests {
                 .iter()
                 .filter(|s| s.starts_with("CREATE TABLE"))
                 .collect();
-            assert_eq!(creates.len(), 2 * 10, "{creates:#?}");
+            assert_eq!(
+                creates.len(),
+                2 * 10 + UNSHARDED_TABLES.len(),
+                "{creates:#?}"
+            );
             for s in &out {
                 assert_eq!(s.contains("ON CLUSTER"), form == Form::Keeper, "{s}");
                 // No statement reads or writes an unsharded name except the Distributed tables'
@@ -464,7 +498,12 @@ mod tests {
     fn the_per_shard_form_keeps_the_engines_and_windows_of_sql() {
         for s in all(Form::PerShard) {
             assert!(!s.contains("Replicated"), "{s}");
-            if s.contains("MergeTree") {
+            // The audit's bookkeeping is written by `verify` alone, never retried blindly: it
+            // has no dedup window in sql/ either.
+            let bookkeeping = UNSHARDED_TABLES
+                .iter()
+                .any(|t| s.contains(&format!("edgelog.{t}\n")));
+            if s.contains("MergeTree") && !bookkeeping {
                 assert!(
                     s.contains("non_replicated_deduplication_window = 10000"),
                     "{s}"
@@ -498,6 +537,32 @@ mod tests {
             "CREATE TABLE IF NOT EXISTS edgelog.x (a UInt8) ENGINE = Log".to_string(),
         ]];
         assert!(cluster_migrations(&log, "edge", "edgelog", Form::Keeper).is_err());
+    }
+
+    #[test]
+    fn the_audit_bookkeeping_is_one_table_on_every_node_and_indexes_go_to_the_locals() {
+        let keeper = all(Form::Keeper);
+        for table in UNSHARDED_TABLES {
+            let made: Vec<&String> = keeper
+                .iter()
+                .filter(|s| s.contains(&format!("edgelog.{table}")))
+                .collect();
+            assert_eq!(made.len(), 1, "{made:#?}");
+            assert!(made[0].starts_with(&format!(
+                "CREATE TABLE IF NOT EXISTS edgelog.{table} ON CLUSTER 'edge'\n"
+            )));
+            assert!(made[0].contains(&format!(
+                "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/all/edgelog/{table}', '{{replica}}', audited_at)"
+            )), "{}", made[0]);
+        }
+        let index = keeper
+            .iter()
+            .find(|s| s.contains("ADD INDEX"))
+            .expect("the source_offset index");
+        assert!(
+            index.starts_with("ALTER TABLE edgelog.http_log_local ON CLUSTER 'edge'"),
+            "{index}"
+        );
     }
 
     #[test]
