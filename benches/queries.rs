@@ -86,6 +86,12 @@ struct Args {
     /// Skip the query phase (load and sizes only).
     #[arg(long)]
     no_queries: bool,
+    /// Measure the unique-client panels (migration 009) instead of the totals queries: per window
+    /// (24 h, 7 d, 30 d ending at DATA_END) `--samples` each of the overall series, a
+    /// status/cache series, one resource's series and the top 10 resources by unique clients,
+    /// the first `--raw-samples` of each also against `uniqExact` on `http_log`.
+    #[arg(long)]
+    uniques: bool,
     /// Compare alternative ORDER BYs and codecs of `http_log` on a slice of the data (bytes per
     /// row per column and raw-query times); this many days of the loaded data.
     #[arg(long, default_value_t = 0)]
@@ -1375,8 +1381,187 @@ async fn main() -> anyhow::Result<()> {
     if a.raw_layouts_days > 0 {
         raw_layouts(&ch, &a).await?;
     }
-    if !a.no_queries {
+    if a.uniques {
+        uniques_queries(&ch, &a).await?;
+    } else if !a.no_queries {
         run_queries(&ch, &a).await?;
+    }
+    Ok(())
+}
+
+/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009), with the
+/// exact answer from the raw table for comparison. `from`/`to`: epoch seconds.
+fn uniques_sql(db: &str, kind: &str, from: u64, to: u64, q: &AnonRecord) -> (String, String) {
+    let window = format!("ts >= toDateTime({from}) AND ts < toDateTime({to})");
+    let raw_window = format!("timestamp >= toDateTime({from}) AND timestamp < toDateTime({to})");
+    // Hourly buckets from 7 days on, like the dashboard at ~200 points.
+    let hourly = to - from >= 7 * 86_400;
+    let bucket = if hourly {
+        "toStartOfHour"
+    } else {
+        "toStartOfMinute"
+    };
+    let (status, cache, resource) = (q.response_status, &q.cache_status, q.resource_id);
+    match kind {
+        "series" => {
+            let t = if hourly { "http_log_uniques_1h" } else { "http_log_uniques" };
+            (
+                format!(
+                    "SELECT ts, uniqMerge(clients) FROM {db}.{t} WHERE {window} \
+                     GROUP BY ts ORDER BY ts FORMAT TSV"
+                ),
+                format!(
+                    "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
+                     WHERE {raw_window} GROUP BY ts ORDER BY ts FORMAT TSV"
+                ),
+            )
+        }
+        "status series" => {
+            let t = if hourly {
+                "http_log_uniques_by_status_1h"
+            } else {
+                "http_log_uniques_by_status"
+            };
+            (
+                format!(
+                    "SELECT ts, uniqMerge(clients) FROM {db}.{t} WHERE {window} \
+                     AND response_status = {status} AND cache_status = '{cache}' \
+                     GROUP BY ts ORDER BY ts FORMAT TSV"
+                ),
+                format!(
+                    "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
+                     WHERE {raw_window} AND response_status = {status} AND cache_status = '{cache}' \
+                     GROUP BY ts ORDER BY ts FORMAT TSV"
+                ),
+            )
+        }
+        "resource series" => (
+            format!(
+                "SELECT {bucket}(ts) AS t, uniqMerge(clients) FROM {db}.http_log_uniques_by_resource \
+                 WHERE {window} AND resource_id = {resource} GROUP BY t ORDER BY t FORMAT TSV"
+            ),
+            format!(
+                "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
+                 WHERE {raw_window} AND resource_id = {resource} GROUP BY ts ORDER BY ts FORMAT TSV"
+            ),
+        ),
+        _ => {
+            // Whole UTC days from a day on (the start rounds down to midnight), minutes below.
+            let (t, from) = if to - from >= 86_400 {
+                ("http_log_uniques_by_resource_1d", from / 86_400 * 86_400)
+            } else {
+                ("http_log_uniques_by_resource", from)
+            };
+            (
+                format!(
+                    "SELECT resource_id, uniqMerge(clients) AS c FROM {db}.{t} \
+                     WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}) \
+                     GROUP BY resource_id ORDER BY c DESC, resource_id LIMIT 10 FORMAT TSV"
+                ),
+                format!(
+                    "SELECT resource_id, uniqExact(remote_addr) AS c FROM {db}.http_log \
+                     WHERE timestamp >= toDateTime({from}) AND timestamp < toDateTime({to}) \
+                     GROUP BY resource_id ORDER BY c DESC, resource_id LIMIT 10 FORMAT TSV"
+                ),
+            )
+        }
+    }
+}
+
+/// Largest relative difference of the second column between two `key \t count` answers, and
+/// whether they list the same keys in the same order.
+fn uniques_error(rollup: &str, exact: &str) -> (f64, bool) {
+    let parse = |t: &str| -> Vec<(String, f64)> {
+        t.lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once('\t')?;
+                Some((k.to_string(), v.parse().ok()?))
+            })
+            .collect()
+    };
+    let (r, e) = (parse(rollup), parse(exact));
+    let same_keys = r.iter().map(|x| &x.0).eq(e.iter().map(|x| &x.0));
+    let exact_of: HashMap<&str, f64> = e.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let worst = r
+        .iter()
+        .filter_map(|(k, v)| exact_of.get(k.as_str()).map(|x| (v - x).abs() / x.max(1.0)))
+        .fold(0.0, f64::max);
+    (worst, same_keys)
+}
+
+async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
+    let db = &a.database;
+    let mut rng = StdRng::seed_from_u64(a.seed + 1);
+    let pool: Vec<AnonRecord> = {
+        let p = ProducerSettings {
+            seed: a.seed + 1,
+            ..ProducerSettings::default()
+        };
+        let mut m = TrafficModel::new(&p);
+        (0..50_000).map(|k| anonymized(&mut m, 0, k)).collect()
+    };
+    let kinds = [
+        "series",
+        "status series",
+        "resource series",
+        "top resources",
+    ];
+    println!("unique-client panels (ms; server time from X-ClickHouse-Summary; error against uniqExact):");
+    println!(
+        "{:>6} {:>16} {:>5} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
+        "window", "panel", "n", "p50", "p99", "max", "srv p99", "rows p99", "worst err"
+    );
+    for (label, secs) in [
+        ("24 h", 86_400u64),
+        ("7 d", 7 * 86_400),
+        ("30 d", 30 * 86_400),
+    ] {
+        let to = DATA_END_S;
+        let from = to - secs;
+        for kind in kinds {
+            let (mut wall, mut srv, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut worst, mut reordered) = (0f64, 0usize);
+            for i in 0..a.samples + 1 {
+                let q = &pool[rng.random_range(0..pool.len())];
+                let (sql, exact) = uniques_sql(db, kind, from, to, q);
+                let t = Instant::now();
+                let (answer, summary) = ch.query_summary(&sql, &[]).await?;
+                let ms = t.elapsed().as_secs_f64() * 1000.0;
+                if i == 0 {
+                    continue; // warm-up
+                }
+                wall.push(ms);
+                if let Some((s, r)) = summary {
+                    srv.push(s);
+                    rows.push(r);
+                }
+                if i <= a.raw_samples {
+                    let (e, same) = uniques_error(&answer, &ch.query(&exact, &[]).await?);
+                    worst = worst.max(e);
+                    reordered += usize::from(!same);
+                }
+            }
+            let (wall, srv, rows) = (
+                sorted(wall.into_iter()),
+                sorted(srv.into_iter()),
+                sorted(rows.into_iter()),
+            );
+            println!(
+                "{label:>6} {kind:>16} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>10.1} {:>10.0} {:>11.3}%{}",
+                wall.len(),
+                pct(&wall, 0.5),
+                pct(&wall, 0.99),
+                pct(&wall, 1.0),
+                pct(&srv, 0.99),
+                pct(&rows, 0.99),
+                worst * 100.0,
+                if reordered > 0 {
+                    format!(" ({reordered} answers ordered or keyed differently)")
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     Ok(())
 }

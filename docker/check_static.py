@@ -469,8 +469,12 @@ for path, d in dashboards.items():
             if dtype == "grafana-clickhouse-datasource":
                 check(t.get("editorType") == "sql" and t.get("format") in (0, 1),
                       f"{path}: panel {p.get('title')!r}: editorType sql and format 0/1 expected")
-                check("edgelog.http_log_totals" in text and not re.search(r"edgelog\.http_log\b(?!_)", text),
-                      f"{path}: panel {p.get('title')!r}: must read edgelog.http_log_totals (never the raw table)")
+                check(re.search(r"edgelog\.http_log_(totals|uniques)", text)
+                      and not re.search(r"edgelog\.http_log\b(?!_)", text),
+                      f"{path}: panel {p.get('title')!r}: must read edgelog.http_log_totals or _uniques "
+                      "(never the raw table)")
+                check("edgelog.http_log_uniques" not in text or "uniqMerge(" in text,
+                      f"{path}: panel {p.get('title')!r}: unique-client states must be merged with uniqMerge()")
                 check("$__timeFilter(ts)" in text and "sum(" in text,
                       f"{path}: panel {p.get('title')!r}: needs $__timeFilter(ts) and sum() (the table "
                       "holds partial sums until merged)")

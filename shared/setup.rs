@@ -69,6 +69,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "008_verify_audited.sql",
         sql: include_str!("../sql/008_verify_audited.sql"),
     },
+    Migration {
+        version: 9,
+        name: "009_http_log_uniques.sql",
+        sql: include_str!("../sql/009_http_log_uniques.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name

@@ -27,7 +27,7 @@ enum Command {
     },
     /// Print the effective configuration as TOML (secrets redacted).
     Config,
-    /// Show traffic totals from the totals table (direct to ClickHouse).
+    /// Show traffic totals from the totals table, with unique clients (direct to ClickHouse).
     Totals {
         /// How far back to look, in minutes.
         #[arg(long, default_value_t = 60)]
@@ -198,12 +198,20 @@ async fn main() -> anyhow::Result<()> {
         Command::Totals { minutes } => {
             let client = ClickHouseClient::admin(&settings.clickhouse)?;
             let db = &settings.clickhouse.database;
+            // unique_clients: distinct anonymized addresses (IPv4 /24s, IPv6 /48s) in the five
+            // minutes, merged from the per-minute states of http_log_uniques (migration 009).
             let sql = format!(
-                "SELECT toStartOfFiveMinutes(ts) AS t, sum(requests) AS reqs, \
-                 formatReadableSize(sum(bytes_sent)) AS bytes, \
-                 round(sum(request_time_milli) / reqs, 1) AS avg_ms \
-                 FROM {db}.http_log_totals WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
-                 GROUP BY t ORDER BY t FORMAT PrettyCompactMonoBlock"
+                "SELECT t, reqs, bytes, avg_ms, unique_clients FROM \
+                 (SELECT toStartOfFiveMinutes(ts) AS t, sum(requests) AS reqs, \
+                  formatReadableSize(sum(bytes_sent)) AS bytes, \
+                  round(sum(request_time_milli) / reqs, 1) AS avg_ms \
+                  FROM {db}.http_log_totals WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
+                  GROUP BY t) AS totals \
+                 LEFT JOIN \
+                 (SELECT toStartOfFiveMinutes(ts) AS t, uniqMerge(clients) AS unique_clients \
+                  FROM {db}.http_log_uniques WHERE ts >= now() - INTERVAL {{m:UInt32}} MINUTE \
+                  GROUP BY t) AS uniques USING t \
+                 ORDER BY t FORMAT PrettyCompactMonoBlock"
             );
             print!(
                 "{}",

@@ -45,11 +45,16 @@ async fn replay_rebuilds_damaged_days_exactly() {
             "INSERT INTO {db}.http_log_totals_by_status SELECT * FROM {db}.http_log_totals_by_status \
              LIMIT 3 SETTINGS insert_deduplicate = 0"
         ),
+        format!(
+            "INSERT INTO {db}.http_log_uniques_by_resource SELECT * FROM {db}.http_log_uniques_by_resource \
+             LIMIT 3 SETTINGS insert_deduplicate = 0"
+        ),
     ] {
         admin().query(&sql, &[]).await.unwrap();
     }
     let damaged = edgelog::verify::audit(&s).await.unwrap();
     assert!(!damaged.is_clean(), "{damaged}");
+    assert!(!damaged.uniques.is_clean(), "{damaged}");
 
     let summary = replay(&s, &days).await.unwrap();
     assert_eq!(summary.rows_replayed, good);

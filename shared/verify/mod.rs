@@ -26,6 +26,7 @@
 pub mod bucket;
 pub mod ranges;
 pub mod totals;
+pub mod uniques;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -49,6 +50,7 @@ use crate::kafka::{client_config, group_positions, GroupPosition};
 pub use bucket::{Anomalies, BucketAudit, DEFAULT_BUCKET_OFFSETS};
 pub use ranges::OffsetSet;
 pub use totals::TotalsCheck;
+pub use uniques::UniquesCheck;
 use totals::QUERY_MEMORY_LIMIT;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
@@ -143,6 +145,8 @@ pub struct Report {
     /// rows)`.
     pub foreign_partitions: Vec<(i32, u64)>,
     pub totals: TotalsCheck,
+    /// The unique-client rollups against `uniqExact` from the raw table (`uniques`).
+    pub uniques: UniquesCheck,
     /// `topic:partition` with an open transaction: records behind it are invisible until it
     /// commits or times out, so the audit cannot call the pipeline drained.
     pub open_transactions: Vec<String>,
@@ -180,6 +184,7 @@ impl Report {
         self.partitions.iter().all(PartitionAudit::is_clean)
             && self.foreign_partitions.is_empty()
             && self.totals.is_clean()
+            && self.uniques.is_clean()
             && self.dead_letters.is_clean()
     }
 
@@ -354,6 +359,7 @@ impl fmt::Display for Report {
             self.sum(|p| p.buckets_skipped),
             t.days_skipped
         )?;
+        writeln!(f, "{}", self.uniques)?;
         let verdict = if self.is_clean() { "OK" } else { "FAILED" };
         write!(
             f,
@@ -496,10 +502,12 @@ pub async fn audit_with(settings: &Settings, options: &AuditOptions) -> anyhow::
     .filter(|&d| d > 0)
     .min();
     let totals = totals::check_totals(&client, db, ttl_days, options.incremental).await?;
+    let uniques = uniques::check(&client, db, &totals::compared_since(ttl_days)).await?;
     Ok(Report {
         partitions,
         foreign_partitions,
         totals,
+        uniques,
         open_transactions,
         dead_letters: side.dead_letters,
         undecodable_in_flight: side.undecodable_in_flight,

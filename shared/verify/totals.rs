@@ -69,6 +69,14 @@ pub fn days_to_check(
         .collect()
 }
 
+/// Where rollups and the raw table are compared from: two days inside the shorter TTL (`ttl_days`).
+pub fn compared_since(ttl_days: Option<u32>) -> String {
+    match ttl_days {
+        Some(d) => format!("toStartOfDay(now() - INTERVAL {d} DAY) + INTERVAL 2 DAY"),
+        None => "toDateTime(0)".to_string(),
+    }
+}
+
 /// `ttl_days`: the shorter TTL of the raw and totals tables. The tables expire rows at different
 /// ages, and row by row, so sums are compared only from two days inside the shorter TTL on.
 pub async fn check_totals(
@@ -77,10 +85,7 @@ pub async fn check_totals(
     ttl_days: Option<u32>,
     incremental: bool,
 ) -> anyhow::Result<TotalsCheck> {
-    let since = match ttl_days {
-        Some(d) => format!("toStartOfDay(now() - INTERVAL {d} DAY) + INTERVAL 2 DAY"),
-        None => "toDateTime(0)".to_string(),
-    };
+    let since = compared_since(ttl_days);
     // One group per day: bounded whatever the table's size.
     let present = day_sums(
         client,

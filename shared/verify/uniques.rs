@@ -1,0 +1,242 @@
+//! The unique-client rollups (migration 009) against an exact recount from `http_log`.
+//!
+//! Per bucket of every such table: the request sum must equal the raw rows' count exactly (a
+//! distinct count cannot show a double-counted retry, a sum does), and the merged `uniq` state
+//! must be within [`RELATIVE_TOLERANCE`] or [`ABSOLUTE_TOLERANCE`] clients, whichever is larger,
+//! of `uniqExact(remote_addr)` over the same raw rows. `uniq` is an estimate: exact while a state
+//! holds few values, within ~1% when it samples (docs/BENCHMARKS.md, "Unique clients"); the
+//! absolute slack covers its 32-bit hash collisions in small buckets.
+
+use std::fmt;
+
+use anyhow::Context;
+
+use crate::clickhouse::ClickHouseClient;
+
+/// A bucket's distinct count may differ from `uniqExact` by this share of it...
+pub const RELATIVE_TOLERANCE: f64 = 0.01;
+/// ...or by this many clients, whichever is larger.
+pub const ABSOLUTE_TOLERANCE: u64 = 2;
+
+/// Each unique-client rollup: table, the bucket of a raw row's timestamp, its key columns.
+pub const TABLES: [(&str, &str, &[&str]); 6] = [
+    (
+        "http_log_uniques_by_resource",
+        "toStartOfMinute(timestamp)",
+        &["resource_id"],
+    ),
+    (
+        "http_log_uniques_by_resource_1d",
+        "toStartOfDay(timestamp)",
+        &["resource_id"],
+    ),
+    (
+        "http_log_uniques_by_status",
+        "toStartOfMinute(timestamp)",
+        &["response_status", "cache_status"],
+    ),
+    (
+        "http_log_uniques_by_status_1h",
+        "toStartOfHour(timestamp)",
+        &["response_status", "cache_status"],
+    ),
+    ("http_log_uniques", "toStartOfMinute(timestamp)", &[]),
+    ("http_log_uniques_1h", "toStartOfHour(timestamp)", &[]),
+];
+
+/// One table's comparison.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableUniques {
+    pub table: String,
+    /// Buckets (time bucket and keys) on either side.
+    pub buckets: u64,
+    /// Buckets whose request sum differs from the raw count (or that one side lacks).
+    pub requests_differing: u64,
+    /// Buckets whose distinct count is outside the tolerance.
+    pub clients_outside: u64,
+    /// The largest relative error, in parts per million, of a bucket with at least 100 clients
+    /// (where sampling shows).
+    pub worst_error_ppm: u64,
+}
+
+impl TableUniques {
+    pub fn is_clean(&self) -> bool {
+        self.requests_differing == 0 && self.clients_outside == 0
+    }
+}
+
+/// Every unique-client rollup of the database (tables missing from it are not checked).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UniquesCheck {
+    pub tables: Vec<TableUniques>,
+}
+
+impl UniquesCheck {
+    pub fn is_clean(&self) -> bool {
+        self.tables.iter().all(TableUniques::is_clean)
+    }
+}
+
+impl fmt::Display for UniquesCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tables.is_empty() {
+            return write!(f, "unique clients: no unique-client rollups to check");
+        }
+        let buckets: u64 = self.tables.iter().map(|t| t.buckets).sum();
+        let worst = self
+            .tables
+            .iter()
+            .map(|t| t.worst_error_ppm)
+            .max()
+            .unwrap_or(0);
+        write!(
+            f,
+            "unique clients: {} tables, {buckets} buckets; distinct counts within {}% or {} \
+             clients of uniqExact (worst {:.3}% where >= 100 clients)",
+            self.tables.len(),
+            RELATIVE_TOLERANCE * 100.0,
+            ABSOLUTE_TOLERANCE,
+            worst as f64 / 10_000.0
+        )?;
+        for t in self.tables.iter().filter(|t| !t.is_clean()) {
+            write!(
+                f,
+                "\nUNIQUES     {}: {} of {} buckets' requests differ from the raw count, {} \
+                 buckets' distinct clients are outside the tolerance",
+                t.table, t.requests_differing, t.buckets, t.clients_outside
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The comparison query of one table. `since`: a ClickHouse DateTime expression; buckets before
+/// it are not compared (TTLs expire the two sides at different ages).
+pub fn check_sql(db: &str, table: &str, bucket: &str, keys: &[&str], since: &str) -> String {
+    let keys_list: String = keys.iter().map(|k| format!(", {k}")).collect();
+    format!(
+        "SELECT count(), \
+                countIf(u.r != raw.r), \
+                countIf(abs(toInt64(u.c) - toInt64(raw.c)) > greatest({abs}, {rel} * raw.c)), \
+                toUInt64(round(1e6 * max(if(raw.c >= 100, \
+                    abs(toInt64(u.c) - toInt64(raw.c)) / raw.c, 0)))) \
+         FROM (SELECT ts{keys_list}, sum(requests) AS r, uniqMerge(clients) AS c \
+               FROM {db}.{table} WHERE ts >= {since} GROUP BY ALL) AS u \
+         FULL OUTER JOIN \
+              (SELECT {bucket} AS ts{keys_list}, toUInt64(count()) AS r, \
+                      uniqExact(remote_addr) AS c \
+               FROM {db}.http_log WHERE timestamp >= {since} GROUP BY ALL) AS raw \
+         USING (ts{keys_list}) \
+         FORMAT TSV",
+        abs = ABSOLUTE_TOLERANCE,
+        rel = RELATIVE_TOLERANCE,
+    )
+}
+
+/// Checks every unique-client rollup that `db` has.
+pub async fn check(
+    client: &ClickHouseClient,
+    db: &str,
+    since: &str,
+) -> anyhow::Result<UniquesCheck> {
+    let existing = client
+        .query(
+            "SELECT name FROM system.tables WHERE database = {db:String} \
+             AND startsWith(name, 'http_log_uniques') FORMAT TSV",
+            &[("db", db)],
+        )
+        .await?;
+    let existing: Vec<&str> = existing.lines().collect();
+    let mut out = UniquesCheck::default();
+    for (table, bucket, keys) in TABLES {
+        if !existing.contains(&table) {
+            continue;
+        }
+        let text = client
+            .query(&check_sql(db, table, bucket, keys, since), &[])
+            .await?;
+        let f: Vec<&str> = text.trim().split('\t').collect();
+        let parsed = (|| -> Option<TableUniques> {
+            Some(TableUniques {
+                table: table.to_string(),
+                buckets: f.first()?.parse().ok()?,
+                requests_differing: f.get(1)?.parse().ok()?,
+                clients_outside: f.get(2)?.parse().ok()?,
+                worst_error_ppm: f.get(3)?.parse().ok()?,
+            })
+        })();
+        out.tables.push(
+            parsed
+                .with_context(|| format!("unexpected uniques check answer {text:?} ({table})"))?,
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_table_of_the_migration_is_checked_with_its_view_bucket() {
+        let sql = crate::setup::MIGRATIONS
+            .iter()
+            .find(|m| m.name == "009_http_log_uniques.sql")
+            .unwrap()
+            .sql;
+        for (table, bucket, keys) in TABLES {
+            let view = format!("${{database}}.{table}_mv\nTO ${{database}}.{table}\n");
+            let at = sql
+                .find(&view)
+                .unwrap_or_else(|| panic!("no view for {table}"));
+            let select = &sql[at..sql[at..].find(';').unwrap() + at];
+            assert!(select.contains(&format!("{bucket} AS ts")), "{table}");
+            let group_by = format!(
+                "GROUP BY ts{}",
+                keys.iter().map(|k| format!(", {k}")).collect::<String>()
+            );
+            assert!(select.contains(&group_by), "{table}: {group_by}");
+        }
+        assert_eq!(sql.matches("CREATE TABLE").count(), TABLES.len());
+    }
+
+    #[test]
+    fn the_query_joins_on_bucket_and_keys_and_states_the_tolerance() {
+        let sql = check_sql(
+            "db",
+            "http_log_uniques_by_status",
+            "toStartOfMinute(timestamp)",
+            &["response_status", "cache_status"],
+            "toDateTime(0)",
+        );
+        assert!(
+            sql.contains("USING (ts, response_status, cache_status)"),
+            "{sql}"
+        );
+        assert!(sql.contains("greatest(2, 0.01 * raw.c)"), "{sql}");
+        assert!(
+            sql.contains("FROM db.http_log WHERE timestamp >= toDateTime(0)"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn a_differing_table_is_named() {
+        let mut c = UniquesCheck {
+            tables: vec![TableUniques {
+                table: "http_log_uniques".into(),
+                buckets: 10,
+                ..TableUniques::default()
+            }],
+        };
+        assert!(c.is_clean());
+        assert!(c.to_string().contains("1 tables, 10 buckets"), "{c}");
+        c.tables[0].requests_differing = 3;
+        assert!(!c.is_clean());
+        assert!(
+            c.to_string()
+                .contains("UNIQUES     http_log_uniques: 3 of 10 buckets' requests differ"),
+            "{c}"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! The unique-client rollups (migration 009) on the real ClickHouse: fed by the loader's own
+//! inserts, unchanged by a retried batch, checked by `verify` against `uniqExact`, caught when
+//! tampered with, and filled by `backfill` when the migration comes after the data.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use edgelog::anon_record::{decode, transform, AnonRecord};
+use edgelog::backfill::{new_rollups_missing_rows, rebuild_rollups, rollup_tables};
+use edgelog::body::{encode_body, insert_url, BodyCompression};
+use edgelog::loader::insert::{InsertClient, Outcome};
+use edgelog::record::encode_capnp;
+use edgelog::synth::TrafficModel;
+use edgelog::verify::uniques::{self, UniquesCheck};
+
+/// `n` records of the producer's model as stage one writes them, over the last three hours.
+fn records(n: usize) -> Vec<AnonRecord> {
+    let mut model = TrafficModel::new(&Default::default());
+    let span_ms = 3 * 3_600_000u64;
+    let start = edgelog::clock::now_epoch_ms() - span_ms;
+    (0..n)
+        .map(|i| {
+            let ts = start + i as u64 * span_ms / n as u64;
+            let payload = encode_capnp(&model.next_record(ts));
+            decode(&transform(&payload, (i % 3) as i32, i as i64, 48).unwrap().0).unwrap()
+        })
+        .collect()
+}
+
+async fn check(db: &str) -> UniquesCheck {
+    uniques::check(&admin(), db, "toDateTime(0)").await.unwrap()
+}
+
+fn uniques_tables() -> Vec<String> {
+    uniques::TABLES.iter().map(|t| t.0.to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
+    require_stack();
+    let s = isolated_settings();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    let db = s.clickhouse.database.clone();
+    let all = records(30_000);
+    let batches: Vec<&[AnonRecord]> = all.chunks(10_000).collect();
+
+    // The loader's client and user through the fast proxy, from an address of its own.
+    let client = InsertClient::new(
+        &s.clickhouse,
+        Some(fresh_loopback_ip()),
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let send = |i: usize| {
+        let refs: Vec<&AnonRecord> = batches[i].iter().collect();
+        let body = encode_body(&refs, BodyCompression::Xz);
+        let url = insert_url(&s.clickhouse.url, &db, Some(&format!("uniques-test-{i}")));
+        let client = &client;
+        async move { client.send(&url, BodyCompression::Xz, body).await }
+    };
+    for i in 0..batches.len() {
+        let outcome = send(i).await;
+        assert!(
+            matches!(outcome, Outcome::Inserted),
+            "batch {i}: {outcome:?}"
+        );
+    }
+    let clean = check(&db).await;
+    assert_eq!(clean.tables.len(), 6, "{clean}");
+    assert!(clean.is_clean(), "{clean}");
+    assert!(clean.tables.iter().all(|t| t.buckets > 0), "{clean:?}");
+
+    // A loader retry: the middle batch again under its token. Nothing may change, the request
+    // sums least of all (a distinct count would hide a double-counted batch).
+    let per_table = || async {
+        let mut out = Vec::new();
+        for t in uniques_tables() {
+            out.push(count(format!("SELECT sum(requests) FROM {db}.{t}")).await);
+        }
+        out
+    };
+    let before = per_table().await;
+    assert!(before.iter().all(|&r| r == all.len() as u64), "{before:?}");
+    let outcome = send(1).await;
+    assert!(matches!(outcome, Outcome::Inserted), "retry: {outcome:?}");
+    assert_eq!(
+        per_table().await,
+        before,
+        "a retried batch changed a rollup"
+    );
+    let exact = count(format!("SELECT uniqExact(remote_addr) FROM {db}.http_log")).await;
+    let merged = count(format!(
+        "SELECT uniqMerge(clients) FROM {db}.http_log_uniques_1h"
+    ))
+    .await;
+    assert!(exact > 1_000, "the model has many clients: {exact}");
+    assert!(
+        merged.abs_diff(exact) as f64 <= (exact as f64 * uniques::RELATIVE_TOLERANCE).max(2.0),
+        "three hours merged: {merged} against uniqExact {exact}"
+    );
+    assert!(check(&db).await.is_clean());
+
+    // Tampering behind the pipeline's back: a double-counted bucket, and clients that never came.
+    for sql in [
+        format!(
+            "INSERT INTO {db}.http_log_uniques_by_status SELECT * FROM {db}.http_log_uniques_by_status \
+             LIMIT 3 SETTINGS insert_deduplicate = 0"
+        ),
+        format!(
+            "INSERT INTO {db}.http_log_uniques_1h SELECT toStartOfHour(now() - INTERVAL 10 DAY), \
+             0, uniqState(toString(number)) FROM numbers(50) SETTINGS insert_deduplicate = 0"
+        ),
+    ] {
+        admin().query(&sql, &[]).await.unwrap();
+    }
+    let damaged = check(&db).await;
+    assert!(!damaged.is_clean(), "{damaged}");
+    let table = |name: &str| {
+        damaged
+            .tables
+            .iter()
+            .find(|t| t.table == name)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(
+        table("http_log_uniques_by_status").requests_differing,
+        3,
+        "{damaged}"
+    );
+    let hour = table("http_log_uniques_1h");
+    assert_eq!(
+        (hour.requests_differing, hour.clients_outside),
+        (0, 1),
+        "{damaged}"
+    );
+    let text = damaged.to_string();
+    assert!(text.contains("UNIQUES     http_log_uniques_1h:"), "{text}");
+
+    // As if migration 009 came after the data: its tables gone and its record too. Set-up
+    // names the six as needing a backfill, which fills them from http_log.
+    let ch = admin();
+    for t in uniques_tables() {
+        ch.query(&format!("DROP VIEW {db}.{t}_mv"), &[])
+            .await
+            .unwrap();
+        ch.query(&format!("DROP TABLE {db}.{t}"), &[])
+            .await
+            .unwrap();
+    }
+    ch.query(
+        &format!("DELETE FROM {db}.schema_migrations WHERE version = 9"),
+        &[],
+    )
+    .await
+    .unwrap();
+    let before = rollup_tables(&ch, &db).await.unwrap();
+    assert_eq!(edgelog::setup::apply_schema(&s).await.unwrap(), vec![9]);
+    let mut missing = new_rollups_missing_rows(&ch, &db, &before).await.unwrap();
+    missing.sort();
+    let mut want = uniques_tables();
+    want.sort();
+    assert_eq!(missing, want);
+    let empty = check(&db).await;
+    assert!(
+        empty
+            .tables
+            .iter()
+            .all(|t| t.requests_differing == t.buckets),
+        "the new tables hold nothing yet: {empty:?}"
+    );
+    let summary = rebuild_rollups(&ch, &db, s.clickhouse.raw_ttl_days, &missing, None)
+        .await
+        .unwrap();
+    assert_eq!(summary.replaced.len(), 6, "{summary:?}");
+    let rebuilt = check(&db).await;
+    assert!(rebuilt.is_clean(), "{rebuilt}");
+    let buckets = |c: &UniquesCheck| c.tables.iter().map(|t| t.buckets).collect::<Vec<_>>();
+    assert_eq!(
+        buckets(&rebuilt),
+        buckets(&clean),
+        "the backfill gives what the views gave"
+    );
+
+    // `edgelog totals` as an operator runs it: the unique_clients column of the last minutes.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_edgelog"))
+        .args(["totals", "--minutes", "240"])
+        .env("EDGELOG_CLICKHOUSE__DATABASE", &db)
+        .env("EDGELOG_CLICKHOUSE__ADMIN_URL", CLICKHOUSE)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("unique_clients"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    ch.query(&format!("DROP DATABASE {db}"), &[]).await.unwrap();
+}
