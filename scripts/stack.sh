@@ -28,6 +28,9 @@
 #                from scripts/kafka/secure-acls.txt (StandardAuthorizer; nothing else allowed)
 #   proxy-tls    https://127.0.0.1:8443 rate 1r/m   the proxy's config, serving HTTPS
 #   proxy-tls-fast https://127.0.0.1:8444 600r/m    same, faster, for tests
+# Shards (`shards-up`; cluster mode, section "clickhouse shards" below):
+#   clickhouse-shard1/2  127.0.0.1:8133/8143 (native 9010/9020), cluster edgelog_shards
+#   proxy-shards         127.0.0.1:8135 rate 600r/m, in front of shard 1
 # A throw-away CA and a server certificate (SAN 127.0.0.1, localhost) are made with openssl in
 # $RUN/secure/tls (clients trust ca.pem); the SCRAM passwords are generated once per stack into
 # $RUN/secure/passwords/<user> (mode 600) and never printed. $RUN/secure/admin.properties lets

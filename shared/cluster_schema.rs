@@ -580,6 +580,20 @@ mod tests {
     }
 
     proptest! {
+        /// `setup` applies only the migrations a server lacks, rewritten from the whole list: a
+        /// migration's statements must not depend on the migrations after it.
+        #[test]
+        fn a_migration_rewrites_the_same_whatever_follows_it(
+            upto in 1usize..=MIGRATIONS.len(),
+            keeper in any::<bool>(),
+        ) {
+            let form = if keeper { Form::Keeper } else { Form::PerShard };
+            let all = cluster_migrations(&rendered(), "edge", "edgelog", form).unwrap();
+            let prefix =
+                cluster_migrations(&rendered()[..upto], "edge", "edgelog", form).unwrap();
+            prop_assert_eq!(&all[..upto], &prefix[..]);
+        }
+
         /// Localizing touches exactly the known tables' qualified names: a name that merely starts
         /// like a known table, or is not qualified by the database, is left alone.
         #[test]

@@ -138,14 +138,16 @@ pub fn migration_statements(
 /// `ON CLUSTER` schema through `admin_url` (docs/OPERATIONS.md, "Cluster mode").
 pub async fn apply_schema(settings: &Settings) -> anyhow::Result<Vec<u32>> {
     let ch = &settings.clickhouse;
-    if ch.cluster.is_none() || ch.shard_admin_urls.is_empty() {
-        let form = Form::Keeper;
+    if ch.shard_admin_urls.is_empty() {
+        // One server, or a Keeper cluster reached through one of its nodes (the form matters
+        // only with a cluster).
         let on_cluster = match &ch.cluster {
             Some(c) => format!(" ON CLUSTER '{c}'"),
             None => String::new(),
         };
         let client = ClickHouseClient::admin(ch)?;
-        return apply_to(&client, ch, &migration_statements(ch, form)?, &on_cluster).await;
+        let statements = migration_statements(ch, Form::Keeper)?;
+        return apply_to(&client, ch, &statements, &on_cluster).await;
     }
     let per_shard = migration_statements(ch, Form::PerShard)?;
     let mut newly = Vec::new();

@@ -257,7 +257,8 @@ async fn a_shard_outage_is_waited_out_and_every_row_lands_once() {
 }
 
 /// The schema a Keeper cluster runs (ON CLUSTER, Replicated engines) cannot be created here: the
-/// real server parses every statement of it, and knows every engine and table setting it names.
+/// real server parses every statement of it, and knows every engine and table setting it names;
+/// `setup` without shard URLs sends it (and is refused here).
 #[tokio::test]
 async fn the_replicated_schema_parses_on_the_real_server() {
     require_shards();
@@ -311,4 +312,22 @@ async fn the_replicated_schema_parses_on_the_real_server() {
             .unwrap();
         assert_eq!(known.trim(), "1", "{setting}");
     }
+
+    // Without shard URLs, setup takes the Keeper path: ON CLUSTER through admin_url, which this
+    // server refuses (it has no Keeper) before creating anything.
+    let mut keeper = cluster_settings();
+    keeper.clickhouse.shard_admin_urls.clear();
+    let err = edgelog::setup::apply_schema(&keeper).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("Replicated DDL queries are disabled"),
+        "{err:#}"
+    );
+    let exists = client
+        .query(
+            "SELECT count() FROM system.databases WHERE name = {db:String}",
+            &[("db", &keeper.clickhouse.database)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(exists.trim(), "0");
 }
