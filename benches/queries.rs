@@ -86,7 +86,7 @@ struct Args {
     /// Skip the query phase (load and sizes only).
     #[arg(long)]
     no_queries: bool,
-    /// Measure the unique-client panels (migration 008) instead of the totals queries: per window
+    /// Measure the unique-client panels (migration 009) instead of the totals queries: per window
     /// (24 h, 7 d, 30 d ending at DATA_END) `--samples` each of the overall series, a
     /// status/cache series, one resource's series and the top 10 resources by unique clients,
     /// the first `--raw-samples` of each also against `uniqExact` on `http_log`.
@@ -1389,7 +1389,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/008), with the
+/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009), with the
 /// exact answer from the raw table for comparison. `from`/`to`: epoch seconds.
 fn uniques_sql(db: &str, kind: &str, from: u64, to: u64, q: &AnonRecord) -> (String, String) {
     let window = format!("ts >= toDateTime({from}) AND ts < toDateTime({to})");

@@ -100,10 +100,10 @@ REQUIRED = ["kafka", "clickhouse", "ch-proxy", "setup", "producer", "anonymizer"
             "prometheus", "grafana"]
 for s in REQUIRED:
     check(s in services, f"docker-compose.yml: service {s!r} is missing")
-EDGELOG_SERVICES = {"setup": "edgelog", "producer": "producer", "anonymizer": "anonymizer",
+EDGELOG_SERVICES = {"setup": "edgelog", "verify": "edgelog", "producer": "producer", "anonymizer": "anonymizer",
                     "loader": "loader"}
 HOST_PORTS = {"kafka": 9092, "clickhouse": 8123, "ch-proxy": 8124, "producer": 9101,
-              "anonymizer": 9102, "loader": 9103, "prometheus": 9090, "grafana": 3000}
+              "anonymizer": 9102, "loader": 9103, "verify": 9104, "prometheus": 9090, "grafana": 3000}
 
 
 def env_of(svc):
@@ -261,7 +261,7 @@ for svc_name, svc in services.items():
         container_ports = {c for _, _, c in published(want_svc)}
         check(u.hostname == want_svc and u.port in container_ports,
               f"{svc_name}: {var}={url!r} should point at {want_svc} on one of {sorted(container_ports)}")
-    section = {"setup": None, "producer": "PRODUCER", "anonymizer": "ANONYMIZER",
+    section = {"setup": None, "verify": None, "producer": "PRODUCER", "anonymizer": "ANONYMIZER",
                "loader": "LOADER"}[svc_name]
     if section:
         listen = env.get(f"EDGELOG_{section}__METRICS_LISTEN", "")
@@ -351,12 +351,27 @@ for job in prom_cfg.get("scrape_configs") or []:
         for t in sc.get("targets") or []:
             host, _, port = str(t).rpartition(":")
             targets[host] = int(port)
-for stage in ("producer", "anonymizer", "loader"):
+for stage in ("producer", "anonymizer", "loader", "verify"):
     check(targets.get(stage) == HOST_PORTS[stage],
           f"prometheus.yml: no target {stage}:{HOST_PORTS[stage]} (found {targets})")
 for host in targets:
     check(host in services, f"prometheus.yml: target host {host!r} is not a compose service")
 prom_vols = [str(v) for v in (services.get("prometheus") or {}).get("volumes") or []]
+rust_src = "\n".join(read(p) for p in glob.glob("shared/**/*.rs", recursive=True) + glob.glob("stages/*.rs"))
+# The continuous audit listens where Prometheus scrapes it; its alert rules are mounted and parse.
+vcmd = (services.get("verify") or {}).get("command") or []
+vlisten = vcmd[vcmd.index("--listen") + 1] if "--listen" in vcmd[:-1] else ""
+check(vlisten == f"0.0.0.0:{HOST_PORTS['verify']}",
+      f"verify: --listen should be 0.0.0.0:{HOST_PORTS['verify']}, is {vlisten!r}")
+for rule_file in prom_cfg.get("rule_files") or []:
+    rules = load_yaml(f"docker/prometheus/{rule_file}") or {}
+    check(f"./docker/prometheus/{rule_file}:/etc/prometheus/{rule_file}:ro" in prom_vols,
+          f"prometheus: docker/prometheus/{rule_file} is not mounted")
+    for group in rules.get("groups") or []:
+        for rule in group.get("rules") or []:
+            check(rule.get("alert") and rule.get("expr"), f"{rule_file}: a rule without alert or expr")
+            for metric in re.findall(r"\bedgelog_\w+", str(rule.get("expr"))):
+                check(f'"{metric}"' in rust_src, f"{rule_file}: {metric} is emitted by no Rust source")
 check("./docker/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom_vols,
       "prometheus: docker/prometheus/prometheus.yml is not mounted")
 
@@ -412,7 +427,6 @@ check({"ts", "resource_id", "response_status", "cache_status", "remote_addr", "r
        "bytes_sent", "request_time_milli"} <= totals_cols,
       f"sql/: http_log_totals columns {sorted(totals_cols)} lack what the traffic dashboard reads")
 
-rust_src = "\n".join(read(p) for p in glob.glob("shared/**/*.rs", recursive=True) + glob.glob("stages/*.rs"))
 REQUIRED_METRICS = [
     "edgelog_producer_sent_total", "edgelog_anonymizer_records_in_total",
     "edgelog_anonymizer_records_out_total", "edgelog_anonymizer_dead_letter_total",

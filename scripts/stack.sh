@@ -15,6 +15,8 @@
 #   scripts/stack.sh proxy-stop NAME
 #   scripts/stack.sh proxy-mode NAME MODE    reload a proxy as normal|budget|503|504 (fault injection)
 #   scripts/stack.sh restart kafka|clickhouse [--kill]   stop (or SIGKILL) and start again
+#   scripts/stack.sh shards-up | shards-down  two ClickHouse shards and their proxy (cluster mode)
+#   scripts/stack.sh shard-stop N | shard-start N   stop or start shard 1 or 2 (a shard outage)
 #
 # Components and ports:
 #   kafka        127.0.0.1:9092 (controller 9093)   Apache Kafka $KAFKA_VERSION from Maven Central
@@ -26,6 +28,9 @@
 #                from scripts/kafka/secure-acls.txt (StandardAuthorizer; nothing else allowed)
 #   proxy-tls    https://127.0.0.1:8443 rate 1r/m   the proxy's config, serving HTTPS
 #   proxy-tls-fast https://127.0.0.1:8444 600r/m    same, faster, for tests
+# Shards (`shards-up`; cluster mode, section "clickhouse shards" below):
+#   clickhouse-shard1/2  127.0.0.1:8133/8143 (native 9010/9020), cluster edgelog_shards
+#   proxy-shards         127.0.0.1:8135 rate 600r/m, in front of shard 1
 # A throw-away CA and a server certificate (SAN 127.0.0.1, localhost) are made with openssl in
 # $RUN/secure/tls (clients trust ca.pem); the SCRAM passwords are generated once per stack into
 # $RUN/secure/passwords/<user> (mode 600) and never printed. $RUN/secure/admin.properties lets
@@ -231,8 +236,10 @@ proxy_start() {
 # scripts/chaos.sh: `budget` (1r/m: 503 outside the budget), `503` (every request), `504` (nginx
 # gives up on ClickHouse after 1 ms: the insert usually lands, the client sees 504).
 proxy_conf() {
-  local name=$1 mode=$2 dir=$RUN/$1 port rate location listen
+  local name=$1 mode=$2 dir=$RUN/$1 port rate location listen upstream
   port=$(cat "$dir/port"); rate=$(cat "$dir/rate")
+  # The ClickHouse HTTP port behind it: the stack's server unless the proxy's dir names another.
+  upstream=$(cat "$dir/upstream" 2>/dev/null || echo 8123)
   listen="listen 127.0.0.1:$port;"
   if [ -f "$dir/tls" ]; then
     local certs; certs=$(cat "$dir/tls")
@@ -271,7 +278,7 @@ http {
         $listen
         location / {
             $location
-            proxy_pass http://127.0.0.1:8123;
+            proxy_pass http://127.0.0.1:$upstream;
         }
     }
 }
@@ -423,6 +430,78 @@ secure_down() {
   stop_pidfile kafka-secure "$SECURE/kafka/pid"
 }
 
+# ---------------------------------------------------------------- clickhouse shards (cluster mode)
+# Two more chdb-core ClickHouse servers: the two shards of cluster `edgelog_shards` (declared in
+# each one's <remote_servers>), for `clickhouse.cluster` (docs/OPERATIONS.md, "Cluster mode";
+# tests/cluster_clickhouse.rs). They shard but cannot replicate: the wheel has no Keeper
+# (docs/LIMITATIONS.md). Same launcher, users and ClickHouse as the stack's own server.
+#   clickhouse-shard1  HTTP 8133, native 9010      clickhouse-shard2  HTTP 8143, native 9020
+#   proxy-shards       127.0.0.1:8135 rate 600r/m, in front of shard 1 (the loader's path)
+SHARD_CLUSTER=edgelog_shards
+shard_http_port() { echo $(( 8123 + 10 * $1 )); }
+shard_tcp_port() { echo $(( 9000 + 10 * $1 )); }
+shard_dir() { echo "$RUN/clickhouse-shard$1"; }
+shard_ready() { curl -sf -m 2 "http://127.0.0.1:$(shard_http_port "$1")/ping" >/dev/null; }
+shard_check() { case ${1:-} in 1|2) ;; *) die "shard 1 or 2, not '${1:-}'" ;; esac; }
+
+shard_remote_servers() {
+  cat <<EOF
+<remote_servers>
+  <$SHARD_CLUSTER>
+    <shard><replica><host>127.0.0.1</host><port>$(shard_tcp_port 1)</port></replica></shard>
+    <shard><replica><host>127.0.0.1</host><port>$(shard_tcp_port 2)</port></replica></shard>
+  </$SHARD_CLUSTER>
+</remote_servers>
+EOF
+}
+
+shard_start() {
+  local n=$1 dir http
+  dir=$(shard_dir "$n"); http=$(shard_http_port "$n")
+  if pid_alive "$dir/pid"; then log "clickhouse-shard$n already running (pid $(cat "$dir/pid"))"; return 0; fi
+  port_open "$http" && die "port $http is taken by another process"
+  mkdir -p "$dir/data"
+  shard_remote_servers > "$dir/remote_servers.xml"
+  nohup "$CHDB_VENV/bin/python" "$HERE/clickhouse/clickhouse_server.py" --data "$dir/data" \
+    --http-port "$http" --tcp-port "$(shard_tcp_port "$n")" --users-xml "$HERE/clickhouse/users.xml" \
+    --extra-config "$dir/remote_servers.xml" --display-name "edgelog-shard$n" \
+    --max-server-memory-gib 1.5 > "$dir/server.log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+  wait_until "clickhouse-shard$n" 120 "$dir/pid" "$dir/server.log" shard_ready "$n"
+}
+
+shard_stop() { stop_pidfile "clickhouse-shard$1" "$(shard_dir "$1")/pid"; }
+
+shards_up() {
+  local t0; t0=$(now)
+  mkdir -p "$RUN/proxy-shards"
+  install_clickhouse; install_nginx
+  shard_start 1; shard_start 2
+  shard_http_port 1 > "$RUN/proxy-shards/upstream"
+  proxy_start proxy-shards 8135 600r/m
+  log "shards up in $(since "$t0"): cluster $SHARD_CLUSTER, HTTP 8133/8143, proxy 8135"
+}
+
+# `down` stops every proxy itself; this stops the two servers (quietly when never started).
+shards_down_servers() {
+  local n
+  for n in 1 2; do [ -d "$(shard_dir "$n")" ] && shard_stop "$n"; done
+  return 0
+}
+
+shards_down() {
+  proxy_stop proxy-shards
+  shards_down_servers
+}
+
+shards_status() {
+  local n
+  for n in 1 2; do
+    [ -d "$(shard_dir "$n")" ] && status_line "clickhouse-shard$n" "$(shard_dir "$n")/pid" "$(shard_http_port "$n")"
+  done
+  return 0
+}
+
 # ---------------------------------------------------------------- stop / status
 stop_pidfile() {
   local name=$1 pidfile=$2 pid
@@ -456,6 +535,7 @@ status() {
     status_line proxy-tls "$RUN/proxy-tls/nginx.pid" 8443
     status_line proxy-tls-fast "$RUN/proxy-tls-fast/nginx.pid" 8444
   fi
+  shards_status
   local extra
   for extra in "$RUN"/*/nginx.pid; do
     [ -e "$extra" ] || continue
@@ -509,6 +589,7 @@ down() {
   stop_pidfile kafka-secure "$SECURE/kafka/pid"
   stop_pidfile kafka "$RUN/kafka/pid"
   stop_pidfile clickhouse "$RUN/clickhouse/pid"
+  shards_down_servers
 }
 
 case ${1:-} in
@@ -527,6 +608,10 @@ case ${1:-} in
   proxy-start) [ $# -eq 4 ] || die "usage: $0 proxy-start NAME PORT RATE"; install_nginx; proxy_start "$2" "$3" "$4" ;;
   proxy-stop) [ $# -eq 2 ] || die "usage: $0 proxy-stop NAME"; proxy_stop "$2" ;;
   proxy-mode) [ $# -eq 3 ] || die "usage: $0 proxy-mode NAME normal|budget|503|504"; proxy_mode "$2" "$3" ;;
+  shards-up) shards_up ;;
+  shards-down) shards_down ;;
+  shard-stop) shard_check "${2:-}"; shard_stop "$2" ;;
+  shard-start) shard_check "${2:-}"; shard_start "$2" ;;
   restart) [ $# -ge 2 ] || die "usage: $0 restart kafka|clickhouse [--kill]"; restart "$2" "${3:-}" ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, starts the local stack (real Kafka, ClickHouse,
-# nginx, and the secure parts: `scripts/stack.sh up --secure`) if it is not running, then runs
-# formatting and lint checks, the Docker and Helm checks, every test, and a short fault-injection
-# run (scripts/chaos.sh; CHAOS_SECONDS, default 90).
+# nginx, the secure parts: `scripts/stack.sh up --secure`, and two ClickHouse shards:
+# `shards-up`) if it is not running, then runs formatting and lint checks, the Docker and Helm
+# checks, every test, and a short fault-injection run (scripts/chaos.sh; CHAOS_SECONDS, default 90).
 # A stack this script started is stopped again when it exits; one that was running stays up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -21,6 +21,11 @@ fi
 if [ "$(grep -cE '^(kafka-secure|proxy-tls|proxy-tls-fast) +running' <<<"$stack_status")" -lt 3 ]; then
   scripts/stack.sh secure-up
   stop_at_exit+=(secure-down)
+fi
+# Two ClickHouse shards and their proxy (tests/cluster_clickhouse.rs, cluster mode).
+if [ "$(grep -cE '^(clickhouse-shard1|clickhouse-shard2|proxy-shards) +running' <<<"$stack_status")" -lt 3 ]; then
+  scripts/stack.sh shards-up
+  stop_at_exit+=(shards-down)
 fi
 trap 'for c in "${stop_at_exit[@]}"; do scripts/stack.sh "$c" >/dev/null; done' EXIT
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Error and size of the unique-client states (sql/008) on the producer's traffic.
+# Error and size of the unique-client states (sql/009) on the producer's traffic.
 #
 #   scripts/uniques-error.sh [DATABASE] [CLICKHOUSE_URL]
 #

@@ -98,6 +98,7 @@ pub async fn backfill(
     tables: &[String],
     days: Option<&Days>,
 ) -> anyhow::Result<BackfillSummary> {
+    crate::staging::refuse_in_cluster_mode(&settings.clickhouse, "backfill")?;
     let s = settings.clone();
     tokio::task::spawn_blocking(move || refuse_if_loader_running(&s)).await??;
     let ch = ClickHouseClient::admin(&settings.clickhouse)?;

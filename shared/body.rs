@@ -195,8 +195,14 @@ pub fn encode_body_at(records: &[&AnonRecord], level: i32) -> Vec<u8> {
 /// attempt (dedup works per block), so block sizes are fixed here, never left to server defaults.
 /// Every one of them exists in ClickHouse 22.1 (an unknown setting fails the request). The Native
 /// String -> LowCardinality conversion the body relies on is on by default on every version.
-pub const INSERT_SETTINGS: [(&str, &str); 8] = [
+pub const INSERT_SETTINGS: [(&str, &str); 9] = [
     ("async_insert", "0"),
+    // Cluster mode (`http_log` a Distributed table): the answer comes after every shard has
+    // written its rows, each under the request's dedup token, so a 200 means the whole batch
+    // landed and a retry after a failure deduplicates on each shard (docs/ARCHITECTURE.md,
+    // "Cluster mode"). No effect on a MergeTree table. (`distributed_foreground_insert` since
+    // 23.x; this older name is what 22.1 knows, and is kept as its alias.)
+    ("insert_distributed_sync", "1"),
     ("insert_deduplicate", "1"),
     ("deduplicate_blocks_in_dependent_materialized_views", "1"),
     ("max_insert_block_size", "1048576"),

@@ -81,7 +81,7 @@ pub const STATUS_CACHE: Dimensions = Dimensions {
     ],
 };
 
-/// Resource alone (the unique-client rollups of migration 008), measured on the 3-day, 10M-record
+/// Resource alone (the unique-client rollups of migration 009), measured on the 3-day, 10M-record
 /// dataset at 38.6 records/s (docs/BENCHMARKS.md, "Unique clients"): longer buckets for higher
 /// rates, every 10th/100th record for lower ones. Saturates at the model's 10,000 resources.
 pub const RESOURCE: Dimensions = Dimensions {
@@ -97,7 +97,7 @@ pub const RESOURCE: Dimensions = Dimensions {
     ],
 };
 
-/// No dimension: one row per bucket (the overall unique-client rollups of migration 008).
+/// No dimension: one row per bucket (the overall unique-client rollups of migration 009).
 pub const NONE: Dimensions = Dimensions {
     name: "none",
     curve: &[(1.0, 1.0), (10_000_000.0, 1.0 / 10_000_000.0)],
@@ -181,7 +181,7 @@ pub const TABLES: [Table; 16] = [
         rollup: Some((&RESOURCE_STATUS_CACHE_IP, 86_400)),
         bytes_per_row: 6.69,
     },
-    // Migration 008, unique-client states, merges settled at 38.6 records/s (docs/BENCHMARKS.md,
+    // Migration 009, unique-client states, merges settled at 38.6 records/s (docs/BENCHMARKS.md,
     // "Unique clients"). A state takes ~4 B per distinct client of its bucket (up to 256 KiB), so
     // these grow with the rate where the others do not: at higher rates an underestimate.
     Table {

@@ -396,6 +396,14 @@ pub struct ClickHouseSettings {
     pub raw_ttl_days: u32,
     /// TTL of the totals table, in days (0 = keep forever, at most [`MAX_TTL_DAYS`]).
     pub totals_ttl_days: u32,
+    /// Cluster mode: the `<remote_servers>` cluster the tables are sharded over (each table a
+    /// shard-local `<table>_local` and a `Distributed` table under the table's own name; see
+    /// [`crate::cluster_schema`]). Unset: one server.
+    pub cluster: Option<String>,
+    /// Cluster mode on servers without Keeper (the local stack): each shard's direct HTTP
+    /// endpoint; `edgelog setup` applies the per-shard schema to every one of them. Empty:
+    /// `setup` applies the `ON CLUSTER` schema once, through `admin_url`.
+    pub shard_admin_urls: Vec<String>,
 }
 
 impl Default for ClickHouseSettings {
@@ -415,6 +423,8 @@ impl Default for ClickHouseSettings {
             database: "edgelog".into(),
             raw_ttl_days: 30,
             totals_ttl_days: 400,
+            cluster: None,
+            shard_admin_urls: Vec::new(),
         }
     }
 }
@@ -471,6 +481,20 @@ impl ClickHouseSettings {
             ("clickhouse.admin_url", &ch.admin_url),
         ] {
             check_http_url(key, url)?;
+        }
+        for url in &ch.shard_admin_urls {
+            check_http_url("clickhouse.shard_admin_urls", url)?;
+        }
+        match &ch.cluster {
+            // Written into DDL (ON CLUSTER, Distributed) like the database name.
+            Some(name) => check_identifier("clickhouse.cluster", name)?,
+            None if !ch.shard_admin_urls.is_empty() => {
+                return Err(invalid(
+                    "clickhouse.shard_admin_urls",
+                    "needs clickhouse.cluster (the cluster the shards form)",
+                ))
+            }
+            None => {}
         }
         Ok(())
     }
@@ -1183,6 +1207,24 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_loads_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.set_env("EDGELOG_CLICKHOUSE__CLUSTER", "edgelog_shards");
+            jail.set_env(
+                "EDGELOG_CLICKHOUSE__SHARD_ADMIN_URLS",
+                r#"["http://127.0.0.1:8133", "http://127.0.0.1:8143"]"#,
+            );
+            let s = Settings::load(None, &[]).unwrap();
+            assert_eq!(s.clickhouse.cluster.as_deref(), Some("edgelog_shards"));
+            assert_eq!(
+                s.clickhouse.shard_admin_urls,
+                ["http://127.0.0.1:8133", "http://127.0.0.1:8143"]
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn unknown_key_in_file_is_named() {
         Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[loader]\nslot_spacin = \"70s\"\n")?;
@@ -1403,6 +1445,22 @@ mod tests {
             ("clickhouse.user", "edgelog loader".into()),
             ("clickhouse.user", "edgelog\r\nX-Injected: 1".into()),
             ("clickhouse.admin_user", "adm\nin".into()),
+            ("clickhouse.cluster", "edge shards".into()),
+            ("clickhouse.cluster", "c;DROP".into()),
+            ("clickhouse.cluster", "".into()),
+            (
+                "clickhouse.shard_admin_urls",
+                toml::Value::Array(vec!["ftp://127.0.0.1:8133".into()]),
+            ),
+            (
+                "clickhouse.shard_admin_urls",
+                toml::Value::Array(vec!["http://u:p@127.0.0.1:8133".into()]),
+            ),
+            (
+                // Shards without a cluster to form.
+                "clickhouse.shard_admin_urls",
+                toml::Value::Array(vec!["http://127.0.0.1:8133".into()]),
+            ),
         ];
         cases.extend(numbers.iter().cloned());
         Jail::expect_with(|jail| {

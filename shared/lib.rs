@@ -13,7 +13,8 @@
 //! Layers, imports pointing down (docs/ARCHITECTURE.md draws them, with where each decision lives
 //! and the path of one record):
 //! 1. protocol and pure decisions: `record`, `anon_record`, `validate`, `anonymize`,
-//!    `url_query`, `dead_letter`, `batch`, `body`, `clock`; they import no stage;
+//!    `url_query`, `dead_letter`, `batch`, `body`, `clock`, `cluster_schema`; they import no
+//!    stage;
 //! 2. settings: `config`;
 //! 3. adapters: `kafka`, `topic_id`, `clickhouse`, `telemetry`, `health`, `log_gate`,
 //!    `shutdown`, `cli`, `txn`;
@@ -33,6 +34,8 @@
 //!   and dedup token: a protocol shared by the loader, `status`, `verify` and `replay`.
 //! - [`body`]: the insert body (ClickHouse Native, rows in a fixed order, compressed), a pure
 //!   function of the records; used by the loader and `replay`.
+//! - [`cluster_schema`]: cluster mode's DDL: each migration statement as a shard-local table and
+//!   a `Distributed` table (replicated `ON CLUSTER` form, and the per-shard form `setup` applies).
 //! - [`record`]: the log record, its Cap'n Proto wire form (input topic).
 //! - [`validate`]: the validity policy of an input record's fields (pure; now is a parameter).
 //! - [`anonymize`]: the IP anonymization, a pure function.
@@ -70,6 +73,7 @@ pub mod capacity;
 pub mod cli;
 pub mod clickhouse;
 pub mod clock;
+pub mod cluster_schema;
 pub mod config;
 pub mod dead_letter;
 pub mod health;

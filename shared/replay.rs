@@ -46,6 +46,7 @@ pub struct ReplaySummary {
 }
 
 pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySummary> {
+    crate::staging::refuse_in_cluster_mode(&settings.clickhouse, "replay")?;
     let s = settings.clone();
     let positions = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         refuse_if_loader_running(&s)?;

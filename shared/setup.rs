@@ -17,6 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::clickhouse::ClickHouseClient;
+use crate::cluster_schema::{cluster_migrations, Form};
 use crate::config::{ClickHouseSettings, KafkaOptions, Settings};
 use crate::kafka::client_config;
 
@@ -65,8 +66,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 8,
-        name: "008_http_log_uniques.sql",
-        sql: include_str!("../sql/008_http_log_uniques.sql"),
+        name: "008_verify_audited.sql",
+        sql: include_str!("../sql/008_verify_audited.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "009_http_log_uniques.sql",
+        sql: include_str!("../sql/009_http_log_uniques.sql"),
     },
 ];
 
@@ -110,14 +116,73 @@ pub fn statements(sql: &str) -> Vec<String> {
     out
 }
 
-/// Applies pending migrations; returns the versions applied by this call.
+/// Every migration's statements, in order, as this configuration applies them: as written, or
+/// rewritten for cluster mode (`clickhouse.cluster`) in the form `form`.
+pub fn migration_statements(
+    ch: &ClickHouseSettings,
+    form: Form,
+) -> anyhow::Result<Vec<Vec<String>>> {
+    let plain: Vec<Vec<String>> = MIGRATIONS
+        .iter()
+        .map(|m| statements(&render(m.sql, ch)))
+        .collect();
+    match &ch.cluster {
+        None => Ok(plain),
+        Some(cluster) => Ok(cluster_migrations(&plain, cluster, &ch.database, form)?),
+    }
+}
+
+/// Applies pending migrations; returns the versions applied by this call. In cluster mode with
+/// `clickhouse.shard_admin_urls`, applies the per-shard schema to every shard (a version counts
+/// as applied by this call when some shard lacked it); with a cluster and no shard URLs, the
+/// `ON CLUSTER` schema through `admin_url` (docs/OPERATIONS.md, "Cluster mode").
 pub async fn apply_schema(settings: &Settings) -> anyhow::Result<Vec<u32>> {
     let ch = &settings.clickhouse;
-    let client = ClickHouseClient::admin(ch)?;
+    if ch.shard_admin_urls.is_empty() {
+        // One server, or a Keeper cluster reached through one of its nodes (the form matters
+        // only with a cluster).
+        let on_cluster = match &ch.cluster {
+            Some(c) => format!(" ON CLUSTER '{c}'"),
+            None => String::new(),
+        };
+        let client = ClickHouseClient::admin(ch)?;
+        let statements = migration_statements(ch, Form::Keeper)?;
+        return apply_to(&client, ch, &statements, &on_cluster).await;
+    }
+    let per_shard = migration_statements(ch, Form::PerShard)?;
+    let mut newly = Vec::new();
+    for url in &ch.shard_admin_urls {
+        let shard = ClickHouseSettings {
+            admin_url: url.clone(),
+            ..ch.clone()
+        };
+        let client = ClickHouseClient::admin(&shard)?;
+        let applied = apply_to(&client, ch, &per_shard, "")
+            .await
+            .with_context(|| format!("setting up shard {url}"))?;
+        newly.extend(applied);
+    }
+    newly.sort_unstable();
+    newly.dedup();
+    Ok(newly)
+}
+
+/// Applies the migrations `statements` (one list per entry of [`MIGRATIONS`]) not yet recorded
+/// in the server's `schema_migrations`.
+async fn apply_to(
+    client: &ClickHouseClient,
+    ch: &ClickHouseSettings,
+    statements: &[Vec<String>],
+    on_cluster: &str,
+) -> anyhow::Result<Vec<u32>> {
     let db = &ch.database;
     client
-        .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"), &[])
+        .query(
+            &format!("CREATE DATABASE IF NOT EXISTS {db}{on_cluster}"),
+            &[],
+        )
         .await?;
+    // The record of applied migrations stays on the server that applies them.
     client
         .query(
             &format!(
@@ -139,13 +204,13 @@ pub async fn apply_schema(settings: &Settings) -> anyhow::Result<Vec<u32>> {
         .filter_map(|l| l.trim().parse().ok())
         .collect();
     let mut newly = Vec::new();
-    for m in MIGRATIONS {
+    for (m, stmts) in MIGRATIONS.iter().zip(statements) {
         if applied.contains(&m.version) {
             continue;
         }
-        for stmt in statements(&render(m.sql, ch)) {
+        for stmt in stmts {
             client
-                .query(&stmt, &[])
+                .query(stmt, &[])
                 .await
                 .with_context(|| format!("applying {} (statement: {stmt})", m.name))?;
         }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::clickhouse::ClickHouseClient;
-use crate::config::{KafkaOptions, Settings};
+use crate::config::{ClickHouseSettings, KafkaOptions, Settings};
 use crate::kafka::client_config;
 
 /// Suffix of the staging copy of a table.
@@ -114,6 +114,20 @@ pub(crate) fn retarget(select: &str, from: &str, to: &str) -> String {
 /// server's memory limit (measured: 36,000 rows of `http_log_top_1h`).
 const SMALL_BLOCKS: &str =
     "SETTINGS max_block_size = 1024, min_insert_block_size_rows = 1024, min_insert_block_size_bytes = 0";
+
+/// Staging copies and partition swaps work on one server's MergeTree tables; in cluster mode
+/// `http_log` and the rollups are Distributed tables over each shard's locals, which this does not
+/// rebuild (docs/LIMITATIONS.md, "Cluster mode"). Refuses before anything is touched.
+pub fn refuse_in_cluster_mode(ch: &ClickHouseSettings, command: &str) -> anyhow::Result<()> {
+    if let Some(cluster) = &ch.cluster {
+        bail!(
+            "`edgelog {command}` does not run in cluster mode (clickhouse.cluster = {cluster:?}): \
+             it rebuilds tables by swapping partitions on one server, and the tables here are \
+             sharded; see docs/LIMITATIONS.md"
+        );
+    }
+    Ok(())
+}
 
 /// Each rollup table fed from `http_log` by a materialized view, with that view's SELECT.
 pub async fn rollups(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Vec<(String, String)>> {

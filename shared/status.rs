@@ -92,10 +92,19 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
     }
 
     let db = &settings.clickhouse.database;
+    // In cluster mode `http_log` is a Distributed table: rows are counted through it, parts are
+    // those of every shard's `http_log_local`.
+    let (parts, raw_table) = match &settings.clickhouse.cluster {
+        Some(cluster) => (
+            format!("clusterAllReplicas('{cluster}', system.parts)"),
+            "http_log_local",
+        ),
+        None => ("system.parts".to_string(), "http_log"),
+    };
     let sql = format!(
         "SELECT count(), max(timestamp), \
-           (SELECT max(modification_time) FROM system.parts \
-            WHERE database = {{db:String}} AND table = 'http_log' AND active) \
+           (SELECT max(modification_time) FROM {parts} \
+            WHERE database = {{db:String}} AND table = '{raw_table}' AND active) \
          FROM {db}.http_log FORMAT TSV"
     );
     let answer = match ClickHouseClient::admin(&settings.clickhouse) {

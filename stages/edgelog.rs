@@ -44,11 +44,33 @@ enum Command {
     },
     /// Audit exactly-once: input offsets versus rows in ClickHouse, plus the dead-letter topic and
     /// what is in flight; and the totals table versus a recount. Exits 1 on any discrepancy.
+    ///
+    /// Audits one offset bucket per partition at a time (bounded memory at any table size) and
+    /// remembers clean buckets and days in ClickHouse (`verify_audited`, `verify_days_audited`):
+    /// by default a run audits only what is new or changed since; `--full` audits everything.
     Verify {
         /// First wait up to this long (e.g. `5m`) for the pipeline to drain, then audit; exits 1
         /// if it has not drained by then.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "watch")]
         wait_drained: Option<std::time::Duration>,
+        /// Audit everything again, ignoring what earlier runs recorded as clean.
+        #[arg(long)]
+        full: bool,
+        /// Offsets per bucket: the most rows ClickHouse groups in one query and the client holds.
+        #[arg(long, default_value_t = edgelog::verify::DEFAULT_BUCKET_OFFSETS,
+              value_parser = clap::value_parser!(i64).range(1..))]
+        bucket_offsets: i64,
+        /// Audit continuously (incrementally, every `--interval`), exporting the findings as
+        /// Prometheus gauges on `--listen` (`/metrics`, `/healthz`, `/readyz`). Runs until
+        /// SIGINT/SIGTERM.
+        #[arg(long)]
+        watch: bool,
+        /// Pause between two runs of `--watch`.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Address for `--watch`'s metrics and health endpoints.
+        #[arg(long, default_value = "127.0.0.1:9104")]
+        listen: std::net::SocketAddr,
     },
     /// Reload whole days (UTC) from the anonymized topic into ClickHouse, replacing what the raw
     /// table and every rollup hold for them (per partition, atomically). Stop the loaders first;
@@ -177,7 +199,7 @@ async fn main() -> anyhow::Result<()> {
             let client = ClickHouseClient::admin(&settings.clickhouse)?;
             let db = &settings.clickhouse.database;
             // unique_clients: distinct anonymized addresses (IPv4 /24s, IPv6 /48s) in the five
-            // minutes, merged from the per-minute states of http_log_uniques (migration 008).
+            // minutes, merged from the per-minute states of http_log_uniques (migration 009).
             let sql = format!(
                 "SELECT t, reqs, bytes, avg_ms, unique_clients FROM \
                  (SELECT toStartOfFiveMinutes(ts) AS t, sum(requests) AS reqs, \
@@ -239,10 +261,26 @@ async fn main() -> anyhow::Result<()> {
             };
             print!("{}", edgelog::status::report(&settings, &endpoints).await);
         }
-        Command::Verify { wait_drained } => {
+        Command::Verify {
+            wait_drained,
+            full,
+            bucket_offsets,
+            watch,
+            interval,
+            listen,
+        } => {
+            let options = edgelog::verify::AuditOptions {
+                bucket_offsets,
+                incremental: !full,
+            };
+            if watch {
+                return edgelog::verify::watch::watch(&settings, options, interval, listen).await;
+            }
             let report = match wait_drained {
-                Some(timeout) => edgelog::verify::audit_when_drained(&settings, timeout).await?,
-                None => edgelog::verify::audit(&settings).await?,
+                Some(timeout) => {
+                    edgelog::verify::audit_when_drained_with(&settings, timeout, &options).await?
+                }
+                None => edgelog::verify::audit_with(&settings, &options).await?,
             };
             println!("{report}");
             let undrained = wait_drained.is_some() && !report.is_drained();

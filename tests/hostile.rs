@@ -73,7 +73,7 @@ async fn hostile_records_are_loaded_or_dead_lettered_once_and_verify_names_why()
         "{report}"
     );
     let stored = cases.iter().filter(|(_, _, r)| r.is_none()).count() as u64;
-    let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
+    let landed: u64 = report.partitions.iter().map(|p| p.landed).sum();
     assert_eq!(landed, stored, "{report}");
     assert_loaded_exactly_once(&s, stored).await;
     let text = report.to_string();

@@ -67,7 +67,7 @@ async fn replay_rebuilds_damaged_days_exactly() {
     let report = edgelog::verify::audit(&s).await.unwrap();
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.dead_letters.without_input_source, 1, "{report}");
-    let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
+    let landed: u64 = report.partitions.iter().map(|p| p.landed).sum();
     assert_eq!(landed, good, "{report}");
     let staging = count(format!(
         "SELECT count() FROM system.tables WHERE database = '{db}' AND name LIKE '%replay%'"

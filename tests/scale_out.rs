@@ -35,7 +35,7 @@ async fn assert_verify_clean(s: &Settings, expected_rows: u64) {
         .await
         .unwrap();
     assert!(report.is_clean() && report.is_drained(), "{report}");
-    let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
+    let landed: u64 = report.partitions.iter().map(|p| p.landed).sum();
     assert_eq!(landed, expected_rows, "{report}");
 }
 

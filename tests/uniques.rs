@@ -1,4 +1,4 @@
-//! The unique-client rollups (migration 008) on the real ClickHouse: fed by the loader's own
+//! The unique-client rollups (migration 009) on the real ClickHouse: fed by the loader's own
 //! inserts, unchanged by a retried batch, checked by `verify` against `uniqExact`, caught when
 //! tampered with, and filled by `backfill` when the migration comes after the data.
 
@@ -139,7 +139,7 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
     let text = damaged.to_string();
     assert!(text.contains("UNIQUES     http_log_uniques_1h:"), "{text}");
 
-    // As if migration 008 came after the data: its tables gone and its record too. Set-up
+    // As if migration 009 came after the data: its tables gone and its record too. Set-up
     // names the six as needing a backfill, which fills them from http_log.
     let ch = admin();
     for t in uniques_tables() {
@@ -151,13 +151,13 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
             .unwrap();
     }
     ch.query(
-        &format!("DELETE FROM {db}.schema_migrations WHERE version = 8"),
+        &format!("DELETE FROM {db}.schema_migrations WHERE version = 9"),
         &[],
     )
     .await
     .unwrap();
     let before = rollup_tables(&ch, &db).await.unwrap();
-    assert_eq!(edgelog::setup::apply_schema(&s).await.unwrap(), vec![8]);
+    assert_eq!(edgelog::setup::apply_schema(&s).await.unwrap(), vec![9]);
     let mut missing = new_rollups_missing_rows(&ch, &db, &before).await.unwrap();
     missing.sort();
     let mut want = uniques_tables();

@@ -8,6 +8,7 @@ runs, so the last statement sleeps until the process is killed.
 
 Usage: clickhouse_server.py --data DIR [--host 127.0.0.1] [--http-port 8123] [--tcp-port 9000]
                             [--users-xml FILE] [--max-server-memory-gib N]
+                            [--extra-config FILE] [--display-name NAME]
 """
 import argparse
 import os
@@ -20,7 +21,12 @@ ap.add_argument("--http-port", type=int, default=8123)
 ap.add_argument("--tcp-port", type=int, default=9000, help="0 = no native TCP listener")
 ap.add_argument("--users-xml", default="", help="users, passwords, profiles")
 ap.add_argument("--max-server-memory-gib", type=float, default=0, help="0 = ClickHouse default")
+ap.add_argument(
+    "--extra-config", default="", help="XML elements added inside <clickhouse> (e.g. remote_servers)"
+)
+ap.add_argument("--display-name", default="edgelog-local")
 a = ap.parse_args()
+extra = open(a.extra_config).read() if a.extra_config else ""
 
 data = os.path.abspath(a.data)
 run = os.path.join(data, "_run")
@@ -37,9 +43,10 @@ with open(os.path.join(run, "config.xml"), "w") as f:
   <listen_host>{a.host}</listen_host>
   <http_port>{a.http_port}</http_port>
   <tcp_port>{a.tcp_port}</tcp_port>
-  <display_name>edgelog-local</display_name>
+  <display_name>{a.display_name}</display_name>
   {users}
   {memory}
+  {extra}
 </clickhouse>
 """
     )

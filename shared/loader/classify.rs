@@ -21,6 +21,7 @@ pub enum ErrorClass {
 /// Codes a later retry of the very same request can pass after.
 const RETRIABLE: &[u32] = &[
     3,   // UNEXPECTED_END_OF_FILE (body cut by a dying connection)
+    32,  // ATTEMPT_TO_READ_AFTER_EOF (a shard's connection closed mid-insert: cluster mode)
     33,  // CANNOT_READ_ALL_DATA (same, seen from the Native reader)
     159, // TIMEOUT_EXCEEDED
     164, // READONLY (e.g. during a restart)
@@ -30,6 +31,7 @@ const RETRIABLE: &[u32] = &[
     236, // ABORTED
     241, // MEMORY_LIMIT_EXCEEDED (server-wide memory pressure; a batch is at most ~10 MB raw)
     242, // TABLE_IS_READ_ONLY
+    279, // ALL_CONNECTION_TRIES_FAILED (a shard unreachable: cluster mode)
     319, // UNKNOWN_STATUS_OF_INSERT
     335, // BARRIER_TIMEOUT
     394, // QUERY_WAS_CANCELLED
@@ -108,7 +110,9 @@ mod tests {
 
     #[test]
     fn table_by_code() {
-        for code in [3, 159, 164, 202, 209, 210, 241, 242, 319, 394, 425, 999] {
+        for code in [
+            3, 32, 159, 164, 202, 209, 210, 241, 242, 279, 319, 394, 425, 999,
+        ] {
             assert_eq!(classify_clickhouse(code, "x"), Retriable, "{code}");
         }
         for code in [6, 27, 41, 69, 70, 72, 117, 131, 321, 469] {

@@ -1,4 +1,4 @@
-//! The unique-client rollups (migration 008) against an exact recount from `http_log`.
+//! The unique-client rollups (migration 009) against an exact recount from `http_log`.
 //!
 //! Per bucket of every such table: the request sum must equal the raw rows' count exactly (a
 //! distinct count cannot show a double-counted retry, a sum does), and the merged `uniq` state
@@ -181,7 +181,7 @@ mod tests {
     fn every_table_of_the_migration_is_checked_with_its_view_bucket() {
         let sql = crate::setup::MIGRATIONS
             .iter()
-            .find(|m| m.name == "008_http_log_uniques.sql")
+            .find(|m| m.name == "009_http_log_uniques.sql")
             .unwrap()
             .sql;
         for (table, bucket, keys) in TABLES {

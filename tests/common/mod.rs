@@ -142,10 +142,16 @@ pub fn fresh_loopback_ip() -> std::net::IpAddr {
 
 /// Runs a one-number `SELECT` on the admin endpoint.
 pub async fn count(sql: impl AsRef<str>) -> u64 {
-    let text = admin().query(sql.as_ref(), &[]).await.unwrap();
+    count_at(CLICKHOUSE, sql).await
+}
+
+/// Runs a one-number `SELECT` as `default` on the ClickHouse at `url` (a shard, say).
+pub async fn count_at(url: &str, sql: impl AsRef<str>) -> u64 {
+    let client = ClickHouseClient::new(url, "default", &Default::default()).unwrap();
+    let text = client.query(sql.as_ref(), &[]).await.unwrap();
     text.trim()
         .parse()
-        .unwrap_or_else(|_| panic!("not a number: {text:?} from {}", sql.as_ref()))
+        .unwrap_or_else(|_| panic!("not a number: {text:?} from {} at {url}", sql.as_ref()))
 }
 
 /// Per partition of `topic`: (`group`'s committed offset, high watermark, commit metadata).
@@ -426,21 +432,32 @@ pub fn serve_health(health: &std::sync::Arc<edgelog::health::Health>) -> std::ne
 /// One copy of each of `good` rows in `http_log` (by source offset), and totals that equal a
 /// recount.
 pub async fn assert_loaded_exactly_once(s: &Settings, good: u64) {
+    assert_loaded_exactly_once_at(CLICKHOUSE, s, good).await
+}
+
+/// [`assert_loaded_exactly_once`] on the ClickHouse at `url` (in cluster mode, a shard that holds
+/// the Distributed tables: the counts cover every shard).
+pub async fn assert_loaded_exactly_once_at(url: &str, s: &Settings, good: u64) {
     let db = &s.clickhouse.database;
     assert_eq!(
-        count(format!("SELECT count() FROM {db}.http_log")).await,
+        count_at(url, format!("SELECT count() FROM {db}.http_log")).await,
         good,
         "one copy of each row"
     );
     assert_eq!(
-        count(format!(
-            "SELECT uniqExact(source_partition, source_offset) FROM {db}.http_log"
-        ))
+        count_at(
+            url,
+            format!("SELECT uniqExact(source_partition, source_offset) FROM {db}.http_log")
+        )
         .await,
         good
     );
     assert_eq!(
-        count(format!("SELECT sum(requests) FROM {db}.http_log_totals")).await,
+        count_at(
+            url,
+            format!("SELECT sum(requests) FROM {db}.http_log_totals")
+        )
+        .await,
         good,
         "totals equal a recount from http_log"
     );

@@ -1,0 +1,333 @@
+//! Cluster mode (`clickhouse.cluster`) on two real ClickHouse shards (`scripts/stack.sh
+//! shards-up`: HTTP 8133 and 8143, a proxy on 8135 in front of shard 1): `edgelog setup` applies
+//! the per-shard schema to both, the loader inserts through the `Distributed` table
+//! synchronously, and exactly-once holds across shards when the loader crashes at each step of a
+//! batch and when a shard is down. `verify` and `status` read through the Distributed tables. The
+//! replicated (Keeper) form of the schema, which these servers cannot run, is parsed by the real
+//! server. A missing shard fails every test with how to start it.
+
+mod common;
+
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::*;
+use edgelog::cluster_schema::Form;
+use edgelog::config::Settings;
+
+const SHARD_1: &str = "http://127.0.0.1:8133";
+const SHARD_2: &str = "http://127.0.0.1:8143";
+const SHARD_PROXY: &str = "http://127.0.0.1:8135";
+const CLUSTER: &str = "edgelog_shards";
+
+/// The outage test stops shard 2: no other test of this file may run meanwhile.
+static SHARDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn require_shards() {
+    require_stack();
+    for (name, addr) in [
+        ("ClickHouse shard 1", "127.0.0.1:8133"),
+        ("ClickHouse shard 2", "127.0.0.1:8143"),
+        ("the shards' proxy", "127.0.0.1:8135"),
+    ] {
+        let sock: SocketAddr = addr.parse().unwrap();
+        if TcpStream::connect_timeout(&sock, Duration::from_secs(2)).is_err() {
+            panic!(
+                "{name} is not running on {addr}. Cluster tests need the two shards: run \
+                 `scripts/stack.sh shards-up` (scripts/test.sh starts them)."
+            );
+        }
+    }
+}
+
+/// An isolated pipeline whose ClickHouse is the two-shard cluster; 4 source partitions, so both
+/// shards get rows (the sharding key is the source partition).
+fn cluster_settings() -> Settings {
+    let mut s = isolated_settings();
+    s.topics.partitions = 4;
+    s.clickhouse.cluster = Some(CLUSTER.into());
+    s.clickhouse.shard_admin_urls = vec![SHARD_1.into(), SHARD_2.into()];
+    s.clickhouse.admin_url = SHARD_1.into();
+    s.clickhouse.url = SHARD_PROXY.into();
+    s.loader.source_address = Some(fresh_loopback_ip());
+    // Each record to a random partition (librdkafka's sticky partitioner would put a small run's
+    // records on one or two partitions, maybe all on one shard).
+    s.producer
+        .kafka_options
+        .0
+        .insert("sticky.partitioning.linger.ms".into(), "0".into());
+    s
+}
+
+fn stack(args: &[&str]) {
+    let status = std::process::Command::new("scripts/stack.sh")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/stack.sh {args:?}: {status}");
+}
+
+/// Every row on the one shard its source partition maps to (`source_partition % 2`), rows on
+/// both shards, and the whole cluster holding each row once.
+async fn assert_sharded_exactly_once(s: &Settings, good: u64) {
+    assert_loaded_exactly_once_at(SHARD_1, s, good).await;
+    let db = &s.clickhouse.database;
+    let mut total = 0;
+    for (shard, url) in [(0, SHARD_1), (1, SHARD_2)] {
+        let local = count_at(url, format!("SELECT count() FROM {db}.http_log_local")).await;
+        let elsewhere = count_at(
+            url,
+            format!(
+                "SELECT count() FROM {db}.http_log_local WHERE source_partition % 2 != {shard}"
+            ),
+        )
+        .await;
+        assert_eq!(elsewhere, 0, "shard {url} holds only its partitions' rows");
+        assert!(local > 0, "shard {url} holds rows");
+        let totals = count_at(
+            url,
+            format!("SELECT sum(requests) FROM {db}.http_log_totals_local"),
+        )
+        .await;
+        assert_eq!(totals, local, "shard {url}'s views fed its own rollups");
+        total += local;
+    }
+    assert_eq!(total, good);
+}
+
+async fn drop_database(s: &Settings) {
+    for url in [SHARD_1, SHARD_2] {
+        let client =
+            edgelog::clickhouse::ClickHouseClient::new(url, "default", &Default::default())
+                .unwrap();
+        client
+            .query(&format!("DROP DATABASE {}", s.clickhouse.database), &[])
+            .await
+            .unwrap();
+    }
+}
+
+/// Crash the loader at `failpoint`, restart it, and check the cluster. Returns the settings and
+/// the rows the cluster held right after the crash.
+async fn crash_then_recover(failpoint: &str) -> (Settings, u64, u64) {
+    let s = cluster_settings();
+    let good = fill_anonymized_topic(&s, 3_000).await.sent;
+    let status = loader_command(&s)
+        .env("LOADER_FAILPOINT", failpoint)
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the loader crashed at {failpoint}");
+    let db = s.clickhouse.database.clone();
+    let after_crash = count_at(SHARD_1, format!("SELECT count() FROM {db}.http_log")).await;
+
+    let mut child = KillOnDrop::spawn(&mut loader_command(&s));
+    wait_no_pending_batch(
+        &s,
+        "the loader to commit past every batch",
+        Duration::from_secs(120),
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_sharded_exactly_once(&s, good).await;
+    (s, good, after_crash)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_recording_the_ranges_on_two_shards() {
+    require_shards();
+    let _one_at_a_time = SHARDS.lock().await;
+    let (s, _, after_crash) = crash_then_recover("after_record").await;
+    assert_eq!(after_crash, 0, "nothing was sent before the crash");
+    drop_database(&s).await;
+}
+
+/// The re-sent batch had landed on both shards: each one drops its part as a duplicate (the
+/// token travels with each shard's block). Then `verify` and `status`, which read through the
+/// Distributed tables, see the whole cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_both_shards_answered_then_verify_and_status() {
+    require_shards();
+    let _one_at_a_time = SHARDS.lock().await;
+    let (s, good, after_crash) = crash_then_recover("after_response").await;
+    assert!(
+        after_crash > 0,
+        "the first batch had landed before the crash, so the restart re-sent it"
+    );
+
+    let report = edgelog::verify::audit(&s).await.unwrap();
+    assert!(report.is_clean() && report.is_drained(), "{report}");
+    let landed: u64 = report.partitions.iter().map(|p| p.landed).sum();
+    assert_eq!(landed, good, "{report}");
+    // Every rollup was checked, through its Distributed table.
+    assert_eq!(report.totals.raw_rows, good, "{report}");
+
+    let status = edgelog::status::report(&s, &[]).await;
+    let db = &s.clickhouse.database;
+    assert!(
+        status.contains(&format!("clickhouse: {db}.http_log holds {good} rows")),
+        "{status}"
+    );
+    assert!(
+        !status.contains("1970-01-01"),
+        "parts of every shard: {status}"
+    );
+
+    // Replay and backfill swap partitions on one server: they refuse, touching nothing.
+    let days = edgelog::staging::Days::parse("2026-01-01", "2026-01-01").unwrap();
+    for err in [
+        edgelog::replay::replay(&s, &days).await.unwrap_err(),
+        edgelog::backfill::backfill(&s, &[], None)
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            err.to_string().contains("does not run in cluster mode"),
+            "{err}"
+        );
+    }
+    assert_sharded_exactly_once(&s, good).await;
+    drop_database(&s).await;
+}
+
+/// Shard 2 down: every insert fails (retriable) and the loader commits nothing; once it is back,
+/// the same batches land, each row once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_outage_is_waited_out_and_every_row_lands_once() {
+    require_shards();
+    let _one_at_a_time = SHARDS.lock().await;
+    let s = cluster_settings();
+    let good = fill_anonymized_topic(&s, 3_000).await.sent;
+    let db = s.clickhouse.database.clone();
+
+    stack(&["shard-stop", "2"]);
+    // Started again however the test ends.
+    struct Restart;
+    impl Drop for Restart {
+        fn drop(&mut self) {
+            stack(&["shard-start", "2"]);
+        }
+    }
+    let restart = Restart;
+    let mut child = KillOnDrop::spawn(&mut loader_command(&s));
+    // The loader keeps trying: wait until the proxy has passed several of its attempts.
+    let stack_home = std::env::var("EDGESTACK_HOME")
+        .unwrap_or_else(|_| format!("{}/.cache/edgelog-stack", std::env::var("HOME").unwrap()));
+    let proxy_log = format!("{stack_home}/run/proxy-shards/access.log");
+    let source = s.loader.source_address.unwrap().to_string();
+    wait_for(
+        "the loader's failed attempts",
+        Duration::from_secs(60),
+        || {
+            let (log, source) = (proxy_log.clone(), source.clone());
+            async move {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let failed = text
+                    .lines()
+                    .filter(|l| l.starts_with(&format!("{source} ")) && l.contains("\" 500 "))
+                    .count();
+                (failed >= 3).then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a shard outage is retriable: the loader keeps running"
+    );
+    // Whether shard 1 kept its part of a failed attempt does not matter: the re-send carries
+    // the same token, which shard 1 then drops as a duplicate. (Measured here: it keeps none.)
+    let on_shard_1 = count_at(SHARD_1, format!("SELECT count() FROM {db}.http_log_local")).await;
+    eprintln!("rows on shard 1 while shard 2 was down: {on_shard_1}");
+    assert!(!no_pending_batch(&s.loader.group_id, &s.topics.anonymized));
+
+    drop(restart);
+    wait_no_pending_batch(
+        &s,
+        "the loader to commit past every batch",
+        Duration::from_secs(120),
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_sharded_exactly_once(&s, good).await;
+    drop_database(&s).await;
+}
+
+/// The schema a Keeper cluster runs (ON CLUSTER, Replicated engines) cannot be created here: the
+/// real server parses every statement of it, and knows every engine and table setting it names;
+/// `setup` without shard URLs sends it (and is refused here).
+#[tokio::test]
+async fn the_replicated_schema_parses_on_the_real_server() {
+    require_shards();
+    let mut s = Settings::default();
+    s.clickhouse.cluster = Some(CLUSTER.into());
+    let statements = edgelog::setup::migration_statements(&s.clickhouse, Form::Keeper)
+        .unwrap()
+        .concat();
+    let client =
+        edgelog::clickhouse::ClickHouseClient::new(SHARD_1, "default", &Default::default())
+            .unwrap();
+    let mut replicated = 0;
+    for stmt in &statements {
+        // A String parameter is read as an escaped TSV value: no raw newlines (the statements
+        // hold none inside literals).
+        let one_line = stmt.replace('\n', " ");
+        let formatted = client
+            .query("SELECT formatQuery({q:String})", &[("q", &one_line)])
+            .await
+            .unwrap_or_else(|e| panic!("the server does not parse {stmt}: {e}"));
+        assert!(
+            formatted.contains("ON CLUSTER edgelog_shards"),
+            "{formatted}"
+        );
+        if stmt.contains("ENGINE = Replicated") {
+            replicated += 1;
+        }
+    }
+    assert_eq!(replicated, 10, "every table's local is replicated");
+    for engine in ["ReplicatedMergeTree", "ReplicatedAggregatingMergeTree"] {
+        let known = client
+            .query(
+                "SELECT count() FROM system.table_engines WHERE name = {e:String}",
+                &[("e", engine)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(known.trim(), "1", "{engine}");
+    }
+    for setting in [
+        "replicated_deduplication_window",
+        "replicated_deduplication_window_seconds",
+        "index_granularity",
+    ] {
+        let known = client
+            .query(
+                "SELECT count() FROM system.merge_tree_settings WHERE name = {n:String}",
+                &[("n", setting)],
+            )
+            .await
+            .unwrap();
+        assert_eq!(known.trim(), "1", "{setting}");
+    }
+
+    // Without shard URLs, setup takes the Keeper path: ON CLUSTER through admin_url, which this
+    // server refuses (it has no Keeper) before creating anything.
+    let mut keeper = cluster_settings();
+    keeper.clickhouse.shard_admin_urls.clear();
+    let err = edgelog::setup::apply_schema(&keeper).await.unwrap_err();
+    assert!(
+        format!("{err:#}").contains("Replicated DDL queries are disabled"),
+        "{err:#}"
+    );
+    let exists = client
+        .query(
+            "SELECT count() FROM system.databases WHERE name = {db:String}",
+            &[("db", &keeper.clickhouse.database)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(exists.trim(), "0");
+}
