@@ -159,7 +159,7 @@ async fn crash_after_both_shards_answered_then_verify_and_status() {
 
     let report = edgelog::verify::audit(&s).await.unwrap();
     assert!(report.is_clean() && report.is_drained(), "{report}");
-    let landed: u64 = report.partitions.iter().map(|p| p.landed.len()).sum();
+    let landed: u64 = report.partitions.iter().map(|p| p.landed).sum();
     assert_eq!(landed, good, "{report}");
     // Every rollup was checked, through its Distributed table.
     assert_eq!(report.totals.raw_rows, good, "{report}");

@@ -50,8 +50,8 @@ use crate::kafka::{client_config, group_positions, GroupPosition};
 pub use bucket::{Anomalies, BucketAudit, DEFAULT_BUCKET_OFFSETS};
 pub use ranges::OffsetSet;
 pub use totals::TotalsCheck;
-pub use uniques::UniquesCheck;
 use totals::QUERY_MEMORY_LIMIT;
+pub use uniques::UniquesCheck;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 const KAFKA_RETRY_FOR: Duration = Duration::from_secs(120);
@@ -1097,6 +1097,7 @@ mod tests {
                 totals_requests: 6,
                 ..TotalsCheck::default()
             },
+            uniques: UniquesCheck::default(),
             dead_letters: DeadLetterSummary {
                 by_reason: [("undecodable".to_string(), 4), ("too_old".to_string(), 1)].into(),
                 repeated_by_anonymizer: 1,
