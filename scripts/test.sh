@@ -5,7 +5,7 @@
 # run (scripts/chaos.sh; CHAOS_SECONDS, default 90). The three-node Kafka cluster
 # (`scripts/stack.sh cluster-up`) is started too, in the background while the code builds: for
 # tests/kafka_cluster.rs and a short cluster fault run (chaos.sh --cluster --in-order;
-# CLUSTER_CHAOS_SECONDS, default 60).
+# CLUSTER_CHAOS_SECONDS, default 60; about 5 minutes with the node restarts, BENCHMARKS.md).
 # A stack this script started is stopped again when it exits; one that was running stays up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
