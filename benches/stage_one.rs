@@ -4,6 +4,10 @@
 //!
 //!   scripts/stack.sh up && cargo bench --bench stage_one [-- RECORDS]   (default 1,000,000)
 //!
+//! On another cluster, as the stages are pointed at one: `EDGELOG_KAFKA__BROKERS` and
+//! `EDGELOG_TOPICS__REPLICATION_FACTOR` (e.g. the local three-node cluster of
+//! `scripts/stack.sh cluster-up`: 127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094 and 3).
+//!
 //! CPU is this process's user+system time (/proc/self/stat) per record: the anonymizer or the
 //! passthrough run in-process, so librdkafka's threads are included.
 
@@ -27,9 +31,18 @@ fn cpu_seconds() -> f64 {
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
+/// The brokers to measure on: `EDGELOG_KAFKA__BROKERS`, or the local single broker.
+fn brokers() -> String {
+    std::env::var("EDGELOG_KAFKA__BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
 fn settings(tag: &str) -> Settings {
     let id = format!("bench_{tag}_{}", uuid::Uuid::new_v4().simple());
     let mut s = Settings::default();
+    s.kafka.brokers = brokers();
+    if let Ok(rf) = std::env::var("EDGELOG_TOPICS__REPLICATION_FACTOR") {
+        s.topics.replication_factor = rf.parse().expect("a replication factor");
+    }
     s.topics.input = format!("{id}_in");
     s.topics.anonymized = format!("{id}_anon");
     s.topics.dead_letter = format!("{id}_dlq");
@@ -43,7 +56,7 @@ fn settings(tag: &str) -> Settings {
 /// A client that reads `group`'s committed offsets (it never joins the group).
 fn offsets_reader(group: &str) -> BaseConsumer {
     ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("bootstrap.servers", brokers())
         .set("group.id", group)
         .create()
         .unwrap()
@@ -109,13 +122,13 @@ async fn anonymizer(n: u64, txn_records: usize, txn_duration: Duration) -> (f64,
 
 fn passthrough(s: &Settings, n: u64) -> (f64, f64) {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("bootstrap.servers", brokers())
         .set("group.id", format!("{}_plain", s.anonymizer.group_id))
         .set("auto.offset.reset", "earliest")
         .create()
         .unwrap();
     let producer: ThreadedProducer<_> = ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("bootstrap.servers", brokers())
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
         .set("batch.size", "1000000")
@@ -156,8 +169,11 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(1_000_000);
-    println!("stage one on Kafka 127.0.0.1:9092, {n} records, 4 partitions");
     let plain = settings("plain");
+    println!(
+        "stage one on Kafka {}, {n} records, 4 partitions, {} replica(s)",
+        plain.kafka.brokers, plain.topics.replication_factor
+    );
     fill(&plain, n).await;
     let (plain_rate, plain_cpu) = tokio::task::spawn_blocking(move || passthrough(&plain, n))
         .await

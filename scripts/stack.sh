@@ -17,6 +17,11 @@
 #   scripts/stack.sh restart kafka|clickhouse [--kill]   stop (or SIGKILL) and start again
 #   scripts/stack.sh shards-up | shards-down  two ClickHouse shards and their proxy (cluster mode)
 #   scripts/stack.sh shard-stop N | shard-start N   stop or start shard 1 or 2 (a shard outage)
+#   scripts/stack.sh cluster-up | cluster-down    a three-node Kafka cluster (see below)
+#   scripts/stack.sh cluster-node 1|2|3 start|stop|kill   one node of it (kill: SIGKILL)
+#   scripts/stack.sh cluster-role leader TOPIC PARTITION | txn-coordinator TRANSACTIONAL_ID |
+#                                 group-coordinator GROUP     prints the id of the node holding it
+#   scripts/stack.sh cluster-wait-in-sync [SECONDS]  until all nodes are up and every replica in sync
 #
 # Components and ports:
 #   kafka        127.0.0.1:9092 (controller 9093)   Apache Kafka $KAFKA_VERSION from Maven Central
@@ -31,6 +36,9 @@
 # Shards (`shards-up`; cluster mode, section "clickhouse shards" below):
 #   clickhouse-shard1/2  127.0.0.1:8133/8143 (native 9010/9020), cluster edgelog_shards
 #   proxy-shards         127.0.0.1:8135 rate 600r/m, in front of shard 1
+# Kafka cluster (`cluster-up`; not part of `up`, but `down` stops it too):
+#   kafka-node-1..3  127.0.0.1:19092,19093,19094 (controllers 19192-19194): KRaft, replication
+#                factor 3, min.insync.replicas 2 (internal topics too), unclean leader election off
 # A throw-away CA and a server certificate (SAN 127.0.0.1, localhost) are made with openssl in
 # $RUN/secure/tls (clients trust ca.pem); the SCRAM passwords are generated once per stack into
 # $RUN/secure/passwords/<user> (mode 600) and never printed. $RUN/secure/admin.properties lets
@@ -123,18 +131,23 @@ install_nginx() {
 }
 
 # ---------------------------------------------------------------- kafka
-# kafka_one_node_properties DIR: the broker settings both single-node brokers (plain and secure)
-# share: data in DIR/data, and the internal topics (transactions included) on one replica.
-kafka_one_node_properties() {
+# kafka_node_properties DIR REPLICAS MIN_ISR: the settings every broker shares (the plain and secure
+# single nodes, the cluster's nodes): data in DIR/data; topics and the internal ones (consumer
+# offsets, transactions) on REPLICAS replicas, writes acknowledged by MIN_ISR of them; never an
+# out-of-sync replica as leader (it would drop acknowledged records).
+kafka_node_properties() {
   cat <<EOF
 log.dirs=$1/data
 num.partitions=4
 auto.create.topics.enable=false
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+default.replication.factor=$2
+min.insync.replicas=$3
+unclean.leader.election.enable=false
+offsets.topic.replication.factor=$2
+transaction.state.log.replication.factor=$2
+transaction.state.log.min.isr=$3
+share.coordinator.state.topic.replication.factor=$2
+share.coordinator.state.topic.min.isr=$3
 group.initial.rebalance.delay.ms=0
 log.retention.hours=168
 EOF
@@ -157,7 +170,7 @@ controller.listener.names=CONTROLLER
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 EOF
-  kafka_one_node_properties "$dir" >> "$dir/server.properties"
+  kafka_node_properties "$dir" 1 1 >> "$dir/server.properties"
   write_kafka_log4j "$dir"
   local java_opts=(-Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
     "-Dlog4j2.configurationFile=$dir/log4j2.properties")
@@ -371,7 +384,7 @@ authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
 super.users=User:broker;User:admin
 allow.everyone.if.no.acl.found=false
 EOF
-  kafka_one_node_properties "$dir" >> "$dir/server.properties"
+  kafka_node_properties "$dir" 1 1 >> "$dir/server.properties"
   cat > "$SECURE/admin.properties" <<EOF
 bootstrap.servers=127.0.0.1:9192
 security.protocol=SASL_SSL
@@ -502,6 +515,159 @@ shards_status() {
   return 0
 }
 
+# ---------------------------------------------------------------- kafka cluster
+# Three KRaft nodes on 127.0.0.1, each a combined broker and controller, from the same jars as the
+# single broker: node N serves clients on 1909(N+1) and the controller quorum on 1919(N+1). Topics
+# and the internal topics (consumer offsets, transactions) get 3 replicas and min.insync.replicas 2,
+# unclean leader election off: any one node may be killed, stopped or restarting without stopping
+# writes or losing an acknowledged one. Independent of the single broker on 9092. Each node takes
+# 512 MiB of heap (~0.4-0.7 GiB resident); a cold start takes about a minute on 2 busy cores.
+CLUSTER=$RUN/kafka-cluster
+CLUSTER_ID=ZWRnZWxvZy1jbHVzdGVyMQ   # base64 of "edgelog-cluster1"; nodes are formatted once
+CLUSTER_NODES=(1 2 3)
+CLUSTER_BOOTSTRAP=127.0.0.1:19092,127.0.0.1:19093,127.0.0.1:19094
+CLUSTER_VOTERS=1@127.0.0.1:19192,2@127.0.0.1:19193,3@127.0.0.1:19194
+cluster_port() { echo $(( 19091 + $1 )); }
+
+cluster_node_ready() {
+  port_open "$(cluster_port "$1")" && grep -q "Kafka Server started" "$CLUSTER/node-$1/server.log" 2>/dev/null
+}
+
+# cluster_node_launch N: formats node N's storage the first time, then starts it without waiting
+# (a node waits for a quorum, so the first start needs the others launched too).
+cluster_node_launch() {
+  local n=$1 dir=$CLUSTER/node-$1 port
+  port=$(cluster_port "$n")
+  if pid_alive "$dir/pid"; then log "kafka-node-$n already running (pid $(cat "$dir/pid"))"; return 0; fi
+  port_open "$port" && die "port $port is taken by another process"
+  mkdir -p "$dir/data"
+  cat > "$dir/server.properties" <<EOF
+process.roles=broker,controller
+node.id=$n
+controller.quorum.voters=$CLUSTER_VOTERS
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$(( port + 100 ))
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+EOF
+  kafka_node_properties "$dir" 3 2 >> "$dir/server.properties"
+  write_kafka_log4j "$dir"
+  local java_opts=(-Xms512m -Xmx512m -XX:+UseG1GC -Djava.awt.headless=true
+    "-Dlog4j2.configurationFile=$dir/log4j2.properties")
+  if [ ! -f "$dir/data/meta.properties" ]; then
+    # No --standalone: the static voter list above is the quorum.
+    java "${java_opts[@]}" -cp "$KAFKA_HOME/libs/*" kafka.tools.StorageTool format \
+      -t "$CLUSTER_ID" -c "$dir/server.properties" > "$dir/format.log" 2>&1 \
+      || { cat "$dir/format.log" >&2; die "formatting kafka-node-$n's storage failed"; }
+  fi
+  # The previous run's log is kept once (a killed node's last words); readiness reads the new one.
+  [ -f "$dir/server.log" ] && mv "$dir/server.log" "$dir/server.log.1"
+  # Its own session: a node restarted by a test or a chaos run outlives that run's process group.
+  setsid nohup java "${java_opts[@]}" -cp "$KAFKA_HOME/libs/*" kafka.Kafka "$dir/server.properties" \
+    > "$dir/server.log" 2>&1 < /dev/null &
+  echo $! > "$dir/pid"
+}
+
+cluster_node_wait() {
+  wait_until "kafka-node-$1" "${CLUSTER_START_TIMEOUT:-300}" "$CLUSTER/node-$1/pid" \
+    "$CLUSTER/node-$1/server.log" cluster_node_ready "$1"
+}
+
+cluster_up() {
+  local t0 n pids=() failed=0
+  t0=$(now)
+  install_kafka
+  mkdir -p "$CLUSTER"
+  # Formatting is one JVM per node: in parallel.
+  for n in "${CLUSTER_NODES[@]}"; do cluster_node_launch "$n" & pids+=($!); done
+  for n in "${pids[@]}"; do wait "$n" || failed=1; done
+  [ "$failed" = 0 ] || die "a cluster node could not be launched"
+  for n in "${CLUSTER_NODES[@]}"; do cluster_node_wait "$n" || die "kafka-node-$n did not start"; done
+  log "kafka cluster up in $(since "$t0"): $CLUSTER_BOOTSTRAP"
+}
+
+cluster_down() {
+  # In parallel: stopped one by one, the last node waits for a quorum that is gone until its
+  # 30 s are up and it is SIGKILLed.
+  local n pids=()
+  for n in "${CLUSTER_NODES[@]}"; do stop_pidfile "kafka-node-$n" "$CLUSTER/node-$n/pid" & pids+=($!); done
+  for n in "${pids[@]}"; do wait "$n" || true; done
+}
+
+# cluster_node N start|stop|kill: start waits until the node serves clients; stop is a clean
+# shutdown (leadership moved away first); kill is SIGKILL, returning once its port is closed.
+cluster_node() {
+  local n=$1 action=$2 dir=$CLUSTER/node-$1 pid
+  case $n in 1|2|3) ;; *) die "cluster nodes are 1, 2 and 3, not $n" ;; esac
+  case $action in
+    start) install_kafka; cluster_node_launch "$n"; cluster_node_wait "$n" ;;
+    stop) stop_pidfile "kafka-node-$n" "$dir/pid" ;;
+    kill)
+      if ! pid_alive "$dir/pid"; then echo "kafka-node-$n: not running"; return 0; fi
+      pid=$(cat "$dir/pid")
+      kill -9 "$pid" 2>/dev/null || true
+      wait_until "kafka-node-$n to die" 30 "" /dev/null port_closed "$(cluster_port "$n")"
+      rm -f "$dir/pid"; echo "kafka-node-$n: killed (pid $pid)" ;;
+    *) die "usage: $0 cluster-node 1|2|3 start|stop|kill" ;;
+  esac
+}
+
+# ClusterRoles.java (Admin API), compiled once per version of the source.
+cluster_tool() {
+  local src=$HERE/kafka/ClusterRoles.java out=$CLUSTER/tools hash
+  hash=$(sha256sum "$src" | cut -c1-16)
+  if [ ! -f "$out/$hash" ]; then
+    command -v javac >/dev/null || apt_install openjdk-17-jdk-headless
+    rm -rf "$out"; mkdir -p "$out"
+    javac -nowarn -cp "$KAFKA_HOME/libs/*" -d "$out" "$src" >&2 || die "compiling ClusterRoles.java failed"
+    touch "$out/$hash"
+    cat > "$out/log4j2.properties" <<'EOF'
+status = error
+appender.err.type = Console
+appender.err.name = ERR
+appender.err.target = SYSTEM_ERR
+appender.err.layout.type = PatternLayout
+appender.err.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = ERROR
+rootLogger.appenderRef.err.ref = ERR
+EOF
+  fi
+  java -Xmx128m -XX:TieredStopAtLevel=1 -Dlog4j2.configurationFile="$out/log4j2.properties" \
+    -cp "$out:$KAFKA_HOME/libs/*" ClusterRoles "$CLUSTER_BOOTSTRAP" "$@"
+}
+
+# cluster_wait_in_sync [SECONDS]: until all three brokers are registered and no partition
+# (internal ones included) has a replica outside its ISR.
+cluster_in_sync() {
+  local brokers lagging
+  brokers=$(cluster_tool brokers 2>/dev/null | wc -l) || return 1
+  [ "$brokers" -eq "${#CLUSTER_NODES[@]}" ] || return 1
+  lagging=$(cluster_tool out-of-sync 2>/dev/null) || return 1
+  [ -z "$lagging" ]
+}
+cluster_wait_in_sync() {
+  local t0 deadline
+  t0=$(now); deadline=$(( $(date +%s) + ${1:-300} ))
+  until cluster_in_sync; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      log "kafka cluster: replicas still out of sync after ${1:-300} s:"
+      cluster_tool brokers | sed 's/^/  broker /' >&2 || true
+      cluster_tool out-of-sync >&2 || true
+      return 1
+    fi
+    sleep 1
+  done
+  log "kafka cluster: every replica in sync ($(since "$t0"))"
+}
+
+cluster_status() {
+  local n
+  for n in "${CLUSTER_NODES[@]}"; do
+    status_line "kafka-node-$n" "$CLUSTER/node-$n/pid" "$(cluster_port "$n")"
+  done
+}
+
 # ---------------------------------------------------------------- stop / status
 stop_pidfile() {
   local name=$1 pidfile=$2 pid
@@ -536,6 +702,7 @@ status() {
     status_line proxy-tls-fast "$RUN/proxy-tls-fast/nginx.pid" 8444
   fi
   shards_status
+  if [ -d "$CLUSTER" ]; then cluster_status; fi
   local extra
   for extra in "$RUN"/*/nginx.pid; do
     [ -e "$extra" ] || continue
@@ -587,6 +754,7 @@ down() {
     proxy_stop "$(basename "$(dirname "$pidfile")")"
   done
   stop_pidfile kafka-secure "$SECURE/kafka/pid"
+  if [ -d "$CLUSTER" ]; then cluster_down; fi
   stop_pidfile kafka "$RUN/kafka/pid"
   stop_pidfile clickhouse "$RUN/clickhouse/pid"
   shards_down_servers
@@ -612,6 +780,17 @@ case ${1:-} in
   shards-down) shards_down ;;
   shard-stop) shard_check "${2:-}"; shard_stop "$2" ;;
   shard-start) shard_check "${2:-}"; shard_start "$2" ;;
+  cluster-up) cluster_up ;;
+  cluster-down) cluster_down ;;
+  cluster-node) [ $# -eq 3 ] || die "usage: $0 cluster-node 1|2|3 start|stop|kill"; cluster_node "$2" "$3" ;;
+  cluster-role)
+    case ${2:-} in
+      leader) [ $# -eq 4 ] || die "usage: $0 cluster-role leader TOPIC PARTITION" ;;
+      txn-coordinator|group-coordinator) [ $# -eq 3 ] || die "usage: $0 cluster-role $2 ID" ;;
+      *) die "usage: $0 cluster-role leader TOPIC PARTITION | txn-coordinator TRANSACTIONAL_ID | group-coordinator GROUP" ;;
+    esac
+    cluster_tool "${@:2}" ;;
+  cluster-wait-in-sync) cluster_wait_in_sync "${2:-300}" ;;
   restart) [ $# -ge 2 ] || die "usage: $0 restart kafka|clickhouse [--kill]"; restart "$2" "${3:-}" ;;
-  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -290,7 +290,11 @@ pub struct TopicSettings {
     pub loader_dead_letter: String,
     /// Partitions used by `edgelog setup` when it creates the topics (1 to [`MAX_PARTITIONS`]).
     pub partitions: i32,
+    /// Replicas of each created topic; `edgelog setup` refuses more than the cluster has brokers.
     pub replication_factor: i32,
+    /// `min.insync.replicas` set on created topics: how many replicas must have a write before
+    /// it is acknowledged. Unset: [`TopicSettings::effective_min_insync_replicas`] derives it.
+    pub min_insync_replicas: Option<i32>,
     /// `retention.ms` set on created topics (at least 1 minute). Must exceed the longest outage
     /// you want to survive.
     #[serde(with = "humantime_serde")]
@@ -306,12 +310,24 @@ impl Default for TopicSettings {
             loader_dead_letter: "http_log_anon_dlq".into(),
             partitions: 4,
             replication_factor: 1,
+            min_insync_replicas: None,
             retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
 
 impl TopicSettings {
+    /// `min.insync.replicas` for created topics: the configured value, or else one replica fewer
+    /// than the replication factor, but at most a majority and at least 1 (RF 1 → 1, 2 → 1,
+    /// 3 → 2, 5 → 3). So one broker may be down without stopping writes, and with 3 or more
+    /// replicas an acknowledged write is on a majority of them (two, for the usual 3).
+    pub fn effective_min_insync_replicas(&self) -> i32 {
+        self.min_insync_replicas.unwrap_or_else(|| {
+            let rf = self.replication_factor;
+            (rf - 1).min(rf / 2 + 1).max(1)
+        })
+    }
+
     /// What types alone cannot check; each error names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let t = self;
@@ -352,6 +368,15 @@ impl TopicSettings {
             1,
             i32::from(i16::MAX),
         )?;
+        // More than the replicas would make every write fail (NOT_ENOUGH_REPLICAS).
+        if let Some(min_isr) = t.min_insync_replicas {
+            check_range(
+                "topics.min_insync_replicas",
+                min_isr,
+                1,
+                t.replication_factor,
+            )?;
+        }
         // retention.ms = 0 deletes records before anyone reads them; Kafka takes a signed 64-bit
         // number of milliseconds.
         check_duration(
@@ -1154,6 +1179,23 @@ mod tests {
     }
 
     #[test]
+    fn min_insync_replicas_is_derived_from_the_replication_factor_unless_set() {
+        let mut t = TopicSettings::default();
+        for (rf, derived) in [(1, 1), (2, 1), (3, 2), (4, 3), (5, 3), (7, 4)] {
+            t.replication_factor = rf;
+            assert_eq!(t.effective_min_insync_replicas(), derived, "RF {rf}");
+            assert!(t.validate().is_ok());
+        }
+        t.replication_factor = 3;
+        t.min_insync_replicas = Some(3);
+        assert_eq!(t.effective_min_insync_replicas(), 3);
+        assert!(t.validate().is_ok());
+        t.min_insync_replicas = Some(4);
+        let err = t.validate().unwrap_err().to_string();
+        assert!(err.contains("topics.min_insync_replicas"), "{err}");
+    }
+
+    #[test]
     fn file_overrides_defaults_and_env_overrides_file() {
         Jail::expect_with(|jail| {
             jail.create_file(
@@ -1400,6 +1442,8 @@ mod tests {
             ("topics.partitions", i64::MAX.into()),
             ("topics.replication_factor", 0.into()),
             ("topics.replication_factor", 40_000.into()),
+            ("topics.min_insync_replicas", 0.into()),
+            ("topics.min_insync_replicas", 2.into()),
             ("topics.retention", "0s".into()),
             ("topics.retention", "1ms".into()),
             ("topics.retention", "999999999999years".into()),

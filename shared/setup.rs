@@ -14,6 +14,7 @@ use rdkafka::admin::{
     TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::clickhouse::ClickHouseClient;
@@ -230,7 +231,52 @@ async fn apply_to(
     Ok(newly)
 }
 
-/// Creates the four topics if missing and sets their `retention.ms`. Returns the topics created.
+/// What the cluster's metadata says: brokers up, and the replicas of each existing topic.
+struct ClusterView {
+    brokers: usize,
+    replicas: BTreeMap<String, usize>,
+}
+
+fn cluster_view(settings: &Settings) -> anyhow::Result<ClusterView> {
+    let client: BaseConsumer = client_config(&settings.kafka, &KafkaOptions::default(), &[])
+        .create()
+        .context("creating a Kafka client")?;
+    let md = client
+        .fetch_metadata(None, Duration::from_secs(30))
+        .with_context(|| format!("reading the metadata of {}", settings.kafka.brokers))?;
+    let replicas = md
+        .topics()
+        .iter()
+        .filter(|t| !t.partitions().is_empty())
+        .map(|t| (t.name().to_string(), t.partitions()[0].replicas().len()))
+        .collect();
+    Ok(ClusterView {
+        brokers: md.brokers().len(),
+        replicas,
+    })
+}
+
+/// Refuses to create topics with more replicas than the cluster has brokers up: Kafka would
+/// refuse too, but this names the setting to change.
+pub fn check_replication_factor(
+    replication_factor: i32,
+    brokers: usize,
+    to_create: &[&str],
+) -> anyhow::Result<()> {
+    if to_create.is_empty() || usize::try_from(replication_factor).is_ok_and(|rf| rf <= brokers) {
+        return Ok(());
+    }
+    bail!(
+        "topics.replication_factor is {replication_factor}, but the Kafka cluster has {brokers} \
+         broker(s) up: cannot create {} with {replication_factor} replicas (lower \
+         topics.replication_factor, or start the missing brokers)",
+        to_create.join(", ")
+    )
+}
+
+/// Creates the four topics if missing (`topics.replication_factor` replicas,
+/// `min.insync.replicas` from [`crate::config::TopicSettings::effective_min_insync_replicas`])
+/// and sets their `retention.ms`. Returns the topics created.
 pub async fn create_topics(settings: &Settings) -> anyhow::Result<Vec<String>> {
     let admin: AdminClient<DefaultClientContext> =
         client_config(&settings.kafka, &KafkaOptions::default(), &[])
@@ -238,12 +284,34 @@ pub async fn create_topics(settings: &Settings) -> anyhow::Result<Vec<String>> {
             .context("creating the Kafka admin client")?;
     let t = &settings.topics;
     let retention = t.retention.as_millis().to_string();
+    let min_isr = t.effective_min_insync_replicas().to_string();
     let names = [
         &t.input,
         &t.anonymized,
         &t.dead_letter,
         &t.loader_dead_letter,
     ];
+    let s = settings.clone();
+    let view = tokio::task::spawn_blocking(move || cluster_view(&s)).await??;
+    let to_create: Vec<&str> = names
+        .iter()
+        .filter(|n| !view.replicas.contains_key(n.as_str()))
+        .map(|n| n.as_str())
+        .collect();
+    check_replication_factor(t.replication_factor, view.brokers, &to_create)?;
+    for name in names {
+        match view.replicas.get(name.as_str()) {
+            Some(&have) if i32::try_from(have).ok() != Some(t.replication_factor) => {
+                tracing::warn!(
+                    topic = name.as_str(),
+                    replicas = have,
+                    replication_factor = t.replication_factor,
+                    "the topic exists with another replication factor; setup leaves it as it is"
+                )
+            }
+            _ => {}
+        }
+    }
     let new_topics: Vec<NewTopic> = names
         .iter()
         .map(|name| {
@@ -253,6 +321,7 @@ pub async fn create_topics(settings: &Settings) -> anyhow::Result<Vec<String>> {
                 TopicReplication::Fixed(t.replication_factor),
             )
             .set("retention.ms", &retention)
+            .set("min.insync.replicas", &min_isr)
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -343,6 +412,20 @@ mod tests {
             topic_config_after(&wanted, &[("retention.ms", "5000")]),
             None
         );
+    }
+
+    #[test]
+    fn replication_factor_beyond_the_brokers_up_is_refused_only_for_topics_to_create() {
+        assert!(check_replication_factor(3, 3, &["a", "b"]).is_ok());
+        assert!(check_replication_factor(1, 3, &["a"]).is_ok());
+        // Existing topics keep their replicas: nothing to refuse while a broker is down.
+        assert!(check_replication_factor(3, 2, &[]).is_ok());
+        let err = check_replication_factor(3, 1, &["in", "out"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("topics.replication_factor is 3"), "{err}");
+        assert!(err.contains("1 broker(s) up"), "{err}");
+        assert!(err.contains("in, out"), "{err}");
     }
 
     #[test]

@@ -6,14 +6,15 @@
 //! guarantees need and the runtime's workers free (a current-thread runtime has only one).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::BorrowedMessage;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
 use crate::batch::{BatchId, BatchRanges, PartitionRange};
@@ -344,7 +345,66 @@ impl Offsets {
     }
 
     /// Commits `tpl` synchronously (off the runtime) and waits: durable before the next step.
+    /// While the group's coordinator moves (its broker died or restarted: a cluster elects
+    /// another within seconds) the same commit is tried again for up to [`COORDINATOR_MOVE`].
     pub(super) async fn commit(&self, tpl: TopicPartitionList) -> KafkaResult<()> {
-        on_consumer(&self.consumer, move |c| c.commit(&tpl, CommitMode::Sync)).await
+        let deadline = Instant::now() + COORDINATOR_MOVE;
+        loop {
+            let attempt = tpl.clone();
+            match on_consumer(&self.consumer, move |c| {
+                c.commit(&attempt, CommitMode::Sync)
+            })
+            .await
+            {
+                Err(KafkaError::ConsumerCommit(code))
+                    if coordinator_moving(code) && Instant::now() < deadline =>
+                {
+                    tracing::warn!(%code, "offset commit refused while the group coordinator moves; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                result => return result,
+            }
+        }
+    }
+}
+
+/// How long a commit waits for the group's coordinator to move: a dead broker is fenced after
+/// its session (9 s by default) and a new coordinator loads the group's offsets.
+const COORDINATOR_MOVE: Duration = Duration::from_secs(30);
+
+/// The commit did not happen because the group's coordinator is elsewhere or not ready yet; the
+/// same commit passes once librdkafka has found the new one. (Not a fenced generation or an
+/// unknown member: those mean the partitions may have moved, which the caller must see.)
+fn coordinator_moving(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::NotCoordinator
+            | RDKafkaErrorCode::CoordinatorNotAvailable
+            | RDKafkaErrorCode::CoordinatorLoadInProgress
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_moving_coordinator_makes_a_commit_try_again() {
+        for code in [
+            RDKafkaErrorCode::NotCoordinator,
+            RDKafkaErrorCode::CoordinatorNotAvailable,
+            RDKafkaErrorCode::CoordinatorLoadInProgress,
+        ] {
+            assert!(coordinator_moving(code), "{code}");
+        }
+        // The partitions may have moved: the loader must re-read its assignment, not retry.
+        for code in [
+            RDKafkaErrorCode::UnknownMemberId,
+            RDKafkaErrorCode::IllegalGeneration,
+            RDKafkaErrorCode::RebalanceInProgress,
+            RDKafkaErrorCode::FencedInstanceId,
+        ] {
+            assert!(!coordinator_moving(code), "{code}");
+        }
     }
 }
