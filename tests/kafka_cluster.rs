@@ -297,7 +297,7 @@ async fn pipeline_stays_exactly_once_when_the_partition_leader_and_the_txn_coord
         .await
         .unwrap();
     assert!(audit.is_clean() && audit.is_drained(), "{audit}");
-    let stored: u64 = audit.partitions.iter().map(|p| p.landed.len()).sum();
+    let stored: u64 = audit.partitions.iter().map(|p| p.landed).sum();
     assert_eq!(stored, report.delivered, "{audit}");
     assert_loaded_exactly_once(&s, report.delivered).await;
     eprintln!(

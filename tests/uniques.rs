@@ -30,7 +30,9 @@ fn records(n: usize) -> Vec<AnonRecord> {
 }
 
 async fn check(db: &str) -> UniquesCheck {
-    uniques::check(&admin(), db, "toDateTime(0)").await.unwrap()
+    uniques::check(&admin(), db, "toDateTime(0)", "toDateTime(4294967295)")
+        .await
+        .unwrap()
 }
 
 fn uniques_tables() -> Vec<String> {

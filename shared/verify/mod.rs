@@ -501,8 +501,9 @@ pub async fn audit_with(settings: &Settings, options: &AuditOptions) -> anyhow::
     .into_iter()
     .filter(|&d| d > 0)
     .min();
-    let totals = totals::check_totals(&client, db, ttl_days, options.incremental).await?;
-    let uniques = uniques::check(&client, db, &totals::compared_since(ttl_days)).await?;
+    let mut uniques = UniquesCheck::default();
+    let totals =
+        totals::check_totals(&client, db, ttl_days, options.incremental, &mut uniques).await?;
     Ok(Report {
         partitions,
         foreign_partitions,

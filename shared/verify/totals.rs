@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context};
 
+use super::uniques::UniquesCheck;
 use crate::clickhouse::ClickHouseClient;
 
 /// Memory one audit query may use in ClickHouse. A bucket or a day that needs more fails with
@@ -70,7 +71,7 @@ pub fn days_to_check(
 }
 
 /// Where rollups and the raw table are compared from: two days inside the shorter TTL (`ttl_days`).
-pub fn compared_since(ttl_days: Option<u32>) -> String {
+fn compared_since(ttl_days: Option<u32>) -> String {
     match ttl_days {
         Some(d) => format!("toStartOfDay(now() - INTERVAL {d} DAY) + INTERVAL 2 DAY"),
         None => "toDateTime(0)".to_string(),
@@ -79,11 +80,14 @@ pub fn compared_since(ttl_days: Option<u32>) -> String {
 
 /// `ttl_days`: the shorter TTL of the raw and totals tables. The tables expire rows at different
 /// ages, and row by row, so sums are compared only from two days inside the shorter TTL on.
+/// The unique-client rollups are compared on the same days into `uniques`: a day is recorded as
+/// audited only when both agree.
 pub async fn check_totals(
     client: &ClickHouseClient,
     db: &str,
     ttl_days: Option<u32>,
     incremental: bool,
+    uniques: &mut UniquesCheck,
 ) -> anyhow::Result<TotalsCheck> {
     let since = compared_since(ttl_days);
     // One group per day: bounded whatever the table's size.
@@ -126,11 +130,16 @@ pub async fn check_totals(
         let before = check.clone();
         check_day(client, db, day, &rollups, &mut check).await?;
         check.days_checked += 1;
+        let start = format!("toDateTime('{day}')");
+        let day_uniques =
+            super::uniques::check(client, db, &start, &format!("{start} + INTERVAL 1 DAY")).await?;
+        let uniques_clean = day_uniques.is_clean();
+        uniques.add(day_uniques);
         let day_clean = check.groups_differing == before.groups_differing
             && check.rollups_differing.len() == before.rollups_differing.len()
             && check.raw_rows - before.raw_rows == check.totals_requests - before.totals_requests
             && check.raw_bytes - before.raw_bytes == check.totals_bytes - before.totals_bytes;
-        if day_clean && day.as_str() < today.as_str() {
+        if day_clean && uniques_clean && day.as_str() < today.as_str() {
             let (rows, bytes) = present[day];
             client
                 .query(

@@ -1,5 +1,9 @@
 //! The unique-client rollups (migration 009) against an exact recount from `http_log`.
 //!
+//! One UTC day at a time, on the days `verify` checks the other rollups (`totals::check_totals`),
+//! so that ClickHouse holds one day's distinct sets, and a day is recorded as audited only when
+//! these agree too.
+//!
 //! Per bucket of every such table: the request sum must equal the raw rows' count exactly (a
 //! distinct count cannot show a double-counted retry, a sum does), and the merged `uniq` state
 //! must be within [`RELATIVE_TOLERANCE`] or [`ABSOLUTE_TOLERANCE`] clients, whichever is larger,
@@ -11,6 +15,7 @@ use std::fmt;
 
 use anyhow::Context;
 
+use super::totals::QUERY_MEMORY_LIMIT;
 use crate::clickhouse::ClickHouseClient;
 
 /// A bucket's distinct count may differ from `uniqExact` by this share of it...
@@ -75,6 +80,21 @@ impl UniquesCheck {
     pub fn is_clean(&self) -> bool {
         self.tables.iter().all(TableUniques::is_clean)
     }
+
+    /// Adds the comparison of more buckets (another day) table by table.
+    pub fn add(&mut self, more: UniquesCheck) {
+        for t in more.tables {
+            match self.tables.iter_mut().find(|mine| mine.table == t.table) {
+                Some(mine) => {
+                    mine.buckets += t.buckets;
+                    mine.requests_differing += t.requests_differing;
+                    mine.clients_outside += t.clients_outside;
+                    mine.worst_error_ppm = mine.worst_error_ppm.max(t.worst_error_ppm);
+                }
+                None => self.tables.push(t),
+            }
+        }
+    }
 }
 
 impl fmt::Display for UniquesCheck {
@@ -110,9 +130,17 @@ impl fmt::Display for UniquesCheck {
     }
 }
 
-/// The comparison query of one table. `since`: a ClickHouse DateTime expression; buckets before
-/// it are not compared (TTLs expire the two sides at different ages).
-pub fn check_sql(db: &str, table: &str, bucket: &str, keys: &[&str], since: &str) -> String {
+/// The comparison query of one table over the buckets in `[from, until)`, two ClickHouse DateTime
+/// expressions on bucket boundaries (`verify` compares one day at a time, so that ClickHouse holds
+/// one day's distinct sets, not the table's).
+pub fn check_sql(
+    db: &str,
+    table: &str,
+    bucket: &str,
+    keys: &[&str],
+    from: &str,
+    until: &str,
+) -> String {
     let keys_list: String = keys.iter().map(|k| format!(", {k}")).collect();
     format!(
         "SELECT count(), \
@@ -121,23 +149,25 @@ pub fn check_sql(db: &str, table: &str, bucket: &str, keys: &[&str], since: &str
                 toUInt64(round(1e6 * max(if(raw.c >= 100, \
                     abs(toInt64(u.c) - toInt64(raw.c)) / raw.c, 0)))) \
          FROM (SELECT ts{keys_list}, sum(requests) AS r, uniqMerge(clients) AS c \
-               FROM {db}.{table} WHERE ts >= {since} GROUP BY ALL) AS u \
+               FROM {db}.{table} WHERE ts >= {from} AND ts < {until} GROUP BY ALL) AS u \
          FULL OUTER JOIN \
               (SELECT {bucket} AS ts{keys_list}, toUInt64(count()) AS r, \
                       uniqExact(remote_addr) AS c \
-               FROM {db}.http_log WHERE timestamp >= {since} GROUP BY ALL) AS raw \
+               FROM {db}.http_log WHERE timestamp >= {from} AND timestamp < {until} \
+               GROUP BY ALL) AS raw \
          USING (ts{keys_list}) \
-         FORMAT TSV",
+         {QUERY_MEMORY_LIMIT} FORMAT TSV",
         abs = ABSOLUTE_TOLERANCE,
         rel = RELATIVE_TOLERANCE,
     )
 }
 
-/// Checks every unique-client rollup that `db` has.
+/// Checks every unique-client rollup that `db` has over `[from, until)` (see [`check_sql`]).
 pub async fn check(
     client: &ClickHouseClient,
     db: &str,
-    since: &str,
+    from: &str,
+    until: &str,
 ) -> anyhow::Result<UniquesCheck> {
     let existing = client
         .query(
@@ -153,7 +183,7 @@ pub async fn check(
             continue;
         }
         let text = client
-            .query(&check_sql(db, table, bucket, keys, since), &[])
+            .query(&check_sql(db, table, bucket, keys, from, until), &[])
             .await?;
         let f: Vec<&str> = text.trim().split('\t').collect();
         let parsed = (|| -> Option<TableUniques> {
@@ -207,7 +237,8 @@ mod tests {
             "http_log_uniques_by_status",
             "toStartOfMinute(timestamp)",
             &["response_status", "cache_status"],
-            "toDateTime(0)",
+            "toDateTime('2026-12-04')",
+            "toDateTime('2026-12-04') + INTERVAL 1 DAY",
         );
         assert!(
             sql.contains("USING (ts, response_status, cache_status)"),
@@ -215,9 +246,33 @@ mod tests {
         );
         assert!(sql.contains("greatest(2, 0.01 * raw.c)"), "{sql}");
         assert!(
-            sql.contains("FROM db.http_log WHERE timestamp >= toDateTime(0)"),
+            sql.contains(
+                "FROM db.http_log WHERE timestamp >= toDateTime('2026-12-04') \
+                 AND timestamp < toDateTime('2026-12-04') + INTERVAL 1 DAY"
+            ),
             "{sql}"
         );
+        assert!(
+            sql.contains("WHERE ts >= toDateTime('2026-12-04') AND ts < toDateTime"),
+            "{sql}"
+        );
+    }
+
+    #[test]
+    fn days_add_up_table_by_table() {
+        let day = |buckets, outside, ppm| UniquesCheck {
+            tables: vec![TableUniques {
+                table: "http_log_uniques".into(),
+                buckets,
+                clients_outside: outside,
+                worst_error_ppm: ppm,
+                ..TableUniques::default()
+            }],
+        };
+        let mut all = UniquesCheck::default();
+        all.add(day(10, 0, 500));
+        all.add(day(20, 1, 200));
+        assert_eq!(all, day(30, 1, 500));
     }
 
     #[test]
