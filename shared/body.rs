@@ -195,7 +195,7 @@ pub fn encode_body_at(records: &[&AnonRecord], level: i32) -> Vec<u8> {
 /// attempt (dedup works per block), so block sizes are fixed here, never left to server defaults.
 /// Every one of them exists in ClickHouse 22.1 (an unknown setting fails the request). The Native
 /// String -> LowCardinality conversion the body relies on is on by default on every version.
-pub const INSERT_SETTINGS: [(&str, &str); 9] = [
+pub const INSERT_SETTINGS: [(&str, &str); 12] = [
     ("async_insert", "0"),
     // Cluster mode (`http_log` a Distributed table): the answer comes after every shard has
     // written its rows, each under the request's dedup token, so a 200 means the whole batch
@@ -208,9 +208,21 @@ pub const INSERT_SETTINGS: [(&str, &str); 9] = [
     ("max_insert_block_size", "1048576"),
     ("min_insert_block_size_rows", "0"),
     ("min_insert_block_size_bytes", "0"),
-    // Without these, each materialized view's GROUP BY output reaches its table as up to ~256
-    // small blocks per insert, each taking a slot of the target's dedup window: a retry was then
-    // caught only within ~39 inserts (measured, docs/BENCHMARKS.md). Squashed, it is a few blocks.
+    // A view's output blocks are deduplicated by their position in the view's output
+    // (`<token>_<n>`), so a retry is exact only if every view cuts its GROUP BY output exactly as
+    // the first attempt did. Two-level aggregation cuts it into 256 bucket blocks, and whether a
+    // GROUP BY goes two-level depended on the server's statistics of earlier queries (any
+    // database's): measured on 26.9, a batch re-sent after an unrelated large insert was cut into
+    // 256 blocks where the first attempt had one, and 255 of them landed again (docs/
+    // LIMITATIONS.md, "Rollups and retried inserts"). Single-level aggregation with a fixed block
+    // size cuts the same groups into the same number of blocks every time, and a few blocks per
+    // view keep the dedup windows long.
+    ("group_by_two_level_threshold", "0"),
+    ("group_by_two_level_threshold_bytes", "0"),
+    ("max_block_size", "65409"),
+    // Without these, the view's output reached its table as up to ~256 small blocks per insert,
+    // each taking a slot of the target's dedup window: a retry was then caught only within ~39
+    // inserts (measured, docs/BENCHMARKS.md).
     (
         "min_insert_block_size_rows_for_materialized_views",
         "1048576",
@@ -277,6 +289,10 @@ mod tests {
             get("deduplicate_blocks_in_dependent_materialized_views"),
             Some("1")
         );
+        // The views' output is cut the same way on every attempt (single-level GROUP BY).
+        assert_eq!(get("group_by_two_level_threshold"), Some("0"));
+        assert_eq!(get("group_by_two_level_threshold_bytes"), Some("0"));
+        assert_eq!(get("max_block_size"), Some("65409"));
         assert_eq!(parsed.host_str(), Some("127.0.0.1"));
         assert_eq!(parsed.port(), Some(8124));
     }

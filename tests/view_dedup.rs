@@ -1,0 +1,80 @@
+//! A retried insert is exact in every rollup, whatever ran on the server in between. The views'
+//! output blocks are deduplicated by position, so a retry must be cut into the same blocks as the
+//! first attempt; measured on 26.9 before the loader pinned single-level aggregation: a batch re-sent
+//! after an unrelated large insert was cut into 256 blocks instead of one, and the rollups counted
+//! it again (docs/LIMITATIONS.md, "Rollups and retried inserts").
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use edgelog::anon_record::{decode, transform, AnonRecord};
+use edgelog::body::{encode_body, insert_url, BodyCompression};
+use edgelog::loader::insert::{InsertClient, Outcome};
+use edgelog::record::encode_capnp;
+use edgelog::synth::TrafficModel;
+use edgelog::verify::{totals, UniquesCheck};
+
+/// Records of the producer's model on one partition, as stage one writes them.
+fn realistic(n: usize, partition: i32, model: &mut TrafficModel) -> Vec<AnonRecord> {
+    let start = edgelog::clock::now_epoch_ms();
+    (0..n)
+        .map(|i| {
+            let payload = encode_capnp(&model.next_record(start + i as u64));
+            decode(&transform(&payload, partition, i as i64, 48).unwrap().0).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_resent_after_a_large_insert_is_not_counted_again() {
+    require_stack();
+    let s = isolated_settings();
+    edgelog::setup::apply_schema(&s).await.unwrap();
+    let db = &s.clickhouse.database;
+    let as_admin = edgelog::config::ClickHouseSettings {
+        url: CLICKHOUSE.into(),
+        user: "default".into(),
+        ..Default::default()
+    };
+    let client = InsertClient::new(&as_admin, None, Duration::from_secs(120)).unwrap();
+    let send = |records: Vec<AnonRecord>, token: &'static str| {
+        let client = &client;
+        async move {
+            let refs: Vec<&AnonRecord> = records.iter().collect();
+            let body = encode_body(&refs, BodyCompression::Zstd);
+            let url = insert_url(CLICKHOUSE, db, Some(token));
+            let outcome = client.send(&url, BodyCompression::Zstd, body).await;
+            assert!(matches!(outcome, Outcome::Inserted), "{token}: {outcome:?}");
+        }
+    };
+    let mut model = TrafficModel::new(&Default::default());
+    let small = realistic(8_000, 0, &mut model);
+    // Large enough that the views' GROUP BY over it has well over 100,000 groups (addresses).
+    let large = realistic(300_000, 1, &mut model);
+
+    send(small.clone(), "small").await;
+    send(large, "large").await;
+    // The first batch again, as a loader re-sends a recorded batch after a crash.
+    send(small, "small").await;
+
+    assert_eq!(
+        count(format!("SELECT count() FROM {db}.http_log")).await,
+        308_000,
+        "the raw table drops the copy"
+    );
+    let mut uniques = UniquesCheck::default();
+    let check = totals::check_totals(&admin(), db, None, false, &mut uniques)
+        .await
+        .unwrap();
+    assert!(
+        check.is_clean() && uniques.is_clean(),
+        "every rollup equals a recount of http_log: {check:?} {uniques}"
+    );
+    assert_eq!(check.totals_requests, 308_000);
+    admin()
+        .query(&format!("DROP DATABASE {db}"), &[])
+        .await
+        .unwrap();
+}
