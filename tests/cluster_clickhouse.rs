@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::*;
@@ -25,19 +24,15 @@ static SHARDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn require_shards() {
     require_stack();
-    for (name, addr) in [
-        ("ClickHouse shard 1", "127.0.0.1:8133"),
-        ("ClickHouse shard 2", "127.0.0.1:8143"),
-        ("the shards' proxy", "127.0.0.1:8135"),
-    ] {
-        let sock: SocketAddr = addr.parse().unwrap();
-        if TcpStream::connect_timeout(&sock, Duration::from_secs(2)).is_err() {
-            panic!(
-                "{name} is not running on {addr}. Cluster tests need the two shards: run \
-                 `scripts/stack.sh shards-up` (scripts/test.sh starts them)."
-            );
-        }
-    }
+    require_listening(
+        &[
+            ("ClickHouse shard 1", "127.0.0.1:8133"),
+            ("ClickHouse shard 2", "127.0.0.1:8143"),
+            ("the shards' proxy", "127.0.0.1:8135"),
+        ],
+        "Cluster tests need the two shards: run `scripts/stack.sh shards-up` (scripts/test.sh \
+         starts them).",
+    );
 }
 
 /// An isolated pipeline whose ClickHouse is the two-shard cluster; 4 source partitions, so both

@@ -10,7 +10,6 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,15 +27,15 @@ const STACK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack.sh");
 static CLUSTER_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn require_cluster() {
-    for addr in CLUSTER.split(',') {
-        let sock: SocketAddr = addr.parse().unwrap();
-        if TcpStream::connect_timeout(&sock, Duration::from_secs(2)).is_err() {
-            panic!(
-                "Kafka cluster node {addr} is not running. These tests need the three-node \
-                 cluster: run `scripts/stack.sh cluster-up` (scripts/test.sh starts it)."
-            );
-        }
-    }
+    let nodes: Vec<(&str, &str)> = CLUSTER
+        .split(',')
+        .map(|addr| ("Kafka cluster node", addr))
+        .collect();
+    require_listening(
+        &nodes,
+        "These tests need the three-node cluster: run `scripts/stack.sh cluster-up` \
+         (scripts/test.sh starts it).",
+    );
 }
 
 /// Runs `scripts/stack.sh ARGS` (off the runtime: it blocks for seconds) and returns its output;

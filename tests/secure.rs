@@ -17,7 +17,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -62,20 +61,16 @@ fn password(user: &str) -> String {
 
 /// Panics with instructions unless the secure parts (and the ClickHouse behind them) answer.
 fn require_secure_stack() {
-    for (name, addr) in [
-        ("the secure Kafka broker (SASL_SSL)", "127.0.0.1:9192"),
-        ("the HTTPS proxy (1r/m)", "127.0.0.1:8443"),
-        ("the fast HTTPS proxy", "127.0.0.1:8444"),
-        ("ClickHouse", "127.0.0.1:8123"),
-    ] {
-        let sock: SocketAddr = addr.parse().unwrap();
-        if TcpStream::connect_timeout(&sock, Duration::from_secs(2)).is_err() {
-            panic!(
-                "{name} is not running on {addr}. These tests need the secure stack: run \
-                 `scripts/stack.sh up --secure` (or `scripts/test.sh`, which starts it)."
-            );
-        }
-    }
+    require_listening(
+        &[
+            ("the secure Kafka broker (SASL_SSL)", "127.0.0.1:9192"),
+            ("the HTTPS proxy (1r/m)", "127.0.0.1:8443"),
+            ("the fast HTTPS proxy", "127.0.0.1:8444"),
+            ("ClickHouse", "127.0.0.1:8123"),
+        ],
+        "These tests need the secure stack: run `scripts/stack.sh up --secure` (or \
+         `scripts/test.sh`, which starts it).",
+    );
     assert!(
         std::path::Path::new(&ca_file()).exists(),
         "no CA at {}: run `scripts/stack.sh up --secure`",

@@ -21,18 +21,25 @@ pub const LOADER_PASSWORD: &str = "edgelog-dev-password";
 
 /// Panics with instructions unless every server of the stack accepts connections.
 pub fn require_stack() {
-    for (name, addr) in [
-        ("Kafka", "127.0.0.1:9092"),
-        ("ClickHouse", "127.0.0.1:8123"),
-        ("proxy (1r/m)", "127.0.0.1:8124"),
-        ("fast proxy", "127.0.0.1:8125"),
-    ] {
+    require_listening(
+        &[
+            ("Kafka", "127.0.0.1:9092"),
+            ("ClickHouse", "127.0.0.1:8123"),
+            ("proxy (1r/m)", "127.0.0.1:8124"),
+            ("fast proxy", "127.0.0.1:8125"),
+        ],
+        "Integration tests need the local stack: run `scripts/stack.sh up` (or \
+         `scripts/test.sh`, which starts it).",
+    );
+}
+
+/// Panics with `{name} is not running on {addr}. {how_to_start}` unless every `(name, addr)`
+/// accepts connections.
+pub fn require_listening(servers: &[(&str, &str)], how_to_start: &str) {
+    for (name, addr) in servers {
         let sock: SocketAddr = addr.parse().unwrap();
         if TcpStream::connect_timeout(&sock, Duration::from_secs(2)).is_err() {
-            panic!(
-                "{name} is not running on {addr}. Integration tests need the local stack: run \
-                 `scripts/stack.sh up` (or `scripts/test.sh`, which starts it)."
-            );
+            panic!("{name} is not running on {addr}. {how_to_start}");
         }
     }
 }
