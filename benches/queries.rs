@@ -835,18 +835,22 @@ fn spread(sel: &[&Timing], server: &HashMap<String, (f64, f64)>) -> Spread {
     }
 }
 
+/// Records the queries draw their resources, addresses and statuses from: the producer's model
+/// under its own seed, so they hit the data as the dashboards would.
+fn query_pool(seed: u64) -> Vec<AnonRecord> {
+    let p = ProducerSettings {
+        seed: seed + 1,
+        ..ProducerSettings::default()
+    };
+    let mut m = TrafficModel::new(&p);
+    (0..50_000).map(|k| anonymized(&mut m, 0, k)).collect()
+}
+
 async fn run_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     let db = &a.database;
 
     let mut rng = StdRng::seed_from_u64(a.seed + 1);
-    let pool: Vec<AnonRecord> = {
-        let p = ProducerSettings {
-            seed: a.seed + 1,
-            ..ProducerSettings::default()
-        };
-        let mut m = TrafficModel::new(&p);
-        (0..50_000).map(|k| anonymized(&mut m, 0, k)).collect()
-    };
+    let pool = query_pool(a.seed);
     let mut timings = Vec::new();
     let mut server: HashMap<String, (f64, f64)> = HashMap::new();
     let mut mismatches = 0;
@@ -1492,14 +1496,7 @@ fn uniques_error(rollup: &str, exact: &str) -> (f64, bool) {
 async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     let db = &a.database;
     let mut rng = StdRng::seed_from_u64(a.seed + 1);
-    let pool: Vec<AnonRecord> = {
-        let p = ProducerSettings {
-            seed: a.seed + 1,
-            ..ProducerSettings::default()
-        };
-        let mut m = TrafficModel::new(&p);
-        (0..50_000).map(|k| anonymized(&mut m, 0, k)).collect()
-    };
+    let pool = query_pool(a.seed);
     let kinds = [
         "series",
         "status series",

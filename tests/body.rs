@@ -6,28 +6,14 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgelog::anon_record::{decode, transform, AnonRecord};
+use edgelog::anon_record::AnonRecord;
 use edgelog::body::insert_url;
 use edgelog::body::{encode_body, BodyCompression};
 use edgelog::loader::insert::{InsertClient, Outcome};
-use edgelog::record::encode_capnp;
-use edgelog::synth::TrafficModel;
-
-/// Realistic records from the producer's model, as stage one writes them to the topic.
-fn realistic(n: usize, partition: i32) -> Vec<AnonRecord> {
-    let mut model = TrafficModel::new(&Default::default());
-    let start = edgelog::clock::now_epoch_ms();
-    (0..n)
-        .map(|i| {
-            let payload = encode_capnp(&model.next_record(start + i as u64));
-            decode(&transform(&payload, partition, i as i64, 48).unwrap().0).unwrap()
-        })
-        .collect()
-}
 
 /// Strings a text format would choke on, and an empty one.
 fn awkward(partition: i32) -> Vec<AnonRecord> {
-    let base = realistic(1, partition).remove(0);
+    let base = realistic_records(1, partition).remove(0);
     [
         "",
         "/tab\there/new\nline/'quote'/\"dq\"/back\\slash",
@@ -54,7 +40,7 @@ fn awkward(partition: i32) -> Vec<AnonRecord> {
 
 /// 70,000 distinct URLs: about as many rows as a real body holds, none of them repeating.
 fn distinct_urls(n: usize, partition: i32) -> Vec<AnonRecord> {
-    let base = realistic(1, partition).remove(0);
+    let base = realistic_records(1, partition).remove(0);
     (0..n)
         .map(|i| AnonRecord {
             url: format!("/u/{i}"),
@@ -123,7 +109,7 @@ async fn clickhouse_decodes_the_insert_body_to_the_records() {
         .flat_map(|(c, &compression)| {
             let p = 3 * c as i32;
             [
-                realistic(5_000, p),
+                realistic_records(5_000, p),
                 awkward(p + 1),
                 distinct_urls(70_000, p + 2),
             ]

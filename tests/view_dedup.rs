@@ -9,23 +9,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use edgelog::anon_record::{decode, transform, AnonRecord};
+use edgelog::anon_record::AnonRecord;
 use edgelog::body::{encode_body, insert_url, BodyCompression};
 use edgelog::loader::insert::{InsertClient, Outcome};
-use edgelog::record::encode_capnp;
-use edgelog::synth::TrafficModel;
 use edgelog::verify::{totals, UniquesCheck};
-
-/// Records of the producer's model on one partition, as stage one writes them.
-fn realistic(n: usize, partition: i32, model: &mut TrafficModel) -> Vec<AnonRecord> {
-    let start = edgelog::clock::now_epoch_ms();
-    (0..n)
-        .map(|i| {
-            let payload = encode_capnp(&model.next_record(start + i as u64));
-            decode(&transform(&payload, partition, i as i64, 48).unwrap().0).unwrap()
-        })
-        .collect()
-}
 
 #[tokio::test]
 async fn a_batch_resent_after_a_large_insert_is_not_counted_again() {
@@ -49,10 +36,9 @@ async fn a_batch_resent_after_a_large_insert_is_not_counted_again() {
             assert!(matches!(outcome, Outcome::Inserted), "{token}: {outcome:?}");
         }
     };
-    let mut model = TrafficModel::new(&Default::default());
-    let small = realistic(8_000, 0, &mut model);
+    let small = realistic_records(8_000, 0);
     // Large enough that the views' GROUP BY over it has well over 100,000 groups (addresses).
-    let large = realistic(300_000, 1, &mut model);
+    let large = realistic_records(300_000, 1);
 
     send(small.clone(), "small").await;
     send(large, "large").await;

@@ -44,6 +44,20 @@ pub fn require_listening(servers: &[(&str, &str)], how_to_start: &str) {
     }
 }
 
+/// `n` records of the producer's model on `partition` (offsets from 0), as stage one writes them
+/// to the anonymized topic.
+pub fn realistic_records(n: usize, partition: i32) -> Vec<edgelog::anon_record::AnonRecord> {
+    use edgelog::anon_record::{decode, transform};
+    let mut model = edgelog::synth::TrafficModel::new(&Default::default());
+    let start = edgelog::clock::now_epoch_ms();
+    (0..n)
+        .map(|i| {
+            let payload = edgelog::record::encode_capnp(&model.next_record(start + i as u64));
+            decode(&transform(&payload, partition, i as i64, 48).unwrap().0).unwrap()
+        })
+        .collect()
+}
+
 /// A name unique to this test run, usable as a topic, group or database name.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
