@@ -19,7 +19,10 @@ use anyhow::{bail, Context};
 
 use crate::clickhouse::ClickHouseClient;
 use crate::config::Settings;
-use crate::staging::{rebuild_table, refuse_if_loader_running, retarget, rollups, Days};
+use crate::staging::{
+    rebuild_servers, rebuild_table, refuse_if_loader_running, rollups, rollups_on, Days,
+    RebuildServer,
+};
 
 /// Which days to rebuild, from what the raw table holds. `raw`: its first and last day (`None`
 /// when empty). `kept_from`: the first day whose raw rows are all still kept (`None`: no raw
@@ -92,29 +95,56 @@ pub struct BackfillSummary {
 }
 
 /// Checks that the loaders are stopped, then rebuilds `tables` (empty: every rollup) for `days`
-/// (default: every day the raw table still holds whole).
+/// (default: every day the raw table still holds whole). In cluster mode the days are those of
+/// the whole cluster (read through the Distributed `http_log`), and each shard's `_local`
+/// rollups are rebuilt from its own `http_log_local` ([`crate::staging::rebuild_servers`]).
 pub async fn backfill(
     settings: &Settings,
     tables: &[String],
     days: Option<&Days>,
 ) -> anyhow::Result<BackfillSummary> {
-    crate::staging::refuse_in_cluster_mode(&settings.clickhouse, "backfill")?;
+    let servers = rebuild_servers(&settings.clickhouse, "backfill")?;
     let s = settings.clone();
     tokio::task::spawn_blocking(move || refuse_if_loader_running(&s)).await??;
     let ch = ClickHouseClient::admin(&settings.clickhouse)?;
-    rebuild_rollups(
-        &ch,
-        &settings.clickhouse.database,
-        settings.clickhouse.raw_ttl_days,
-        tables,
-        days,
-    )
-    .await
+    let db = &settings.clickhouse.database;
+    let mut summary = plan_days(&ch, db, settings.clickhouse.raw_ttl_days, tables, days).await?;
+    let Some(days) = summary.days.clone() else {
+        return Ok(summary);
+    };
+    for server in &servers {
+        let client = server.client(&settings.clickhouse)?;
+        rebuild_on(&client, db, server, tables, &days, &mut summary)
+            .await
+            .with_context(|| format!("rebuilding rollups on {}", server.url))?;
+    }
+    Ok(summary)
 }
 
-/// The ClickHouse half of [`backfill`], without the check that nothing inserts meanwhile (the
-/// caller's duty): the queries bench uses it on its own database.
+/// The ClickHouse half of [`backfill`] on one server, without the check that nothing inserts
+/// meanwhile (the caller's duty): the queries bench uses it on its own database.
 pub async fn rebuild_rollups(
+    ch: &ClickHouseClient,
+    db: &str,
+    raw_ttl_days: u32,
+    tables: &[String],
+    days: Option<&Days>,
+) -> anyhow::Result<BackfillSummary> {
+    let mut summary = plan_days(ch, db, raw_ttl_days, tables, days).await?;
+    let Some(days) = summary.days.clone() else {
+        return Ok(summary);
+    };
+    let server = RebuildServer {
+        url: String::new(),
+        suffix: "",
+    };
+    rebuild_on(ch, db, &server, tables, &days, &mut summary).await?;
+    Ok(summary)
+}
+
+/// Checks that `tables` are rollups of `db`, and decides the days from what `http_log` holds
+/// (in cluster mode the Distributed table: the days of every shard).
+async fn plan_days(
     ch: &ClickHouseClient,
     db: &str,
     raw_ttl_days: u32,
@@ -139,40 +169,65 @@ pub async fn rebuild_rollups(
             ),
             &[("ttl", &raw_ttl_days.to_string())],
         )
-        .await?;
+        .await
+        .context("reading the days http_log holds")?;
     let f: Vec<&str> = text.trim().split('\t').collect();
     let [rows, first, last, kept] = f[..] else {
         bail!("unexpected answer about http_log's days: {text:?}");
     };
     let raw = (rows != "0").then_some((first, last));
     let kept = (raw_ttl_days > 0).then_some(kept);
-    let mut summary = BackfillSummary {
+    Ok(BackfillSummary {
         days: days_to_rebuild(raw, kept, days)?,
         ..BackfillSummary::default()
-    };
-    let Some(days) = summary.days.clone() else {
-        return Ok(summary);
-    };
-    let raw_table = format!("{db}.http_log");
-    for (table, select) in all {
-        if !tables.is_empty() && !tables.contains(&table) {
-            continue;
-        }
-        let per_day: Vec<String> = each_day(&days)?
-            .iter()
-            .map(|day| {
-                let rows_of_day = format!(
-                    "(SELECT * FROM {raw_table} WHERE {})",
-                    day.condition("timestamp")
-                );
-                retarget(&select, &raw_table, &rows_of_day)
-            })
-            .collect();
-        let parts = rebuild_table(ch, db, &table, "ts", &days, Some(&per_day)).await?;
-        tracing::info!(table, partitions = ?parts, "rollup rebuilt from http_log");
-        summary.replaced.insert(table, parts);
+    })
+}
+
+/// Each chosen rollup of `server` (`tables` empty: every one) as its table there and the
+/// SELECTs that rebuild `days` from the server's raw table, one day each.
+pub(crate) fn backfill_plan(
+    views: &[(String, String)],
+    db: &str,
+    server: &RebuildServer,
+    tables: &[String],
+    days: &Days,
+) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let each = each_day(days)?;
+    Ok(rollups_on(views, db, server)?
+        .into_iter()
+        .filter(|r| tables.is_empty() || tables.contains(&r.name))
+        .map(|r| {
+            let per_day = each
+                .iter()
+                .map(|day| {
+                    r.reading(&format!(
+                        "(SELECT * FROM {} WHERE {})",
+                        r.raw,
+                        day.condition("timestamp")
+                    ))
+                })
+                .collect();
+            (r.table, per_day)
+        })
+        .collect())
+}
+
+/// Rebuilds the chosen rollups of one server for `days`, adding what it replaced to `summary`.
+async fn rebuild_on(
+    ch: &ClickHouseClient,
+    db: &str,
+    server: &RebuildServer,
+    tables: &[String],
+    days: &Days,
+    summary: &mut BackfillSummary,
+) -> anyhow::Result<()> {
+    let views = rollups(ch, db).await?;
+    for (table, per_day) in backfill_plan(&views, db, server, tables, days)? {
+        let parts = rebuild_table(ch, db, &table, "ts", days, Some(&per_day)).await?;
+        tracing::info!(table, server = %server.url, partitions = ?parts, "rollup rebuilt from http_log");
+        summary.replaced.insert(server.label(&table), parts);
     }
-    Ok(summary)
+    Ok(())
 }
 
 /// The rollup tables of `db` (fed from `http_log` by a materialized view).
@@ -243,6 +298,50 @@ mod tests {
             Some(r.clone())
         );
         assert_eq!(days_to_rebuild(None, None, Some(&r)).unwrap(), Some(r));
+    }
+
+    #[test]
+    fn each_shard_rebuilds_its_local_rollups_from_its_local_raw_table_day_by_day() {
+        let ch = crate::config::ClickHouseSettings {
+            cluster: Some("c".into()),
+            shard_admin_urls: vec!["http://s1:8123".into(), "http://s2:8123".into()],
+            ..Default::default()
+        };
+        let servers = rebuild_servers(&ch, "backfill").unwrap();
+        let views = vec![
+            (
+                "http_log_top_1d".to_string(),
+                "SELECT 1 FROM db.http_log_local ".to_string(),
+            ),
+            (
+                "http_log_totals".to_string(),
+                "SELECT 2 FROM db.http_log_local ".to_string(),
+            ),
+        ];
+        let two_days = days("2026-11-30", "2026-12-01");
+        let plan = backfill_plan(
+            &views,
+            "db",
+            &servers[1],
+            &["http_log_totals".into()],
+            &two_days,
+        )
+        .unwrap();
+        assert_eq!(plan.len(), 1, "only the named rollup");
+        let (table, selects) = &plan[0];
+        assert_eq!(table, "http_log_totals_local");
+        assert_eq!(selects.len(), 2, "one SELECT per day");
+        assert!(
+            selects[1].starts_with(
+                "SELECT 2 FROM (SELECT * FROM db.http_log_local WHERE timestamp >= \
+                 toDateTime('2026-12-01 00:00:00', 'UTC')"
+            ),
+            "{}",
+            selects[1]
+        );
+        let every = backfill_plan(&views, "db", &servers[0], &[], &two_days).unwrap();
+        let tables: Vec<&str> = every.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(tables, ["http_log_top_1d_local", "http_log_totals_local"]);
     }
 
     #[test]

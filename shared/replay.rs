@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
@@ -30,7 +30,8 @@ use crate::clickhouse::ClickHouseClient;
 use crate::config::{KafkaOptions, Settings};
 use crate::kafka::{client_config, group_positions};
 use crate::staging::{
-    day_of_epoch_ms, rebuild_table, refuse_if_loader_running, retarget, rollups, Days, STAGING,
+    day_of_epoch_ms, rebuild_servers, rebuild_table, refuse_if_loader_running, rollups, rollups_on,
+    staging_distributed_ddl, Days, RebuildServer, STAGING,
 };
 
 /// Rows per staging insert.
@@ -46,7 +47,7 @@ pub struct ReplaySummary {
 }
 
 pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySummary> {
-    crate::staging::refuse_in_cluster_mode(&settings.clickhouse, "replay")?;
+    let servers = rebuild_servers(&settings.clickhouse, "replay")?;
     let s = settings.clone();
     let positions = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         refuse_if_loader_running(&s)?;
@@ -75,14 +76,40 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
 
     let db = &settings.clickhouse.database;
     let ch = ClickHouseClient::admin(&settings.clickhouse)?;
+    // The staging raw table, on each server; in cluster mode the rows are inserted through a
+    // Distributed table over the shards' staging tables, routed as the loader's were.
     let staging_raw = format!("http_log{STAGING}");
-    ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging_raw}"), &[])
-        .await?;
-    ch.query(
-        &format!("CREATE TABLE {db}.{staging_raw} AS {db}.http_log"),
-        &[],
-    )
-    .await?;
+    let mut clients = Vec::new();
+    for server in &servers {
+        let client = server.client(&settings.clickhouse)?;
+        let staging = format!("{}{STAGING}", server.table("http_log"));
+        for sql in [
+            format!("DROP TABLE IF EXISTS {db}.{staging}"),
+            format!(
+                "CREATE TABLE {db}.{staging} AS {db}.{}",
+                server.table("http_log")
+            ),
+        ] {
+            client
+                .query(&sql, &[])
+                .await
+                .with_context(|| format!("creating {staging} on {}", server.url))?;
+        }
+        clients.push(client);
+    }
+    if settings.clickhouse.cluster.is_some() {
+        let engine = ch
+            .query(
+                "SELECT engine_full FROM system.tables WHERE database = {db:String} \
+                 AND name = 'http_log' FORMAT TSVRaw",
+                &[("db", db)],
+            )
+            .await?;
+        ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging_raw}"), &[])
+            .await?;
+        ch.query(&staging_distributed_ddl(db, engine.trim())?, &[])
+            .await?;
+    }
 
     // The days' records, up to what the loader has confirmed.
     let truncated = positions.iter().any(|p| p.low > 0);
@@ -123,21 +150,40 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
         ..ReplaySummary::default()
     };
 
-    // The raw table first, then every rollup fed from it.
-    let raw_parts = rebuild_table(&ch, db, "http_log", "timestamp", days, None).await?;
-    summary.replaced.insert("http_log".into(), raw_parts);
-    for (table, select) in rollups(&ch, db).await? {
-        let from_staging = retarget(
-            &select,
-            &format!("{db}.http_log"),
-            &format!("{db}.{staging_raw}"),
-        );
-        let parts = rebuild_table(&ch, db, &table, "ts", days, Some(&[from_staging])).await?;
-        summary.replaced.insert(table, parts);
+    // Per server: the raw table first, then every rollup fed from it, from the server's own
+    // staging rows.
+    if settings.clickhouse.cluster.is_some() {
+        ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging_raw}"), &[])
+            .await?;
     }
-    ch.query(&format!("DROP TABLE IF EXISTS {db}.{staging_raw}"), &[])
-        .await?;
+    for (server, client) in servers.iter().zip(&clients) {
+        replay_on(client, db, server, days, &mut summary)
+            .await
+            .with_context(|| format!("replaying on {}", server.url))?;
+    }
     Ok(summary)
+}
+
+/// Swaps the days in on one server from its staging raw table, then drops that table.
+async fn replay_on(
+    ch: &ClickHouseClient,
+    db: &str,
+    server: &RebuildServer,
+    days: &Days,
+    summary: &mut ReplaySummary,
+) -> anyhow::Result<()> {
+    let raw = server.table("http_log");
+    let staging = format!("{db}.{raw}{STAGING}");
+    let raw_parts = rebuild_table(ch, db, &raw, "timestamp", days, None).await?;
+    summary.replaced.insert(server.label(&raw), raw_parts);
+    for rollup in rollups_on(&rollups(ch, db).await?, db, server)? {
+        let from_staging = rollup.reading(&staging);
+        let parts = rebuild_table(ch, db, &rollup.table, "ts", days, Some(&[from_staging])).await?;
+        summary.replaced.insert(server.label(&rollup.table), parts);
+    }
+    ch.query(&format!("DROP TABLE IF EXISTS {staging}"), &[])
+        .await?;
+    Ok(())
 }
 
 /// Reads every partition from its log start up to the loader's committed offset, keeping the

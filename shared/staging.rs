@@ -109,24 +109,142 @@ pub(crate) fn retarget(select: &str, from: &str, to: &str) -> String {
     out
 }
 
+/// Whether `select` reads the table `table` (as a whole name, see [`retarget`]).
+fn reads(select: &str, table: &str) -> bool {
+    retarget(select, table, "") != select
+}
+
 /// Small blocks for INSERTs that carry rollup rows: a `topK` summary (migration 005) takes ~0.2 MB
 /// in memory against ~1 KB on disk, and squashing a month of them into one block exceeded the
 /// server's memory limit (measured: 36,000 rows of `http_log_top_1h`).
 const SMALL_BLOCKS: &str =
     "SETTINGS max_block_size = 1024, min_insert_block_size_rows = 1024, min_insert_block_size_bytes = 0";
 
-/// Staging copies and partition swaps work on one server's MergeTree tables; in cluster mode
-/// `http_log` and the rollups are Distributed tables over each shard's locals, which this does not
-/// rebuild (docs/LIMITATIONS.md, "Cluster mode"). Refuses before anything is touched.
-pub fn refuse_in_cluster_mode(ch: &ClickHouseSettings, command: &str) -> anyhow::Result<()> {
-    if let Some(cluster) = &ch.cluster {
-        bail!(
-            "`edgelog {command}` does not run in cluster mode (clickhouse.cluster = {cluster:?}): \
-             it rebuilds tables by swapping partitions on one server, and the tables here are \
-             sharded; see docs/LIMITATIONS.md"
-        );
+/// A server whose tables replay and backfill rebuild, and what its tables are called there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildServer {
+    /// Its direct (admin) HTTP endpoint.
+    pub url: String,
+    /// Appended to a table's name on this server: nothing on one server, `_local` on a shard.
+    pub suffix: &'static str,
+}
+
+impl RebuildServer {
+    /// The name table `name` has on this server (`http_log_totals` -> `http_log_totals_local`).
+    pub fn table(&self, name: &str) -> String {
+        format!("{name}{}", self.suffix)
     }
-    Ok(())
+
+    /// How a summary names a table of this server: the shard's URL is part of it in cluster mode,
+    /// where each shard has its own partitions replaced.
+    pub fn label(&self, table: &str) -> String {
+        if self.suffix.is_empty() {
+            table.to_string()
+        } else {
+            format!("{table} on {}", self.url)
+        }
+    }
+
+    /// An admin client for this server (the admin credentials and TLS files of `ch`).
+    pub fn client(&self, ch: &ClickHouseSettings) -> anyhow::Result<ClickHouseClient> {
+        let server = ClickHouseSettings {
+            admin_url: self.url.clone(),
+            ..ch.clone()
+        };
+        Ok(ClickHouseClient::admin(&server)?)
+    }
+}
+
+/// Where replay and backfill rebuild tables: the one server (`admin_url`), or in cluster mode
+/// every shard of `clickhouse.shard_admin_urls`, on its `_local` tables. Partition swaps are per
+/// server, and per shard they are exact: each source partition's rows live on one shard (the
+/// raw table is sharded by `source_partition`) and each shard's views feed its own rollups from
+/// its own raw rows, so a shard's rollups rebuilt from its raw table are what its views would
+/// have written. A Keeper cluster (no shard URLs) is refused before anything is touched: its
+/// swaps would have to run on one replica of each shard, which nothing here could exercise.
+pub fn rebuild_servers(
+    ch: &ClickHouseSettings,
+    command: &str,
+) -> anyhow::Result<Vec<RebuildServer>> {
+    match &ch.cluster {
+        None => Ok(vec![RebuildServer {
+            url: ch.admin_url.clone(),
+            suffix: "",
+        }]),
+        Some(cluster) if ch.shard_admin_urls.is_empty() => bail!(
+            "`edgelog {command}` needs clickhouse.shard_admin_urls in cluster mode (clickhouse.cluster \
+             = {cluster:?}): it rebuilds each shard's local tables on that shard; a replicated \
+             cluster is not supported (docs/LIMITATIONS.md, \"Cluster mode\")"
+        ),
+        Some(_) => Ok(ch
+            .shard_admin_urls
+            .iter()
+            .map(|url| RebuildServer {
+                url: url.clone(),
+                suffix: crate::cluster_schema::LOCAL_SUFFIX,
+            })
+            .collect()),
+    }
+}
+
+/// A rollup as one server holds it: its name (without the server's suffix), its table on the
+/// server, and its view's SELECT, which reads `raw` (the server's raw table).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RollupOn {
+    pub name: String,
+    pub table: String,
+    pub select: String,
+    pub raw: String,
+}
+
+impl RollupOn {
+    /// The view's SELECT reading `source` in place of the raw table.
+    pub fn reading(&self, source: &str) -> String {
+        retarget(&self.select, &self.raw, source)
+    }
+}
+
+/// The rollups of a server from its views (`rollups`), named as on `server`. A view that does
+/// not read the server's raw table is refused: retargeting it would silently rebuild the rollup
+/// from whatever it does read.
+pub(crate) fn rollups_on(
+    views: &[(String, String)],
+    db: &str,
+    server: &RebuildServer,
+) -> anyhow::Result<Vec<RollupOn>> {
+    let raw = format!("{db}.{}", server.table("http_log"));
+    views
+        .iter()
+        .map(|(name, select)| {
+            if !reads(select, &raw) {
+                bail!(
+                    "the view of {name} on {} does not read {raw}: {select}",
+                    server.url
+                );
+            }
+            Ok(RollupOn {
+                name: name.clone(),
+                table: server.table(name),
+                select: select.clone(),
+                raw: raw.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Cluster mode's staging raw table for replay: a `Distributed` table `http_log_replay` over each
+/// shard's `http_log_local_replay`, with the engine of `http_log` (`engine_full`, as
+/// `system.tables` prints it) so that rows are routed to the shard the loader sent them to.
+pub(crate) fn staging_distributed_ddl(db: &str, engine_full: &str) -> anyhow::Result<String> {
+    let local = format!("'http_log{}'", crate::cluster_schema::LOCAL_SUFFIX);
+    if !engine_full.starts_with("Distributed(") || engine_full.matches(&local).count() != 1 {
+        bail!("{db}.http_log is not a Distributed table over {local}: {engine_full}");
+    }
+    let staging_local = format!("'http_log{}{STAGING}'", crate::cluster_schema::LOCAL_SUFFIX);
+    Ok(format!(
+        "CREATE TABLE {db}.http_log{STAGING} AS {db}.http_log ENGINE = {}",
+        engine_full.replace(&local, &staging_local)
+    ))
 }
 
 /// Each rollup table fed from `http_log` by a materialized view, with that view's SELECT.
@@ -254,6 +372,81 @@ mod tests {
             retarget("FROM db.http_log_totals", "db.http_log", "db.s"),
             "FROM db.http_log_totals"
         );
+    }
+
+    fn shards() -> ClickHouseSettings {
+        ClickHouseSettings {
+            cluster: Some("edgelog_shards".into()),
+            shard_admin_urls: vec!["http://s1:8123".into(), "http://s2:8123".into()],
+            ..ClickHouseSettings::default()
+        }
+    }
+
+    #[test]
+    fn one_server_rebuilds_its_tables_a_cluster_each_shards_locals() {
+        let single = ClickHouseSettings::default();
+        let servers = rebuild_servers(&single, "backfill").unwrap();
+        assert_eq!(servers.len(), 1);
+        assert_eq!(servers[0].url, single.admin_url);
+        assert_eq!(servers[0].table("http_log_totals"), "http_log_totals");
+        assert_eq!(servers[0].label("http_log_totals"), "http_log_totals");
+
+        let servers = rebuild_servers(&shards(), "backfill").unwrap();
+        let urls: Vec<&str> = servers.iter().map(|s| s.url.as_str()).collect();
+        assert_eq!(urls, ["http://s1:8123", "http://s2:8123"]);
+        assert_eq!(servers[1].table("http_log"), "http_log_local");
+        assert_eq!(
+            servers[1].label("http_log_local"),
+            "http_log_local on http://s2:8123"
+        );
+
+        let keeper = ClickHouseSettings {
+            shard_admin_urls: Vec::new(),
+            ..shards()
+        };
+        let err = rebuild_servers(&keeper, "replay").unwrap_err().to_string();
+        assert!(
+            err.contains("`edgelog replay` needs clickhouse.shard_admin_urls"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_shards_rollups_read_its_local_raw_table() {
+        let servers = rebuild_servers(&shards(), "backfill").unwrap();
+        let views = vec![(
+            "http_log_totals".to_string(),
+            "SELECT toStartOfMinute(timestamp) AS ts, count() AS requests FROM db.http_log_local GROUP BY ts ".to_string(),
+        )];
+        let on = rollups_on(&views, "db", &servers[0]).unwrap();
+        assert_eq!(on[0].name, "http_log_totals");
+        assert_eq!(on[0].table, "http_log_totals_local");
+        assert_eq!(
+            on[0].reading("db.http_log_local_replay"),
+            "SELECT toStartOfMinute(timestamp) AS ts, count() AS requests FROM db.http_log_local_replay GROUP BY ts "
+        );
+        // The same view on one server reads db.http_log, which this one does not.
+        let single = rebuild_servers(&ClickHouseSettings::default(), "backfill").unwrap();
+        let err = rollups_on(&views, "db", &single[0])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not read db.http_log"), "{err}");
+    }
+
+    #[test]
+    fn the_staging_distributed_table_routes_like_http_log() {
+        let engine = "Distributed('edgelog_shards', 'db', 'http_log_local', source_partition)";
+        assert_eq!(
+            staging_distributed_ddl("db", engine).unwrap(),
+            "CREATE TABLE db.http_log_replay AS db.http_log ENGINE = \
+             Distributed('edgelog_shards', 'db', 'http_log_local_replay', source_partition)"
+        );
+        for wrong in [
+            "MergeTree PARTITION BY toYYYYMMDD(timestamp) ORDER BY timestamp",
+            "Distributed('c', 'db', 'http_log_other', source_partition)",
+        ] {
+            assert!(staging_distributed_ddl("db", wrong).is_err(), "{wrong}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! shards-up`: HTTP 8133 and 8143, a proxy on 8135 in front of shard 1): `edgelog setup` applies
 //! the per-shard schema to both, the loader inserts through the `Distributed` table
 //! synchronously, and exactly-once holds across shards when the loader crashes at each step of a
-//! batch and when a shard is down. `verify` and `status` read through the Distributed tables. The
+//! batch and when a shard is down. `verify` and `status` read through the Distributed tables;
+//! `backfill` and `replay` rebuild each shard's local tables on that shard. The
 //! replicated (Keeper) form of the schema, which these servers cannot run, is parsed by the real
 //! server. A missing shard fails every test with how to start it.
 
@@ -92,6 +93,22 @@ async fn assert_sharded_exactly_once(s: &Settings, good: u64) {
     assert_eq!(total, good);
 }
 
+/// A shard stopped for an outage, started again when this is dropped (however the test ends).
+struct StoppedShard(&'static str);
+
+impl StoppedShard {
+    fn stop(n: &'static str) -> StoppedShard {
+        stack(&["shard-stop", n]);
+        StoppedShard(n)
+    }
+}
+
+impl Drop for StoppedShard {
+    fn drop(&mut self) {
+        stack(&["shard-start", self.0]);
+    }
+}
+
 async fn drop_database(s: &Settings) {
     for url in [SHARD_1, SHARD_2] {
         let client =
@@ -170,19 +187,6 @@ async fn crash_after_both_shards_answered_then_verify_and_status() {
         "parts of every shard: {status}"
     );
 
-    // Replay and backfill swap partitions on one server: they refuse, touching nothing.
-    let days = edgelog::staging::Days::parse("2026-01-01", "2026-01-01").unwrap();
-    for err in [
-        edgelog::replay::replay(&s, &days).await.unwrap_err(),
-        edgelog::backfill::backfill(&s, &[], None)
-            .await
-            .unwrap_err(),
-    ] {
-        assert!(
-            err.to_string().contains("does not run in cluster mode"),
-            "{err}"
-        );
-    }
     assert_sharded_exactly_once(&s, good).await;
     drop_database(&s).await;
 }
@@ -197,15 +201,7 @@ async fn a_shard_outage_is_waited_out_and_every_row_lands_once() {
     let good = fill_anonymized_topic(&s, 3_000).await.sent;
     let db = s.clickhouse.database.clone();
 
-    stack(&["shard-stop", "2"]);
-    // Started again however the test ends.
-    struct Restart;
-    impl Drop for Restart {
-        fn drop(&mut self) {
-            stack(&["shard-start", "2"]);
-        }
-    }
-    let restart = Restart;
+    let restart = StoppedShard::stop("2");
     let mut child = KillOnDrop::spawn(&mut loader_command(&s));
     // The loader keeps trying: wait until the proxy has passed several of its attempts.
     let stack_home = std::env::var("EDGESTACK_HOME")
@@ -330,4 +326,156 @@ async fn the_replicated_schema_parses_on_the_real_server() {
         .await
         .unwrap();
     assert_eq!(exists.trim(), "0");
+}
+
+async fn run_at(url: &str, sql: &str) {
+    edgelog::clickhouse::ClickHouseClient::new(url, "default", &Default::default())
+        .unwrap()
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql} at {url}: {e}"));
+}
+
+async fn full_audit(s: &Settings) -> edgelog::verify::Report {
+    let full = edgelog::verify::AuditOptions {
+        incremental: false,
+        ..Default::default()
+    };
+    edgelog::verify::audit_with(s, &full).await.unwrap()
+}
+
+/// Replay and backfill rebuild each shard's `_local` tables on that shard: damage to the rollups
+/// of both shards is repaired by a backfill, damage to the raw rows by a replay, and `verify`
+/// (full, then incremental from its per-node record) is clean after each. With a shard down both
+/// fail, naming what failed, and a re-run once it is back completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_loudly() {
+    require_shards();
+    let _one_at_a_time = SHARDS.lock().await;
+    let s = cluster_settings();
+    let good = fill_anonymized_topic(&s, 3_000).await.sent;
+    let db = s.clickhouse.database.clone();
+    let mut loader = KillOnDrop::spawn(&mut loader_command(&s));
+    wait_no_pending_batch(
+        &s,
+        "the loader to commit past every batch",
+        Duration::from_secs(120),
+    )
+    .await;
+    // A clean stop: the loader leaves its group, which replay and backfill check.
+    terminate(&loader);
+    assert!(loader.wait().unwrap().success());
+    assert_sharded_exactly_once(&s, good).await;
+
+    // verify's record of clean buckets lives on the node it talks to (admin_url): a second,
+    // incremental run skips what the first recorded (whole buckets only, hence small ones).
+    let incremental = edgelog::verify::AuditOptions {
+        incremental: true,
+        bucket_offsets: 256,
+    };
+    let first = edgelog::verify::audit_with(&s, &incremental).await.unwrap();
+    assert!(first.is_clean() && first.is_drained(), "{first}");
+    let second = edgelog::verify::audit_with(&s, &incremental).await.unwrap();
+    assert!(second.is_clean(), "{second}");
+    let skipped: u64 = second.partitions.iter().map(|p| p.buckets_skipped).sum();
+    assert!(
+        skipped > 0,
+        "the incremental run skipped recorded buckets: {second}"
+    );
+
+    // Rollups double-counted on each shard (a bug's damage; the raw rows are intact).
+    for (url, table) in [
+        (SHARD_1, "http_log_totals_by_status_local"),
+        (SHARD_2, "http_log_totals_local"),
+    ] {
+        run_at(
+            url,
+            &format!(
+                "INSERT INTO {db}.{table} SELECT * FROM {db}.{table} LIMIT 3 \
+                 SETTINGS insert_deduplicate = 0"
+            ),
+        )
+        .await;
+    }
+    let damaged = full_audit(&s).await;
+    assert!(!damaged.totals.is_clean(), "{damaged}");
+
+    // Shard 2 down: both commands fail, with the cause; nothing is swapped on shard 2.
+    let now = edgelog::clock::now_epoch_ms();
+    let days = edgelog::staging::Days::parse(
+        &edgelog::staging::day_of_epoch_ms(now - 86_400_000),
+        &edgelog::staging::day_of_epoch_ms(now),
+    )
+    .unwrap();
+    {
+        let _down = StoppedShard::stop("2");
+        let err = edgelog::backfill::backfill(&s, &[], None)
+            .await
+            .unwrap_err();
+        eprintln!("backfill with shard 2 down: {err:#}");
+        assert!(
+            format!("{err:#}").contains("reading the days http_log holds"),
+            "{err:#}"
+        );
+        // Replay gets further: its staging table is made on shard 1, then shard 2 refuses.
+        let err = edgelog::replay::replay(&s, &days).await.unwrap_err();
+        eprintln!("replay with shard 2 down: {err:#}");
+        assert!(
+            format!("{err:#}").contains(&format!("http_log_local_replay on {SHARD_2}")),
+            "{err:#}"
+        );
+    }
+
+    let summary = edgelog::backfill::backfill(&s, &[], None).await.unwrap();
+    for url in [SHARD_1, SHARD_2] {
+        let key = format!("http_log_totals_local on {url}");
+        assert!(!summary.replaced[&key].is_empty(), "{summary:?}");
+    }
+    let repaired = full_audit(&s).await;
+    assert!(repaired.is_clean(), "{repaired}");
+    assert_sharded_exactly_once(&s, good).await;
+
+    // Raw rows lost on shard 2 and doubled on shard 1 (whose views count the copies too).
+    run_at(
+        SHARD_2,
+        &format!("DELETE FROM {db}.http_log_local WHERE source_offset % 7 = 3"),
+    )
+    .await;
+    run_at(
+        SHARD_1,
+        &format!(
+            "INSERT INTO {db}.http_log_local SELECT * FROM {db}.http_log_local \
+             WHERE source_offset % 5 = 1 SETTINGS insert_deduplicate = 0"
+        ),
+    )
+    .await;
+    let damaged = full_audit(&s).await;
+    assert!(
+        damaged.missing() > 0 && damaged.duplicated() > 0,
+        "{damaged}"
+    );
+
+    let summary = edgelog::replay::replay(&s, &days).await.unwrap();
+    assert_eq!(summary.rows_replayed, good, "{summary:?}");
+    for url in [SHARD_1, SHARD_2] {
+        let key = format!("http_log_local on {url}");
+        assert!(!summary.replaced[&key].is_empty(), "{summary:?}");
+    }
+    let replayed = edgelog::verify::audit_with(&s, &incremental).await.unwrap();
+    assert!(replayed.is_clean(), "{replayed}");
+    let replayed = full_audit(&s).await;
+    assert!(replayed.is_clean(), "{replayed}");
+    assert_sharded_exactly_once(&s, good).await;
+    for url in [SHARD_1, SHARD_2] {
+        let staging = count_at(
+            url,
+            format!(
+                "SELECT count() FROM system.tables WHERE database = '{db}' \
+                 AND name LIKE '%replay%'"
+            ),
+        )
+        .await;
+        assert_eq!(staging, 0, "staging tables are dropped on {url}");
+    }
+    drop_database(&s).await;
 }
