@@ -424,6 +424,25 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
             format!("{err:#}").contains(&format!("http_log_local_replay on {SHARD_2}")),
             "{err:#}"
         );
+        // The audit and the status read through the Distributed tables: half a cluster must not
+        // pass for a clean one (or for fewer rows), so both say the shard is unreachable.
+        let err = edgelog::verify::audit_with(
+            &s,
+            &edgelog::verify::AuditOptions {
+                incremental: false,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        eprintln!("verify with shard 2 down: {err:#}");
+        assert!(
+            format!("{err:#}").contains("ALL_CONNECTION_TRIES_FAILED"),
+            "{err:#}"
+        );
+        let status = edgelog::status::report(&s, &[]).await;
+        assert!(status.contains("clickhouse: UNKNOWN ("), "{status}");
+        assert!(!status.contains(" rows, newest record "), "{status}");
     }
 
     let summary = edgelog::backfill::backfill(&s, &[], None).await.unwrap();

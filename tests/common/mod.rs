@@ -191,7 +191,19 @@ pub fn committed_vs_end(group: &str, topic: &str) -> Vec<(Option<i64>, i64, Stri
     for p in md.topics()[0].partitions() {
         tpl.add_partition(topic, p.id());
     }
-    let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    // A group's coordinator may not answer yet on a broker that just started (NOT_COORDINATOR,
+    // COORDINATOR_LOAD_IN_PROGRESS): ask again until it does.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let committed = loop {
+        match c.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(committed) => break committed,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("committed offsets of {group} on {topic}: {e}; asking again");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => panic!("committed offsets of {group} on {topic}: {e}"),
+        }
+    };
     committed
         .elements()
         .iter()
