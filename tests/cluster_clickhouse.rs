@@ -498,3 +498,56 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
     }
     drop_database(&s).await;
 }
+
+/// Least privilege in cluster mode: `edgelog_operator` (scripts/clickhouse/users.xml: table
+/// engines Distributed and Replicated*, READ ON REMOTE for `status`) runs `setup`, `status`,
+/// `verify`, `backfill` and `replay` on the shards, and `edgelog_loader` inserts through the
+/// Distributed table. Production's database name, because the operator's grants name it: no other
+/// test uses `edgelog` on the shards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_and_loader_users_suffice_in_cluster_mode() {
+    require_shards();
+    let _one_at_a_time = SHARDS.lock().await;
+    let mut s = cluster_settings();
+    s.clickhouse.database = "edgelog".into();
+    s.clickhouse.admin_user = "edgelog_operator".into();
+    s.clickhouse.admin_password = edgelog::config::Secret::new("edgelog-operator-dev-password");
+    for url in [SHARD_1, SHARD_2] {
+        run_at(url, "DROP DATABASE IF EXISTS edgelog SYNC").await;
+    }
+    // setup runs as the operator.
+    let good = fill_anonymized_topic(&s, 2_000).await.sent;
+    let mut loader = KillOnDrop::spawn(&mut loader_command(&s));
+    wait_no_pending_batch(
+        &s,
+        "the loader to commit past every batch",
+        Duration::from_secs(120),
+    )
+    .await;
+    terminate(&loader);
+    assert!(loader.wait().unwrap().success());
+    assert_sharded_exactly_once(&s, good).await;
+
+    let status = edgelog::status::report(&s, &[]).await;
+    assert!(
+        status.contains(&format!("clickhouse: edgelog.http_log holds {good} rows")),
+        "{status}"
+    );
+    let report = full_audit(&s).await;
+    assert!(report.is_clean() && report.is_drained(), "{report}");
+
+    let summary = edgelog::backfill::backfill(&s, &[], None).await.unwrap();
+    assert!(!summary.replaced.is_empty(), "{summary:?}");
+    let now = edgelog::clock::now_epoch_ms();
+    let days = edgelog::staging::Days::parse(
+        &edgelog::staging::day_of_epoch_ms(now - 86_400_000),
+        &edgelog::staging::day_of_epoch_ms(now),
+    )
+    .unwrap();
+    let summary = edgelog::replay::replay(&s, &days).await.unwrap();
+    assert_eq!(summary.rows_replayed, good, "{summary:?}");
+    let report = full_audit(&s).await;
+    assert!(report.is_clean(), "{report}");
+    assert_sharded_exactly_once(&s, good).await;
+    drop_database(&s).await;
+}
