@@ -92,6 +92,11 @@ struct Args {
     /// the first `--raw-samples` of each also against `uniqExact` on `http_log`.
     #[arg(long)]
     uniques: bool,
+    /// With `--uniques`: also run this many of each window's panels as the dashboard asked them
+    /// before migration 010 (per-minute states of a resource whatever the range, the top 10 from
+    /// every resource's states), and print both.
+    #[arg(long, default_value_t = 0)]
+    baseline_samples: usize,
     /// Compare alternative ORDER BYs and codecs of `http_log` on a slice of the data (bytes per
     /// row per column and raw-query times); this many days of the loaded data.
     #[arg(long, default_value_t = 0)]
@@ -337,6 +342,11 @@ async fn backfill(ch: &Ch, a: &Args, settings: &Settings) -> anyhow::Result<()> 
     let admin = ClickHouseClient::admin(&settings.clickhouse)?;
     let mut empty = Vec::new();
     for table in rollup_tables(&admin, db).await? {
+        // The unique-client panels read nothing else: a database loaded with only their
+        // migrations (scripts/uniques-load.sh) is not backfilled with every other rollup.
+        if a.uniques && !table.starts_with("http_log_uniques") {
+            continue;
+        }
         if ch
             .scalar(&format!("SELECT count() FROM {db}.{table}"))
             .await?
@@ -1393,9 +1403,21 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009), with the
-/// exact answer from the raw table for comparison. `from`/`to`: epoch seconds.
-fn uniques_sql(db: &str, kind: &str, from: u64, to: u64, q: &AnonRecord) -> (String, String) {
+/// How many resources the top-10 panel merges states of: the busiest by requests over the days
+/// the range touches (docker/grafana, "Top 10 resources by unique clients").
+const TOP_CANDIDATES: u32 = 100;
+
+/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009, sql/010), with
+/// the exact answer from the raw table for comparison. `from`/`to`: epoch seconds. `baseline`:
+/// as the dashboard asked it before migration 010.
+fn uniques_sql(
+    db: &str,
+    kind: &str,
+    from: u64,
+    to: u64,
+    q: &AnonRecord,
+    baseline: bool,
+) -> (String, String) {
     let window = format!("ts >= toDateTime({from}) AND ts < toDateTime({to})");
     let raw_window = format!("timestamp >= toDateTime({from}) AND timestamp < toDateTime({to})");
     // Hourly buckets from 7 days on, like the dashboard at ~200 points.
@@ -1408,7 +1430,11 @@ fn uniques_sql(db: &str, kind: &str, from: u64, to: u64, q: &AnonRecord) -> (Str
     let (status, cache, resource) = (q.response_status, &q.cache_status, q.resource_id);
     match kind {
         "series" => {
-            let t = if hourly { "http_log_uniques_1h" } else { "http_log_uniques" };
+            let t = if hourly {
+                "http_log_uniques_1h"
+            } else {
+                "http_log_uniques"
+            };
             (
                 format!(
                     "SELECT ts, uniqMerge(clients) FROM {db}.{t} WHERE {window} \
@@ -1439,27 +1465,50 @@ fn uniques_sql(db: &str, kind: &str, from: u64, to: u64, q: &AnonRecord) -> (Str
                 ),
             )
         }
-        "resource series" => (
-            format!(
-                "SELECT {bucket}(ts) AS t, uniqMerge(clients) FROM {db}.http_log_uniques_by_resource \
-                 WHERE {window} AND resource_id = {resource} GROUP BY t ORDER BY t FORMAT TSV"
-            ),
-            format!(
-                "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
-                 WHERE {raw_window} AND resource_id = {resource} GROUP BY ts ORDER BY ts FORMAT TSV"
-            ),
-        ),
+        "resource series" => {
+            // Hourly buckets from the hourly states keyed by resource (010); before, the minutes.
+            let t = if hourly && !baseline {
+                "http_log_uniques_by_resource_1h"
+            } else {
+                "http_log_uniques_by_resource"
+            };
+            (
+                format!(
+                    "SELECT {bucket}(ts) AS t, uniqMerge(clients) FROM {db}.{t} \
+                     WHERE {window} AND resource_id = {resource} GROUP BY t ORDER BY t FORMAT TSV"
+                ),
+                format!(
+                    "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
+                     WHERE {raw_window} AND resource_id = {resource} GROUP BY ts ORDER BY ts \
+                     FORMAT TSV"
+                ),
+            )
+        }
         _ => {
             // Whole UTC days from a day on (the start rounds down to midnight), minutes below.
-            let (t, from) = if to - from >= 86_400 {
-                ("http_log_uniques_by_resource_1d", from / 86_400 * 86_400)
+            let daily = to - from >= 86_400;
+            let from = if daily { from / 86_400 * 86_400 } else { from };
+            let t = match (daily, baseline) {
+                (true, true) => "http_log_uniques_by_resource_1d",
+                (true, false) => "http_log_uniques_by_resource_keyed_1d",
+                (false, _) => "http_log_uniques_by_resource",
+            };
+            // The states of the busiest resources by requests on the days the range touches,
+            // read by key; before, every resource's states.
+            let candidates = if baseline {
+                String::new()
             } else {
-                ("http_log_uniques_by_resource", from)
+                format!(
+                    "AND resource_id IN (SELECT resource_id FROM {db}.http_log_uniques_by_resource_1d \
+                     WHERE ts >= toStartOfDay(toDateTime({from})) AND ts < toDateTime({to}) \
+                     GROUP BY resource_id ORDER BY sum(requests) DESC, resource_id \
+                     LIMIT {TOP_CANDIDATES}) "
+                )
             };
             (
                 format!(
                     "SELECT resource_id, uniqMerge(clients) AS c FROM {db}.{t} \
-                     WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}) \
+                     WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}) {candidates}\
                      GROUP BY resource_id ORDER BY c DESC, resource_id LIMIT 10 FORMAT TSV"
                 ),
                 format!(
@@ -1503,10 +1552,13 @@ async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
         "resource series",
         "top resources",
     ];
-    println!("unique-client panels (ms; server time from X-ClickHouse-Summary; error against uniqExact):");
     println!(
-        "{:>6} {:>16} {:>5} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
-        "window", "panel", "n", "p50", "p99", "max", "srv p99", "rows p99", "worst err"
+        "unique-client panels (ms; server time from X-ClickHouse-Summary; error against uniqExact; \
+         route: 010 as shipped, before as the dashboard asked before migration 010):"
+    );
+    println!(
+        "{:>6} {:>16} {:>6} {:>5} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
+        "window", "panel", "route", "n", "p50", "p99", "max", "srv p99", "rows p99", "worst err"
     );
     for (label, secs) in [
         ("24 h", 86_400u64),
@@ -1516,48 +1568,60 @@ async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
         let to = DATA_END_S;
         let from = to - secs;
         for kind in kinds {
-            let (mut wall, mut srv, mut rows) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut worst, mut reordered) = (0f64, 0usize);
-            for i in 0..a.samples + 1 {
-                let q = &pool[rng.random_range(0..pool.len())];
-                let (sql, exact) = uniques_sql(db, kind, from, to, q);
-                let t = Instant::now();
-                let (answer, summary) = ch.query_summary(&sql, &[]).await?;
-                let ms = t.elapsed().as_secs_f64() * 1000.0;
-                if i == 0 {
-                    continue; // warm-up
+            // The baseline asks about the same resources and status/cache pairs.
+            let picks: Vec<&AnonRecord> = (0..a.samples.max(a.baseline_samples) + 1)
+                .map(|_| &pool[rng.random_range(0..pool.len())])
+                .collect();
+            for (route, baseline, samples) in [
+                ("010", false, a.samples),
+                ("before", true, a.baseline_samples),
+            ] {
+                if samples == 0 {
+                    continue;
                 }
-                wall.push(ms);
-                if let Some((s, r)) = summary {
-                    srv.push(s);
-                    rows.push(r);
+                let (mut wall, mut srv, mut rows) = (Vec::new(), Vec::new(), Vec::new());
+                let (mut worst, mut reordered) = (0f64, 0usize);
+                for (i, q) in picks.iter().take(samples + 1).enumerate() {
+                    let (sql, exact) = uniques_sql(db, kind, from, to, q, baseline);
+                    let t = Instant::now();
+                    let (answer, summary) = ch.query_summary(&sql, &[]).await?;
+                    let ms = t.elapsed().as_secs_f64() * 1000.0;
+                    if i == 0 {
+                        continue; // warm-up
+                    }
+                    wall.push(ms);
+                    if let Some((s, r)) = summary {
+                        srv.push(s);
+                        rows.push(r);
+                    }
+                    if i <= a.raw_samples {
+                        let (e, same) = uniques_error(&answer, &ch.query(&exact, &[]).await?);
+                        worst = worst.max(e);
+                        reordered += usize::from(!same);
+                    }
                 }
-                if i <= a.raw_samples {
-                    let (e, same) = uniques_error(&answer, &ch.query(&exact, &[]).await?);
-                    worst = worst.max(e);
-                    reordered += usize::from(!same);
-                }
+                let (wall, srv, rows) = (
+                    sorted(wall.into_iter()),
+                    sorted(srv.into_iter()),
+                    sorted(rows.into_iter()),
+                );
+                println!(
+                    "{label:>6} {kind:>16} {route:>6} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>10.1} {:>10.0} \
+                     {:>11.3}%{}",
+                    wall.len(),
+                    pct(&wall, 0.5),
+                    pct(&wall, 0.99),
+                    pct(&wall, 1.0),
+                    pct(&srv, 0.99),
+                    pct(&rows, 0.99),
+                    worst * 100.0,
+                    if reordered > 0 {
+                        format!(" ({reordered} answers ordered or keyed differently)")
+                    } else {
+                        String::new()
+                    }
+                );
             }
-            let (wall, srv, rows) = (
-                sorted(wall.into_iter()),
-                sorted(srv.into_iter()),
-                sorted(rows.into_iter()),
-            );
-            println!(
-                "{label:>6} {kind:>16} {:>5} {:>8.1} {:>8.1} {:>8.1} {:>10.1} {:>10.0} {:>11.3}%{}",
-                wall.len(),
-                pct(&wall, 0.5),
-                pct(&wall, 0.99),
-                pct(&wall, 1.0),
-                pct(&srv, 0.99),
-                pct(&rows, 0.99),
-                worst * 100.0,
-                if reordered > 0 {
-                    format!(" ({reordered} answers ordered or keyed differently)")
-                } else {
-                    String::new()
-                }
-            );
         }
     }
     Ok(())

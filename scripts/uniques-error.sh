@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Error and size of the unique-client states (sql/009) on the producer's traffic.
+# Error and size of the unique-client states (sql/009, sql/010) on the producer's traffic.
 #
 #   scripts/uniques-error.sh [DATABASE] [CLICKHOUSE_URL]
 #
@@ -26,6 +26,8 @@ rollups=(
   "http_log_uniques_by_status_1h|toStartOfHour(timestamp)|, response_status, cache_status"
   "http_log_uniques|toStartOfMinute(timestamp)|"
   "http_log_uniques_1h|toStartOfHour(timestamp)|"
+  "http_log_uniques_by_resource_1h|toStartOfHour(timestamp)|, resource_id"
+  "http_log_uniques_by_resource_keyed_1d|toStartOfDay(timestamp)|, resource_id"
 )
 
 echo "raw rows: $(q "SELECT count() FROM $db.http_log")"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the six unique-client views (sql/009) cost an insert.
+# What the unique-client views (sql/009 and sql/010) cost an insert.
 #
 #   scripts/uniques-insert-cost.sh [SOURCE_DATABASE] [ROWS] [RUNS] [CLICKHOUSE_URL]
 #
@@ -20,29 +20,13 @@ apply() { # database, migration files...
   local db=$1
   shift
   q "CREATE DATABASE $db"
-  python3 - "$db" "$url" "$@" <<'EOF'
-import sys, urllib.request
-db, url, files = sys.argv[1], sys.argv[2], sys.argv[3:]
-for f in files:
-    sql = open(f).read().replace("${database}", db)
-    sql = sql.replace("${raw_ttl_clause}", "").replace("${totals_ttl_clause}", "")
-    stmt = []
-    for line in sql.splitlines():  # as shared/setup.rs `statements`
-        if line.strip().startswith("--"):
-            continue
-        stmt.append(line)
-        if line.rstrip().endswith(";"):
-            text = "\n".join(stmt).strip().rstrip(";")
-            if text:
-                urllib.request.urlopen(urllib.request.Request(url, data=text.encode())).read()
-            stmt = []
-EOF
+  scripts/apply-migrations.py "$db" "$url" "$@"
 }
 
 without=uq_cost_without_$$
 with=uq_cost_with_$$
 trap 'q "DROP DATABASE IF EXISTS $without"; q "DROP DATABASE IF EXISTS $with"' EXIT
-apply "$without" $(ls sql/[0-9]*.sql | grep -v _http_log_uniques.sql)
+apply "$without" $(ls sql/[0-9]*.sql | grep -v _http_log_uniques)
 apply "$with" sql/[0-9]*.sql
 # The slices in memory first, so the timed inserts do not include reading the source table.
 q "CREATE TABLE $without.source ENGINE = Memory AS SELECT * FROM $src.http_log

@@ -124,7 +124,7 @@ pub struct Table {
     pub bytes_per_row: f64,
 }
 
-pub const TABLES: [Table; 16] = [
+pub const TABLES: [Table; 18] = [
     // With the codecs of migration 004, after OPTIMIZE FINAL rewrote all 100M rows (18.96 B/row
     // with the codecs of 001 once merges settled). For the rollups: the larger of "merges
     // settled" and "OPTIMIZE FINAL" (docs/BENCHMARKS.md, "Disk space").
@@ -213,6 +213,20 @@ pub const TABLES: [Table; 16] = [
         name: "http_log_uniques_1h",
         rollup: Some((&NONE, 3600)),
         bytes_per_row: 97_903.0,
+    },
+    // Migration 010, the same states per resource per hour and per day keyed by resource: 100M
+    // synthetic rows of the producer's model over 30 days (scripts/uniques-load.sh), merges
+    // settled, one row per key already (scripts/uniques-sizes.sh; docs/BENCHMARKS.md, "Unique
+    // clients"). Like the other states, these grow with the rate.
+    Table {
+        name: "http_log_uniques_by_resource_1h",
+        rollup: Some((&RESOURCE, 3600)),
+        bytes_per_row: 46.0,
+    },
+    Table {
+        name: "http_log_uniques_by_resource_keyed_1d",
+        rollup: Some((&RESOURCE, 86_400)),
+        bytes_per_row: 552.0,
     },
 ];
 

@@ -75,6 +75,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "009_http_log_uniques.sql",
         sql: include_str!("../sql/009_http_log_uniques.sql"),
     },
+    Migration {
+        version: 10,
+        name: "010_http_log_uniques_by_resource_keyed.sql",
+        sql: include_str!("../sql/010_http_log_uniques_by_resource_keyed.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name

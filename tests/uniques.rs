@@ -1,4 +1,4 @@
-//! The unique-client rollups (migration 009) on the real ClickHouse: fed by the loader's own
+//! The unique-client rollups (migrations 009 and 010) on the real ClickHouse: fed by the loader's own
 //! inserts, unchanged by a retried batch, checked by `verify` against `uniqExact`, caught when
 //! tampered with, and filled by `backfill` when the migration comes after the data.
 
@@ -70,7 +70,7 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
         );
     }
     let clean = check(&db).await;
-    assert_eq!(clean.tables.len(), 6, "{clean}");
+    assert_eq!(clean.tables.len(), uniques::TABLES.len(), "{clean}");
     assert!(clean.is_clean(), "{clean}");
     assert!(clean.tables.iter().all(|t| t.buckets > 0), "{clean:?}");
 
@@ -114,6 +114,13 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
             "INSERT INTO {db}.http_log_uniques_1h SELECT toStartOfHour(now() - INTERVAL 10 DAY), \
              0, uniqState(toString(number)) FROM numbers(50) SETTINGS insert_deduplicate = 0"
         ),
+        // A resource's day (migration 010) that lost its clients but kept its request count.
+        format!(
+            "INSERT INTO {db}.http_log_uniques_by_resource_keyed_1d SELECT ts, resource_id, 0, \
+             uniqState(toString(number)) FROM {db}.http_log_uniques_by_resource_keyed_1d, \
+             numbers(40) AS n GROUP BY ts, resource_id ORDER BY resource_id DESC, ts LIMIT 1 \
+             SETTINGS insert_deduplicate = 0"
+        ),
     ] {
         admin().query(&sql, &[]).await.unwrap();
     }
@@ -138,11 +145,17 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
         (0, 1),
         "{damaged}"
     );
+    let day = table("http_log_uniques_by_resource_keyed_1d");
+    assert_eq!(
+        (day.requests_differing, day.clients_outside),
+        (0, 1),
+        "{damaged}"
+    );
     let text = damaged.to_string();
     assert!(text.contains("UNIQUES     http_log_uniques_1h:"), "{text}");
 
-    // As if migration 009 came after the data: its tables gone and its record too. Set-up
-    // names the six as needing a backfill, which fills them from http_log.
+    // As if migrations 009 and 010 came after the data: their tables gone and their records too.
+    // Set-up names the eight as needing a backfill, which fills them from http_log.
     let ch = admin();
     for t in uniques_tables() {
         ch.query(&format!("DROP VIEW {db}.{t}_mv"), &[])
@@ -153,13 +166,13 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
             .unwrap();
     }
     ch.query(
-        &format!("DELETE FROM {db}.schema_migrations WHERE version = 9"),
+        &format!("DELETE FROM {db}.schema_migrations WHERE version IN (9, 10)"),
         &[],
     )
     .await
     .unwrap();
     let before = rollup_tables(&ch, &db).await.unwrap();
-    assert_eq!(edgelog::setup::apply_schema(&s).await.unwrap(), vec![9]);
+    assert_eq!(edgelog::setup::apply_schema(&s).await.unwrap(), vec![9, 10]);
     let mut missing = new_rollups_missing_rows(&ch, &db, &before).await.unwrap();
     missing.sort();
     let mut want = uniques_tables();
@@ -176,7 +189,7 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
     let summary = rebuild_rollups(&ch, &db, s.clickhouse.raw_ttl_days, &missing, None)
         .await
         .unwrap();
-    assert_eq!(summary.replaced.len(), 6, "{summary:?}");
+    assert_eq!(summary.replaced.len(), uniques::TABLES.len(), "{summary:?}");
     let rebuilt = check(&db).await;
     assert!(rebuilt.is_clean(), "{rebuilt}");
     let buckets = |c: &UniquesCheck| c.tables.iter().map(|t| t.buckets).collect::<Vec<_>>();

@@ -1,4 +1,4 @@
-//! The unique-client rollups (migration 009) against an exact recount from `http_log`.
+//! The unique-client rollups (migrations 009 and 010) against an exact recount from `http_log`.
 //!
 //! One UTC day at a time, on the days `verify` checks the other rollups (`totals::check_totals`),
 //! so that ClickHouse holds one day's distinct sets, and a day is recorded as audited only when
@@ -24,7 +24,7 @@ pub const RELATIVE_TOLERANCE: f64 = 0.01;
 pub const ABSOLUTE_TOLERANCE: u64 = 2;
 
 /// Each unique-client rollup: table, the bucket of a raw row's timestamp, its key columns.
-pub const TABLES: [(&str, &str, &[&str]); 6] = [
+pub const TABLES: [(&str, &str, &[&str]); 8] = [
     (
         "http_log_uniques_by_resource",
         "toStartOfMinute(timestamp)",
@@ -47,6 +47,17 @@ pub const TABLES: [(&str, &str, &[&str]); 6] = [
     ),
     ("http_log_uniques", "toStartOfMinute(timestamp)", &[]),
     ("http_log_uniques_1h", "toStartOfHour(timestamp)", &[]),
+    // Migration 010: a resource's states keyed by resource, for long-range series.
+    (
+        "http_log_uniques_by_resource_1h",
+        "toStartOfHour(timestamp)",
+        &["resource_id"],
+    ),
+    (
+        "http_log_uniques_by_resource_keyed_1d",
+        "toStartOfDay(timestamp)",
+        &["resource_id"],
+    ),
 ];
 
 /// One table's comparison.
@@ -208,12 +219,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_table_of_the_migration_is_checked_with_its_view_bucket() {
-        let sql = crate::setup::MIGRATIONS
+    fn every_table_of_the_migrations_is_checked_with_its_view_bucket() {
+        let sql: String = crate::setup::MIGRATIONS
             .iter()
-            .find(|m| m.name == "009_http_log_uniques.sql")
-            .unwrap()
-            .sql;
+            .filter(|m| {
+                [
+                    "009_http_log_uniques.sql",
+                    "010_http_log_uniques_by_resource_keyed.sql",
+                ]
+                .contains(&m.name)
+            })
+            .map(|m| m.sql)
+            .collect();
         for (table, bucket, keys) in TABLES {
             let view = format!("${{database}}.{table}_mv\nTO ${{database}}.{table}\n");
             let at = sql
@@ -228,6 +245,13 @@ mod tests {
             assert!(select.contains(&group_by), "{table}: {group_by}");
         }
         assert_eq!(sql.matches("CREATE TABLE").count(), TABLES.len());
+        // Every unique-client table of any migration is checked, not only those of 009 and 010.
+        let all: String = crate::setup::MIGRATIONS.iter().map(|m| m.sql).collect();
+        assert_eq!(
+            all.matches("CREATE TABLE IF NOT EXISTS ${database}.http_log_uniques")
+                .count(),
+            TABLES.len()
+        );
     }
 
     #[test]
