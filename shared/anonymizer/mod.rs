@@ -374,7 +374,8 @@ impl<'a> Worker<'a> {
                     }
                     drop(state);
                     tracing::warn!(error = %e, "transaction aborted; rewinding to the committed offsets");
-                    self.progress.enter("rewinding to the committed offsets");
+                    self.progress
+                        .enter("rewinding to the committed offsets", None);
                     rewind(&self.consumer)?;
                 }
                 Err(TxnError::Fatal(e)) => match permanent_error_message(&e) {

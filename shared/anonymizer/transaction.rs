@@ -17,8 +17,8 @@ use crate::dead_letter::Reason;
 use crate::health::Health;
 use crate::kafka::{KafkaWatch, WatchedContext};
 use crate::txn::{
-    classify_produce, next_step, with_deadline, ProduceErrorAction, Step, TxnCall, TxnError,
-    TxnErrorAction,
+    budget, classify_produce, next_step, with_deadline, ProduceErrorAction, Step, TxnCall,
+    TxnError, TxnErrorAction, MIN_CALL_TIMEOUT,
 };
 
 use super::watchdog::Progress;
@@ -58,7 +58,7 @@ impl TxnProducer {
         if state.open {
             return Ok(());
         }
-        self.progress.enter(TxnCall::Begin.name());
+        self.enter(TxnCall::Begin, Instant::now());
         with_deadline(TxnCall::Begin, Instant::now(), self.txn_timeout, |_| {
             self.producer.begin_transaction()
         })
@@ -94,15 +94,18 @@ impl TxnProducer {
                     TxnErrorAction::Fatal,
                     KafkaError::Global(RDKafkaErrorCode::InvalidGroupId),
                 ))?;
-                self.progress.enter(TxnCall::SendOffsets.name());
+                self.enter(TxnCall::SendOffsets, started);
                 with_deadline(TxnCall::SendOffsets, started, t, |timeout| {
                     self.producer
                         .send_offsets_to_transaction(&offsets, &group, timeout)
                 })?;
             }
-            self.progress.enter("waiting for acknowledgements");
+            self.progress.enter(
+                "waiting for acknowledgements",
+                Some(started + budget(TxnCall::Produce, t)),
+            );
             drain_in_flight(&self.producer, started, t)?;
-            self.progress.enter(TxnCall::Commit.name());
+            self.enter(TxnCall::Commit, started);
             with_deadline(TxnCall::Commit, started, t, |timeout| {
                 self.producer.commit_transaction(timeout)
             })
@@ -146,8 +149,8 @@ impl TxnProducer {
         // Let in-flight sends settle first: an abort racing the partition registrations of its own
         // transaction was answered INVALID_TXN_STATE (fatal) by Kafka 4.1 in our abort test.
         // Bounded: on a broken connection the abort proceeds and librdkafka purges.
-        self.progress.enter(TxnCall::Abort.name());
-        let _ = self.producer.flush(Duration::from_secs(5));
+        self.enter(TxnCall::Abort, Instant::now() + ABORT_FLUSH);
+        let _ = self.producer.flush(ABORT_FLUSH);
         let result = with_deadline(
             TxnCall::Abort,
             Instant::now(),
@@ -160,6 +163,14 @@ impl TxnProducer {
             ..TxnState::default()
         };
         result.map_err(to_txn_error)
+    }
+
+    /// Tells the watchdog the thread is in `call`, whose clock started at `clock`: it ends by the
+    /// end of its budget, plus the last attempt's shortest timeout and pause.
+    fn enter(&self, call: TxnCall, clock: Instant) {
+        let until =
+            clock + budget(call, self.txn_timeout) + MIN_CALL_TIMEOUT + Duration::from_secs(1);
+        self.progress.enter(call.name(), Some(until));
     }
 
     fn fail(
@@ -237,6 +248,9 @@ impl TxnProducer {
         }
     }
 }
+
+/// How long an abort first lets in-flight sends settle.
+const ABORT_FLUSH: Duration = Duration::from_secs(5);
 
 /// Waits until every produced message is acknowledged, until the deadline of the transaction
 /// that `started` then (abortable past it). rdkafka's `commit_transaction` flushes first, but its
