@@ -4,9 +4,9 @@
 # `shards-up`) if it is not running, then runs formatting and lint checks, the Docker and Helm
 # checks, every test, and a short fault-injection run (scripts/chaos.sh; CHAOS_SECONDS, default 90).
 # The three-node Kafka cluster (`scripts/stack.sh cluster-up`) is started too, in the background
-# while the code builds: for tests/kafka_cluster.rs (about 4.5 minutes) and a short cluster fault
+# while the code builds: for tests/kafka_cluster.rs (about 2.5 minutes) and a short cluster fault
 # run (chaos.sh --cluster --in-order, each node fault once; CLUSTER_CHAOS_SECONDS, default 60;
-# about 3.5 minutes with the node restarts, BENCHMARKS.md).
+# 3 to 4 minutes with the node restarts, BENCHMARKS.md).
 # A stack this script started is stopped again when it exits; one that was running stays up.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
