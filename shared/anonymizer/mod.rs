@@ -14,12 +14,14 @@
 //! `transaction.rs` the transactional producer and the rebalance callback; `output.rs` what one
 //! record puts into the transaction (the per-record decision itself is
 //! [`crate::anon_record::process`]); `limits.rs` the record size limit read at start-up;
-//! `failpoint.rs` fault injection for tests.
+//! `failpoint.rs` fault injection for tests; `watchdog.rs` the progress stamp and the watchdog that
+//! ends the stage when a Kafka call overruns every deadline.
 
 mod failpoint;
 mod limits;
 mod output;
 mod transaction;
+mod watchdog;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,6 +49,8 @@ pub use limits::{effective_limit, MIN_MESSAGE_BYTES};
 use limits::{message_limit, NoConfiguration};
 use output::handle;
 use transaction::{AnonContext, TxnProducer, TxnState};
+pub use watchdog::watchdog_limit;
+use watchdog::Progress;
 
 /// `transactional.id` of an instance: stable across restarts, so a restarted instance fences its
 /// own zombie, and distinct between concurrent instances.
@@ -73,6 +77,8 @@ pub async fn run_with_health(
     shutdown: impl Future,
 ) -> anyhow::Result<()> {
     let settings = settings.clone();
+    let limit_stuck = watchdog_limit(&settings);
+    let progress = Arc::new(Progress::default());
     let watch = Arc::new(KafkaWatch::new(Some(health.clone())));
     tokio::pin!(shutdown);
     let limit = tokio::select! {
@@ -84,12 +90,20 @@ pub async fn run_with_health(
     };
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
-        let stop = stop.clone();
-        tokio::task::spawn_blocking(move || process(&settings, limit, &stop, health, watch))
+        let (stop, progress) = (stop.clone(), progress.clone());
+        tokio::task::spawn_blocking(move || {
+            process(&settings, limit, &stop, health, watch, progress)
+        })
     };
     tokio::pin!(worker);
     tokio::select! {
         r = &mut worker => r?,
+        // The thread cannot be interrupted inside librdkafka: the stage ends around it (the
+        // binary exits non-zero), and the restarted instance fences it.
+        e = watchdog::watch(&progress, limit_stuck) => {
+            stop.store(true, Ordering::Relaxed);
+            Err(e)
+        }
         _ = shutdown => {
             stop.store(true, Ordering::Relaxed);
             // The last commit waits for the cluster; with the cluster gone it would wait out
@@ -195,8 +209,9 @@ fn process(
     stop: &AtomicBool,
     health: Arc<Health>,
     watch: Arc<KafkaWatch>,
+    progress: Arc<Progress>,
 ) -> anyhow::Result<()> {
-    let Some(mut worker) = Worker::start(settings, limit, stop, health, watch)? else {
+    let Some(mut worker) = Worker::start(settings, limit, stop, health, watch, progress)? else {
         return Ok(()); // stopped while waiting for the cluster
     };
     let result = worker.run(stop);
@@ -211,6 +226,7 @@ struct Worker<'a> {
     consumer: BaseConsumer<AnonContext>,
     out_partitions: i32,
     health: Arc<Health>,
+    progress: Arc<Progress>,
     abort_injection: Option<AbortInjection>,
 }
 
@@ -223,6 +239,7 @@ impl<'a> Worker<'a> {
         stop: &AtomicBool,
         health: Arc<Health>,
         watch: Arc<KafkaWatch>,
+        progress: Arc<Progress>,
     ) -> anyhow::Result<Option<Worker<'a>>> {
         let a = &settings.anonymizer;
         let topics = &settings.topics;
@@ -283,6 +300,8 @@ impl<'a> Worker<'a> {
             state: Mutex::new(TxnState::default()),
             health: health.clone(),
             txn_id: txn_id.clone(),
+            txn_timeout: a.txn_timeout,
+            progress: progress.clone(),
             send_error_at: match failpoint {
                 Some(Failpoint::SendErrorAt(n)) => Some(n),
                 _ => None,
@@ -310,6 +329,7 @@ impl<'a> Worker<'a> {
             consumer,
             out_partitions,
             health,
+            progress,
             abort_injection: match failpoint {
                 Some(Failpoint::AbortEvery(every)) => Some(AbortInjection { every, due: 0 }),
                 _ => None,
@@ -332,6 +352,7 @@ impl<'a> Worker<'a> {
                 }
             }
             self.health.beat();
+            self.progress.tick();
             let mut state = txn.state.lock().expect("not poisoned");
             if let Some(e) = state.fatal.take() {
                 bail!("fatal transactional error during a rebalance: {e}");
@@ -353,6 +374,8 @@ impl<'a> Worker<'a> {
                     }
                     drop(state);
                     tracing::warn!(error = %e, "transaction aborted; rewinding to the committed offsets");
+                    self.progress
+                        .enter("rewinding to the committed offsets", None);
                     rewind(&self.consumer)?;
                 }
                 Err(TxnError::Fatal(e)) => match permanent_error_message(&e) {

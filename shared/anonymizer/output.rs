@@ -26,6 +26,7 @@ pub(super) fn handle(
     out_partitions: i32,
 ) -> Result<(), TxnError> {
     txn.begin_if_needed(state)?;
+    let started = state.started.unwrap_or_else(std::time::Instant::now);
     let payload = msg.payload().unwrap_or(&[]);
     metrics::counter!("edgelog_anonymizer_records_in_total").increment(1);
     let outcome = decide(
@@ -48,7 +49,7 @@ pub(super) fn handle(
             let record = BaseRecord::<[u8], [u8]>::to(&settings.topics.anonymized)
                 .partition(msg.partition().rem_euclid(out_partitions))
                 .payload(&bytes[..]);
-            match txn.send(record)? {
+            match txn.send(started, record)? {
                 None => {
                     metrics::counter!("edgelog_anonymizer_records_out_total").increment(1);
                     if url_redacted {
@@ -59,12 +60,12 @@ pub(super) fn handle(
                 // The pre-check let it through, yet the client refused it: still this record's
                 // fault alone.
                 Some((reason, e)) => {
-                    dead_letter(settings, stage, txn, msg, reason, &e.to_string())?
+                    dead_letter(settings, stage, txn, started, msg, reason, &e.to_string())?
                 }
             }
         }
         Outcome::DeadLetter { reason, error } => {
-            dead_letter(settings, stage, txn, msg, reason, &error)?
+            dead_letter(settings, stage, txn, started, msg, reason, &error)?
         }
     }
     state.next_offsets.insert(msg.partition(), msg.offset() + 1);
@@ -82,6 +83,7 @@ fn dead_letter(
     settings: &Settings,
     stage: &StageOne,
     txn: &TxnProducer,
+    started: std::time::Instant,
     msg: &BorrowedMessage<'_>,
     reason: Reason,
     error: &str,
@@ -116,7 +118,7 @@ fn dead_letter(
     if let Some(key) = msg.key().filter(|k| k.len() <= MAX_DEAD_LETTER_KEY_BYTES) {
         record = record.key(key);
     }
-    if let Some((_, e)) = txn.send(record)? {
+    if let Some((_, e)) = txn.send(started, record)? {
         // The envelope is bounded to fit; a refusal means the limits read at start-up are wrong.
         return Err(TxnError::Fatal(e));
     }

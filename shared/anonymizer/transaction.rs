@@ -11,13 +11,17 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
-use rdkafka::util::Timeout;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::dead_letter::Reason;
 use crate::health::Health;
 use crate::kafka::{KafkaWatch, WatchedContext};
-use crate::txn::{classify_produce, with_retries, ProduceErrorAction, TxnError, TxnErrorAction};
+use crate::txn::{
+    budget, classify_produce, next_step, with_deadline, ProduceErrorAction, Step, TxnCall,
+    TxnError, TxnErrorAction, MIN_CALL_TIMEOUT,
+};
+
+use super::watchdog::Progress;
 
 /// The open transaction, if any.
 #[derive(Debug, Default)]
@@ -40,6 +44,10 @@ pub(super) struct TxnProducer {
     pub(super) state: Mutex<TxnState>,
     pub(super) health: Arc<Health>,
     pub(super) txn_id: String,
+    /// `anonymizer.txn_timeout`: every call's deadline is counted in it ([`crate::txn::budget`]).
+    pub(super) txn_timeout: Duration,
+    /// What the processing thread is blocked in, for the watchdog's message.
+    pub(super) progress: Arc<Progress>,
     /// `ANONYMIZER_FAILPOINT=send_error_at:<n>`: the n-th `send()` fails (tests only).
     pub(super) send_error_at: Option<u64>,
     pub(super) sends: AtomicU64,
@@ -50,8 +58,11 @@ impl TxnProducer {
         if state.open {
             return Ok(());
         }
-        with_retries("begin_transaction", || self.producer.begin_transaction())
-            .map_err(to_txn_error)?;
+        self.enter(TxnCall::Begin, Instant::now());
+        with_deadline(TxnCall::Begin, Instant::now(), self.txn_timeout, |_| {
+            self.producer.begin_transaction()
+        })
+        .map_err(to_txn_error)?;
         state.open = true;
         state.started = Some(Instant::now());
         Ok(())
@@ -73,6 +84,9 @@ impl TxnProducer {
                 .add_partition_offset(&self.input_topic, partition, Offset::Offset(next))
                 .expect("a fresh list accepts any offset");
         }
+        // The transaction's clock: the broker aborts it `txn_timeout` after its start.
+        let started = state.started.unwrap_or_else(Instant::now);
+        let t = self.txn_timeout;
         let result = (|| {
             if offsets.count() > 0 {
                 // Only missing if the consumer has no group.id, which the config forbids.
@@ -80,14 +94,20 @@ impl TxnProducer {
                     TxnErrorAction::Fatal,
                     KafkaError::Global(RDKafkaErrorCode::InvalidGroupId),
                 ))?;
-                with_retries("send_offsets_to_transaction", || {
+                self.enter(TxnCall::SendOffsets, started);
+                with_deadline(TxnCall::SendOffsets, started, t, |timeout| {
                     self.producer
-                        .send_offsets_to_transaction(&offsets, &group, Timeout::Never)
+                        .send_offsets_to_transaction(&offsets, &group, timeout)
                 })?;
             }
-            drain_in_flight(&self.producer).map_err(|e| (crate::txn::classify(&e), e))?;
-            with_retries("commit_transaction", || {
-                self.producer.commit_transaction(Timeout::Never)
+            self.progress.enter(
+                "waiting for acknowledgements",
+                Some(started + budget(TxnCall::Produce, t)),
+            );
+            drain_in_flight(&self.producer, started, t)?;
+            self.enter(TxnCall::Commit, started);
+            with_deadline(TxnCall::Commit, started, t, |timeout| {
+                self.producer.commit_transaction(timeout)
             })
         })();
         let elapsed = state.started.map(|s| s.elapsed()).unwrap_or_default();
@@ -129,16 +149,28 @@ impl TxnProducer {
         // Let in-flight sends settle first: an abort racing the partition registrations of its own
         // transaction was answered INVALID_TXN_STATE (fatal) by Kafka 4.1 in our abort test.
         // Bounded: on a broken connection the abort proceeds and librdkafka purges.
-        let _ = self.producer.flush(Duration::from_secs(5));
-        let result = with_retries("abort_transaction", || {
-            self.producer.abort_transaction(Timeout::Never)
-        });
+        self.enter(TxnCall::Abort, Instant::now() + ABORT_FLUSH);
+        let _ = self.producer.flush(ABORT_FLUSH);
+        let result = with_deadline(
+            TxnCall::Abort,
+            Instant::now(),
+            self.txn_timeout,
+            |timeout| self.producer.abort_transaction(timeout),
+        );
         metrics::counter!("edgelog_anonymizer_transactions_aborted_total").increment(1);
         *state = TxnState {
             fatal: state.fatal.take(),
             ..TxnState::default()
         };
         result.map_err(to_txn_error)
+    }
+
+    /// Tells the watchdog the thread is in `call`, whose clock started at `clock`: it ends by the
+    /// end of its budget, plus the last attempt's shortest timeout and pause.
+    fn enter(&self, call: TxnCall, clock: Instant) {
+        let until =
+            clock + budget(call, self.txn_timeout) + MIN_CALL_TIMEOUT + Duration::from_secs(1);
+        self.progress.enter(call.name(), Some(until));
     }
 
     fn fail(
@@ -156,10 +188,13 @@ impl TxnProducer {
         }
     }
 
-    /// Enqueues `record` into the open transaction. `Ok(None)`: sent. `Ok(Some(..))`: refused for
-    /// this record alone (the caller dead-letters it). `Err(Aborted)`: the caller aborts and rewinds.
+    /// Enqueues `record` into the open transaction, which `started` then. `Ok(None)`: sent.
+    /// `Ok(Some(..))`: refused for this record alone (the caller dead-letters it).
+    /// `Err(Aborted)`: the caller aborts and rewinds (also when the queue stays full until the
+    /// transaction's deadline).
     pub(super) fn send(
         &self,
+        started: Instant,
         mut record: BaseRecord<'_, [u8], [u8]>,
     ) -> Result<Option<(Reason, KafkaError)>, TxnError> {
         let n = self.sends.fetch_add(1, Ordering::Relaxed) + 1;
@@ -169,7 +204,9 @@ impl TxnProducer {
                 RDKafkaErrorCode::Fail,
             )));
         }
+        let mut attempt = 0u32;
         loop {
+            attempt += 1;
             let e = match self.producer.send(record) {
                 Ok(()) => return Ok(None),
                 Err((e, r)) => {
@@ -182,8 +219,28 @@ impl TxnProducer {
                 _ => ProduceErrorAction::Abort,
             };
             match action {
-                // librdkafka's background thread drains the queue.
-                ProduceErrorAction::Wait => std::thread::sleep(Duration::from_millis(1)),
+                // librdkafka's background thread drains the queue, unless the partition's leader
+                // is gone; its records then time out at the transaction's deadline, and so does
+                // this wait.
+                ProduceErrorAction::Wait => {
+                    let elapsed = started.elapsed();
+                    match next_step(
+                        TxnCall::Produce,
+                        TxnErrorAction::Retry,
+                        attempt,
+                        elapsed,
+                        self.txn_timeout,
+                    ) {
+                        Step::Retry { .. } => std::thread::sleep(Duration::from_millis(1)),
+                        _ => {
+                            tracing::warn!(
+                                elapsed_s = elapsed.as_secs_f64(),
+                                "the producer's queue stayed full until the transaction's deadline"
+                            );
+                            return Err(TxnError::Aborted(e));
+                        }
+                    }
+                }
                 ProduceErrorAction::DeadLetter(reason) => return Ok(Some((reason, e))),
                 ProduceErrorAction::Abort => return Err(TxnError::Aborted(e)),
                 ProduceErrorAction::Fatal => return Err(TxnError::Fatal(e)),
@@ -192,18 +249,44 @@ impl TxnProducer {
     }
 }
 
-/// Waits until every produced message is acknowledged. rdkafka's `commit_transaction` flushes
-/// first, but its flush polls in 100 ms steps while the `ThreadedProducer`'s own thread consumes
-/// the delivery events, so each commit would sleep 100 ms. Zero-timeout flushes in a short loop
-/// skip that wait (see docs/BENCHMARKS.md for the before/after).
-fn drain_in_flight(producer: &ThreadedProducer<WatchedContext>) -> Result<(), KafkaError> {
+/// How long an abort first lets in-flight sends settle.
+const ABORT_FLUSH: Duration = Duration::from_secs(5);
+
+/// Waits until every produced message is acknowledged, until the deadline of the transaction
+/// that `started` then (abortable past it). rdkafka's `commit_transaction` flushes first, but its
+/// flush polls in 100 ms steps while the `ThreadedProducer`'s own thread consumes the delivery
+/// events, so each commit would sleep 100 ms. Zero-timeout flushes in a short loop skip that wait
+/// (see docs/BENCHMARKS.md for the before/after).
+fn drain_in_flight(
+    producer: &ThreadedProducer<WatchedContext>,
+    started: Instant,
+    txn_timeout: Duration,
+) -> Result<(), (TxnErrorAction, KafkaError)> {
+    let mut attempt = 0u32;
     loop {
+        attempt += 1;
         match producer.flush(Duration::ZERO) {
             Ok(()) => return Ok(()),
-            Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
-                std::thread::sleep(Duration::from_micros(200));
+            Err(e @ KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
+                let elapsed = started.elapsed();
+                match next_step(
+                    TxnCall::Produce,
+                    TxnErrorAction::Retry,
+                    attempt,
+                    elapsed,
+                    txn_timeout,
+                ) {
+                    Step::Retry { .. } => std::thread::sleep(Duration::from_micros(200)),
+                    _ => {
+                        tracing::warn!(
+                            elapsed_s = elapsed.as_secs_f64(),
+                            "records still unacknowledged at the transaction's deadline"
+                        );
+                        return Err((TxnErrorAction::Abort, e));
+                    }
+                }
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err((crate::txn::classify(&e), e)),
         }
     }
 }

@@ -188,11 +188,10 @@ impl Offsets {
                 for &p in &partitions {
                     tpl.add_partition(topic, p);
                 }
-                let committed = on_consumer(&self.consumer, move |c| {
-                    c.committed_offsets(tpl, Duration::from_secs(30))
-                })
-                .await
-                .context("reading committed offsets")?;
+                let committed = self
+                    .committed(tpl)
+                    .await
+                    .context("reading committed offsets")?;
                 // Owned: the list's elements point into it and cannot be held across an await.
                 let committed: Vec<(i32, Offset, String)> = committed
                     .elements()
@@ -348,18 +347,42 @@ impl Offsets {
     /// While the group's coordinator moves (its broker died or restarted: a cluster elects
     /// another within seconds) the same commit is tried again for up to [`COORDINATOR_MOVE`].
     pub(super) async fn commit(&self, tpl: TopicPartitionList) -> KafkaResult<()> {
+        self.while_coordinator_moves("offset commit", move |c| c.commit(&tpl, CommitMode::Sync))
+            .await
+    }
+
+    /// The group's committed offsets (and their metadata: recorded batches) for `tpl`, read
+    /// again while the coordinator moves, as [`Offsets::commit`].
+    async fn committed(&self, tpl: TopicPartitionList) -> KafkaResult<TopicPartitionList> {
+        self.while_coordinator_moves("committed offsets read", move |c| {
+            c.committed_offsets(tpl.clone(), Duration::from_secs(30))
+        })
+        .await
+    }
+
+    /// Runs `call` on the consumer (off the runtime) until it succeeds, fails otherwise than
+    /// [`coordinator_moving`], or [`COORDINATOR_MOVE`] has passed.
+    ///
+    /// Not retried, by design: `UnknownMemberId`, `IllegalGeneration` and the like. They mean the
+    /// group has moved on without this member (its session expired while the coordinator was
+    /// away), so its partitions may already be another member's; the error stops the loader and
+    /// the restarted one joins anew and reads its work back from Kafka (recorded batches
+    /// included). Carrying on would commit for partitions it no longer owns.
+    async fn while_coordinator_moves<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        call: impl Fn(&StreamConsumer<LoaderContext>) -> KafkaResult<T> + Send + Sync + 'static,
+    ) -> KafkaResult<T> {
+        let call = Arc::new(call);
         let deadline = Instant::now() + COORDINATOR_MOVE;
         loop {
-            let attempt = tpl.clone();
-            match on_consumer(&self.consumer, move |c| {
-                c.commit(&attempt, CommitMode::Sync)
-            })
-            .await
-            {
-                Err(KafkaError::ConsumerCommit(code))
-                    if coordinator_moving(code) && Instant::now() < deadline =>
+            let attempt = call.clone();
+            match on_consumer(&self.consumer, move |c| attempt(c)).await {
+                Err(e)
+                    if group_error_code(&e).is_some_and(coordinator_moving)
+                        && Instant::now() < deadline =>
                 {
-                    tracing::warn!(%code, "offset commit refused while the group coordinator moves; trying again");
+                    tracing::warn!(error = %e, what, "refused while the group coordinator moves; trying again");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 result => return result,
@@ -368,19 +391,30 @@ impl Offsets {
     }
 }
 
+/// The code of an error from a group call (an offset commit or a committed-offsets read).
+fn group_error_code(e: &KafkaError) -> Option<RDKafkaErrorCode> {
+    match e {
+        KafkaError::ConsumerCommit(code) | KafkaError::MetadataFetch(code) => Some(*code),
+        _ => None,
+    }
+}
+
 /// How long a commit waits for the group's coordinator to move: a dead broker is fenced after
 /// its session (9 s by default) and a new coordinator loads the group's offsets.
 const COORDINATOR_MOVE: Duration = Duration::from_secs(30);
 
-/// The commit did not happen because the group's coordinator is elsewhere or not ready yet; the
-/// same commit passes once librdkafka has found the new one. (Not a fenced generation or an
-/// unknown member: those mean the partitions may have moved, which the caller must see.)
+/// The call did not happen because the group's coordinator is elsewhere, not known yet (librdkafka
+/// answers `WaitingForCoordinator` at once while it looks for it, e.g. with the coordinator's node
+/// dead) or not ready yet; the same call passes once librdkafka has found the new one. (Not a
+/// fenced generation or an unknown member: those mean the partitions may have moved, which the
+/// caller must see.)
 fn coordinator_moving(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::NotCoordinator
             | RDKafkaErrorCode::CoordinatorNotAvailable
             | RDKafkaErrorCode::CoordinatorLoadInProgress
+            | RDKafkaErrorCode::WaitingForCoordinator
     )
 }
 
@@ -394,6 +428,7 @@ mod tests {
             RDKafkaErrorCode::NotCoordinator,
             RDKafkaErrorCode::CoordinatorNotAvailable,
             RDKafkaErrorCode::CoordinatorLoadInProgress,
+            RDKafkaErrorCode::WaitingForCoordinator,
         ] {
             assert!(coordinator_moving(code), "{code}");
         }
@@ -406,5 +441,19 @@ mod tests {
         ] {
             assert!(!coordinator_moving(code), "{code}");
         }
+    }
+
+    #[test]
+    fn commits_and_committed_offset_reads_are_both_group_calls() {
+        let code = RDKafkaErrorCode::WaitingForCoordinator;
+        assert_eq!(
+            group_error_code(&KafkaError::ConsumerCommit(code)),
+            Some(code)
+        );
+        assert_eq!(
+            group_error_code(&KafkaError::MetadataFetch(code)),
+            Some(code)
+        );
+        assert_eq!(group_error_code(&KafkaError::Canceled), None);
     }
 }
