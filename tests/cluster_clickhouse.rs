@@ -336,6 +336,24 @@ async fn run_at(url: &str, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql} at {url}: {e}"));
 }
 
+/// Sets up (as `s`'s admin user), fills the anonymized topic with `n` records, runs the loader
+/// until every batch is committed and stops it cleanly (it leaves its group, which replay and
+/// backfill check). Returns the records that must land, after checking they did, once.
+async fn load_and_stop(s: &Settings, n: u64) -> u64 {
+    let good = fill_anonymized_topic(s, n).await.sent;
+    let mut loader = KillOnDrop::spawn(&mut loader_command(s));
+    wait_no_pending_batch(
+        s,
+        "the loader to commit past every batch",
+        Duration::from_secs(120),
+    )
+    .await;
+    terminate(&loader);
+    assert!(loader.wait().unwrap().success());
+    assert_sharded_exactly_once(s, good).await;
+    good
+}
+
 async fn full_audit(s: &Settings) -> edgelog::verify::Report {
     let full = edgelog::verify::AuditOptions {
         incremental: false,
@@ -353,19 +371,8 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
     require_shards();
     let _one_at_a_time = SHARDS.lock().await;
     let s = cluster_settings();
-    let good = fill_anonymized_topic(&s, 3_000).await.sent;
+    let good = load_and_stop(&s, 3_000).await;
     let db = s.clickhouse.database.clone();
-    let mut loader = KillOnDrop::spawn(&mut loader_command(&s));
-    wait_no_pending_batch(
-        &s,
-        "the loader to commit past every batch",
-        Duration::from_secs(120),
-    )
-    .await;
-    // A clean stop: the loader leaves its group, which replay and backfill check.
-    terminate(&loader);
-    assert!(loader.wait().unwrap().success());
-    assert_sharded_exactly_once(&s, good).await;
 
     // verify's record of clean buckets lives on the node it talks to (admin_url): a second,
     // incremental run skips what the first recorded (whole buckets only, hence small ones).
@@ -516,17 +523,7 @@ async fn the_operator_and_loader_users_suffice_in_cluster_mode() {
         run_at(url, "DROP DATABASE IF EXISTS edgelog SYNC").await;
     }
     // setup runs as the operator.
-    let good = fill_anonymized_topic(&s, 2_000).await.sent;
-    let mut loader = KillOnDrop::spawn(&mut loader_command(&s));
-    wait_no_pending_batch(
-        &s,
-        "the loader to commit past every batch",
-        Duration::from_secs(120),
-    )
-    .await;
-    terminate(&loader);
-    assert!(loader.wait().unwrap().success());
-    assert_sharded_exactly_once(&s, good).await;
+    let good = load_and_stop(&s, 2_000).await;
 
     let status = edgelog::status::report(&s, &[]).await;
     assert!(
