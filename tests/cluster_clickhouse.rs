@@ -354,12 +354,26 @@ async fn load_and_stop(s: &Settings, n: u64) -> u64 {
     good
 }
 
-async fn full_audit(s: &Settings) -> edgelog::verify::Report {
-    let full = edgelog::verify::AuditOptions {
+/// Every bucket and day, ignoring verify's record of audited ones.
+fn full() -> edgelog::verify::AuditOptions {
+    edgelog::verify::AuditOptions {
         incremental: false,
         ..Default::default()
-    };
-    edgelog::verify::audit_with(s, &full).await.unwrap()
+    }
+}
+
+async fn full_audit(s: &Settings) -> edgelog::verify::Report {
+    edgelog::verify::audit_with(s, &full()).await.unwrap()
+}
+
+/// The days replay rebuilds: those the test's records can carry.
+fn yesterday_and_today() -> edgelog::staging::Days {
+    let now = edgelog::clock::now_epoch_ms();
+    edgelog::staging::Days::parse(
+        &edgelog::staging::day_of_epoch_ms(now - 86_400_000),
+        &edgelog::staging::day_of_epoch_ms(now),
+    )
+    .unwrap()
 }
 
 /// Replay and backfill rebuild each shard's `_local` tables on that shard: damage to the rollups
@@ -408,12 +422,7 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
     assert!(!damaged.totals.is_clean(), "{damaged}");
 
     // Shard 2 down: both commands fail, with the cause; nothing is swapped on shard 2.
-    let now = edgelog::clock::now_epoch_ms();
-    let days = edgelog::staging::Days::parse(
-        &edgelog::staging::day_of_epoch_ms(now - 86_400_000),
-        &edgelog::staging::day_of_epoch_ms(now),
-    )
-    .unwrap();
+    let days = yesterday_and_today();
     {
         let _down = StoppedShard::stop("2");
         let err = edgelog::backfill::backfill(&s, &[], None)
@@ -433,15 +442,7 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
         );
         // The audit and the status read through the Distributed tables: half a cluster must not
         // pass for a clean one (or for fewer rows), so both say the shard is unreachable.
-        let err = edgelog::verify::audit_with(
-            &s,
-            &edgelog::verify::AuditOptions {
-                incremental: false,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap_err();
+        let err = edgelog::verify::audit_with(&s, &full()).await.unwrap_err();
         eprintln!("verify with shard 2 down: {err:#}");
         assert!(
             format!("{err:#}").contains("ALL_CONNECTION_TRIES_FAILED"),
@@ -535,12 +536,7 @@ async fn the_operator_and_loader_users_suffice_in_cluster_mode() {
 
     let summary = edgelog::backfill::backfill(&s, &[], None).await.unwrap();
     assert!(!summary.replaced.is_empty(), "{summary:?}");
-    let now = edgelog::clock::now_epoch_ms();
-    let days = edgelog::staging::Days::parse(
-        &edgelog::staging::day_of_epoch_ms(now - 86_400_000),
-        &edgelog::staging::day_of_epoch_ms(now),
-    )
-    .unwrap();
+    let days = yesterday_and_today();
     let summary = edgelog::replay::replay(&s, &days).await.unwrap();
     assert_eq!(summary.rows_replayed, good, "{summary:?}");
     let report = full_audit(&s).await;

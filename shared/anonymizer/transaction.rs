@@ -58,8 +58,7 @@ impl TxnProducer {
         if state.open {
             return Ok(());
         }
-        self.enter(TxnCall::Begin, Instant::now());
-        with_deadline(TxnCall::Begin, Instant::now(), self.txn_timeout, |_| {
+        self.call(TxnCall::Begin, Instant::now(), |_| {
             self.producer.begin_transaction()
         })
         .map_err(to_txn_error)?;
@@ -94,8 +93,7 @@ impl TxnProducer {
                     TxnErrorAction::Fatal,
                     KafkaError::Global(RDKafkaErrorCode::InvalidGroupId),
                 ))?;
-                self.enter(TxnCall::SendOffsets, started);
-                with_deadline(TxnCall::SendOffsets, started, t, |timeout| {
+                self.call(TxnCall::SendOffsets, started, |timeout| {
                     self.producer
                         .send_offsets_to_transaction(&offsets, &group, timeout)
                 })?;
@@ -105,8 +103,7 @@ impl TxnProducer {
                 Some(started + budget(TxnCall::Produce, t)),
             );
             drain_in_flight(&self.producer, started, t)?;
-            self.enter(TxnCall::Commit, started);
-            with_deadline(TxnCall::Commit, started, t, |timeout| {
+            self.call(TxnCall::Commit, started, |timeout| {
                 self.producer.commit_transaction(timeout)
             })
         })();
@@ -173,6 +170,17 @@ impl TxnProducer {
         self.progress.enter(call.name(), Some(until));
     }
 
+    /// Runs `call` with its deadline counted from `clock` ([`with_deadline`]), the watchdog told.
+    fn call<T>(
+        &self,
+        call: TxnCall,
+        clock: Instant,
+        f: impl FnMut(Duration) -> Result<T, KafkaError>,
+    ) -> Result<T, (TxnErrorAction, KafkaError)> {
+        self.enter(call, clock);
+        with_deadline(call, clock, self.txn_timeout, f)
+    }
+
     fn fail(
         &self,
         state: &mut TxnState,
@@ -223,22 +231,14 @@ impl TxnProducer {
                 // is gone; its records then time out at the transaction's deadline, and so does
                 // this wait.
                 ProduceErrorAction::Wait => {
-                    let elapsed = started.elapsed();
-                    match next_step(
-                        TxnCall::Produce,
-                        TxnErrorAction::Retry,
-                        attempt,
-                        elapsed,
+                    if !wait_before_deadline(
+                        started,
                         self.txn_timeout,
+                        attempt,
+                        Duration::from_millis(1),
+                        "the producer's queue stayed full until the transaction's deadline",
                     ) {
-                        Step::Retry { .. } => std::thread::sleep(Duration::from_millis(1)),
-                        _ => {
-                            tracing::warn!(
-                                elapsed_s = elapsed.as_secs_f64(),
-                                "the producer's queue stayed full until the transaction's deadline"
-                            );
-                            return Err(TxnError::Aborted(e));
-                        }
+                        return Err(TxnError::Aborted(e));
                     }
                 }
                 ProduceErrorAction::DeadLetter(reason) => return Ok(Some((reason, e))),
@@ -268,25 +268,46 @@ fn drain_in_flight(
         match producer.flush(Duration::ZERO) {
             Ok(()) => return Ok(()),
             Err(e @ KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
-                let elapsed = started.elapsed();
-                match next_step(
-                    TxnCall::Produce,
-                    TxnErrorAction::Retry,
-                    attempt,
-                    elapsed,
+                if !wait_before_deadline(
+                    started,
                     txn_timeout,
+                    attempt,
+                    Duration::from_micros(200),
+                    "records still unacknowledged at the transaction's deadline",
                 ) {
-                    Step::Retry { .. } => std::thread::sleep(Duration::from_micros(200)),
-                    _ => {
-                        tracing::warn!(
-                            elapsed_s = elapsed.as_secs_f64(),
-                            "records still unacknowledged at the transaction's deadline"
-                        );
-                        return Err((TxnErrorAction::Abort, e));
-                    }
+                    return Err((TxnErrorAction::Abort, e));
                 }
             }
             Err(e) => return Err((crate::txn::classify(&e), e)),
+        }
+    }
+}
+
+/// A wait on the producer (a full queue, unacknowledged records) in the transaction that
+/// `started` then: pauses `pause` and says to go on while the transaction's deadline allows
+/// ([`next_step`] for [`TxnCall::Produce`]); past it, logs `why` and says to abort.
+fn wait_before_deadline(
+    started: Instant,
+    txn_timeout: Duration,
+    attempt: u32,
+    pause: Duration,
+    why: &str,
+) -> bool {
+    let elapsed = started.elapsed();
+    match next_step(
+        TxnCall::Produce,
+        TxnErrorAction::Retry,
+        attempt,
+        elapsed,
+        txn_timeout,
+    ) {
+        Step::Retry { .. } => {
+            std::thread::sleep(pause);
+            true
+        }
+        _ => {
+            tracing::warn!(elapsed_s = elapsed.as_secs_f64(), "{why}");
+            false
         }
     }
 }
