@@ -86,15 +86,15 @@ struct Args {
     /// Skip the query phase (load and sizes only).
     #[arg(long)]
     no_queries: bool,
-    /// Measure the unique-client panels (migration 009) instead of the totals queries: per window
+    /// Measure the unique-client panels (migrations 009-011) instead of the totals queries: per window
     /// (24 h, 7 d, 30 d ending at DATA_END) `--samples` each of the overall series, a
     /// status/cache series, one resource's series and the top 10 resources by unique clients,
     /// the first `--raw-samples` of each also against `uniqExact` on `http_log`.
     #[arg(long)]
     uniques: bool,
     /// With `--uniques`: also run this many of each window's panels as the dashboard asked them
-    /// before migration 010 (per-minute states of a resource whatever the range, the top 10 from
-    /// every resource's states), and print both.
+    /// before migration 011 (~200 points: per-minute states over a day, hourly from 7 days on;
+    /// the top 10 as before 010, from every resource's states), and print both.
     #[arg(long, default_value_t = 0)]
     baseline_samples: usize,
     /// Compare alternative ORDER BYs and codecs of `http_log` on a slice of the data (bytes per
@@ -1407,9 +1407,9 @@ async fn main() -> anyhow::Result<()> {
 /// the range touches (docker/grafana, "Top 10 resources by unique clients").
 const TOP_CANDIDATES: u32 = 100;
 
-/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009, sql/010), with
+/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009-011), with
 /// the exact answer from the raw table for comparison. `from`/`to`: epoch seconds. `baseline`:
-/// as the dashboard asked it before migration 010.
+/// as the dashboard asked it before migration 011 (the top 10: before 010).
 fn uniques_sql(
     db: &str,
     kind: &str,
@@ -1420,68 +1420,75 @@ fn uniques_sql(
 ) -> (String, String) {
     let window = format!("ts >= toDateTime({from}) AND ts < toDateTime({to})");
     let raw_window = format!("timestamp >= toDateTime({from}) AND timestamp < toDateTime({to})");
-    // Hourly buckets from 7 days on, like the dashboard at ~200 points.
-    let hourly = to - from >= 7 * 86_400;
-    let bucket = if hourly {
-        "toStartOfHour"
-    } else {
-        "toStartOfMinute"
+    // The series' bucket: the dashboard asks for ~30 points (hours over a day, 6 hours over a
+    // week, days over a month); before 011, ~200 (minutes over a day, hours from 7 days on).
+    let span = to - from;
+    let bucket_s: u64 = match (baseline, span) {
+        (false, s) if s >= 30 * 86_400 => 86_400,
+        (false, s) if s >= 7 * 86_400 => 21_600,
+        (false, _) => 3_600,
+        (true, s) if s >= 7 * 86_400 => 3_600,
+        (true, _) => 60,
+    };
+    let bucket = format!("toStartOfInterval(ts, INTERVAL {bucket_s} second)");
+    let raw_bucket = format!("toStartOfInterval(timestamp, INTERVAL {bucket_s} second)");
+    // Distinct clients per bucket of the raw rows matching `filter`.
+    let exact = |filter: &str| {
+        format!(
+            "SELECT {raw_bucket} AS ts, uniqExact(remote_addr) FROM {db}.http_log \
+             WHERE {raw_window}{filter} GROUP BY ts ORDER BY ts FORMAT TSV"
+        )
+    };
+    // The table of a bucket, of 009's (uniq) or 011's (uniqCombined(17)) suffixes.
+    let table = |base: &str| -> (String, &str) {
+        match bucket_s {
+            60 => (base.to_string(), "uniqMerge"),
+            3_600 => (format!("{base}_1h"), "uniqMerge"),
+            21_600 => (format!("{base}_6h"), "uniqCombinedMerge(17)"),
+            _ => (format!("{base}_1d"), "uniqCombinedMerge(17)"),
+        }
     };
     let (status, cache, resource) = (q.response_status, &q.cache_status, q.resource_id);
     match kind {
         "series" => {
-            let t = if hourly {
-                "http_log_uniques_1h"
-            } else {
-                "http_log_uniques"
-            };
+            let (t, merge) = table("http_log_uniques");
             (
                 format!(
-                    "SELECT ts, uniqMerge(clients) FROM {db}.{t} WHERE {window} \
-                     GROUP BY ts ORDER BY ts FORMAT TSV"
+                    "SELECT {bucket} AS b, {merge}(clients) FROM {db}.{t} WHERE {window} \
+                     GROUP BY b ORDER BY b FORMAT TSV"
                 ),
-                format!(
-                    "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
-                     WHERE {raw_window} GROUP BY ts ORDER BY ts FORMAT TSV"
-                ),
+                exact(""),
             )
         }
         "status series" => {
-            let t = if hourly {
-                "http_log_uniques_by_status_1h"
-            } else {
-                "http_log_uniques_by_status"
-            };
+            let (t, merge) = table("http_log_uniques_by_status");
+            let filter = format!(" AND response_status = {status} AND cache_status = '{cache}'");
             (
                 format!(
-                    "SELECT ts, uniqMerge(clients) FROM {db}.{t} WHERE {window} \
-                     AND response_status = {status} AND cache_status = '{cache}' \
-                     GROUP BY ts ORDER BY ts FORMAT TSV"
+                    "SELECT {bucket} AS b, {merge}(clients) FROM {db}.{t} WHERE {window}{filter} \
+                     GROUP BY b ORDER BY b FORMAT TSV"
                 ),
-                format!(
-                    "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
-                     WHERE {raw_window} AND response_status = {status} AND cache_status = '{cache}' \
-                     GROUP BY ts ORDER BY ts FORMAT TSV"
-                ),
+                exact(&filter),
             )
         }
         "resource series" => {
-            // Hourly buckets from the hourly states keyed by resource (010); before, the minutes.
-            let t = if hourly && !baseline {
-                "http_log_uniques_by_resource_1h"
-            } else {
-                "http_log_uniques_by_resource"
+            // Keyed by resource: minutes (009), hours (010, also for 6-hour buckets) or days
+            // (011, uniqCombined(17)).
+            let (t, merge) = match bucket_s {
+                60 => ("http_log_uniques_by_resource", "uniqMerge"),
+                86_400 => (
+                    "http_log_uniques_by_resource_combined_1d",
+                    "uniqCombinedMerge(17)",
+                ),
+                _ => ("http_log_uniques_by_resource_1h", "uniqMerge"),
             };
+            let filter = format!(" AND resource_id = {resource}");
             (
                 format!(
-                    "SELECT {bucket}(ts) AS t, uniqMerge(clients) FROM {db}.{t} \
-                     WHERE {window} AND resource_id = {resource} GROUP BY t ORDER BY t FORMAT TSV"
+                    "SELECT {bucket} AS b, {merge}(clients) FROM {db}.{t} \
+                     WHERE {window}{filter} GROUP BY b ORDER BY b FORMAT TSV"
                 ),
-                format!(
-                    "SELECT {bucket}(timestamp) AS ts, uniqExact(remote_addr) FROM {db}.http_log \
-                     WHERE {raw_window} AND resource_id = {resource} GROUP BY ts ORDER BY ts \
-                     FORMAT TSV"
-                ),
+                exact(&filter),
             )
         }
         _ => {
@@ -1554,7 +1561,8 @@ async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     ];
     println!(
         "unique-client panels (ms; server time from X-ClickHouse-Summary; error against uniqExact; \
-         route: 010 as shipped, before as the dashboard asked before migration 010):"
+         route: 011 as shipped, before as the dashboard asked before migration 011, the top 10 \
+         before 010):"
     );
     println!(
         "{:>6} {:>16} {:>6} {:>5} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
@@ -1573,7 +1581,7 @@ async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
                 .map(|_| &pool[rng.random_range(0..pool.len())])
                 .collect();
             for (route, baseline, samples) in [
-                ("010", false, a.samples),
+                ("011", false, a.samples),
                 ("before", true, a.baseline_samples),
             ] {
                 if samples == 0 {

@@ -435,6 +435,9 @@ REQUIRED_METRICS = [
     "edgelog_anonymizer_transactions_aborted_total", "edgelog_loader_rows_inserted_total",
     "edgelog_loader_requests_total", "edgelog_loader_lag",
 ]
+# The unique-client tables of sql/011, whose states are uniqCombined(17), not uniq.
+UNIQ_COMBINED_TABLES = {"http_log_uniques_6h", "http_log_uniques_1d", "http_log_uniques_by_status_6h",
+                        "http_log_uniques_by_status_1d", "http_log_uniques_by_resource_combined_1d"}
 BUILTIN_VARS = {"__timeFilter", "__timeInterval", "__interval", "__rate_interval", "__range",
                 "__interval_ms", "__interval_s", "__all", "__field", "__timeFilter_ms", "__fromTime", "__toTime"}
 dash_uids = set()
@@ -473,8 +476,13 @@ for path, d in dashboards.items():
                       and not re.search(r"edgelog\.http_log\b(?!_)", text),
                       f"{path}: panel {p.get('title')!r}: must read edgelog.http_log_totals or _uniques "
                       "(never the raw table)")
-                check("edgelog.http_log_uniques" not in text or "uniqMerge(" in text,
-                      f"{path}: panel {p.get('title')!r}: unique-client states must be merged with uniqMerge()")
+                # Distinct counts merge, never add up: each state with its own -Merge function.
+                uniques = set(re.findall(r"edgelog\.(http_log_uniques\w*)", text))
+                check(not uniques - UNIQ_COMBINED_TABLES or "uniqMerge(" in text,
+                      f"{path}: panel {p.get('title')!r}: uniq states must be merged with uniqMerge()")
+                check(not uniques & UNIQ_COMBINED_TABLES or "uniqCombinedMerge(17)(" in text,
+                      f"{path}: panel {p.get('title')!r}: sql/011's states must be merged with "
+                      "uniqCombinedMerge(17)()")
                 check("$__timeFilter(ts)" in text and "sum(" in text,
                       f"{path}: panel {p.get('title')!r}: needs $__timeFilter(ts) and sum() (the table "
                       "holds partial sums until merged)")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Error and size of the unique-client states (sql/009, sql/010) on the producer's traffic.
+# Error and size of the unique-client states (sql/009-011) on the producer's traffic.
 #
 #   scripts/uniques-error.sh [DATABASE] [CLICKHOUSE_URL]
 #
@@ -9,8 +9,8 @@
 # hour and day bucket is as full as at 100M rows).
 #
 # Prints, per rollup, the relative error |estimate - uniqExact| / uniqExact over its 100 busiest
-# buckets (most distinct clients) at p50, p99 and max: for the shipped `uniq` states as merged
-# from the rollup, and for the alternatives uniqCombined(12/17) and uniqHLL12 computed from the
+# buckets (most distinct clients) at p50, p99 and max: for the shipped states as merged from the
+# rollup (`uniq`, or `uniqCombined(17)` in 011's tables), and for the alternatives uniqCombined(12/17) and uniqHLL12 computed from the
 # raw rows. Then bytes on disk per row of each uniques table and of its `clients` column, and
 # the serialized size of one state of each function at the 100 busiest buckets.
 set -euo pipefail
@@ -18,22 +18,33 @@ db=${1:-edgelog_bench}
 url=${2:-http://127.0.0.1:8123/}
 q() { curl -sS --fail-with-body "$url" --data-binary "$1"; }
 
-# table | bucket of a raw timestamp | key columns (comma-prefixed)
+# table | bucket of a raw timestamp | key columns (comma-prefixed) | -Merge of its state
+# (UNIQUES_ERROR_TABLES, a space-separated list of table names, picks some of them)
+six_hours="toStartOfInterval(timestamp, INTERVAL 6 HOUR)"
+combined="uniqCombinedMerge(17)"
 rollups=(
-  "http_log_uniques_by_resource|toStartOfMinute(timestamp)|, resource_id"
-  "http_log_uniques_by_resource_1d|toStartOfDay(timestamp)|, resource_id"
-  "http_log_uniques_by_status|toStartOfMinute(timestamp)|, response_status, cache_status"
-  "http_log_uniques_by_status_1h|toStartOfHour(timestamp)|, response_status, cache_status"
-  "http_log_uniques|toStartOfMinute(timestamp)|"
-  "http_log_uniques_1h|toStartOfHour(timestamp)|"
-  "http_log_uniques_by_resource_1h|toStartOfHour(timestamp)|, resource_id"
-  "http_log_uniques_by_resource_keyed_1d|toStartOfDay(timestamp)|, resource_id"
+  "http_log_uniques_by_resource|toStartOfMinute(timestamp)|, resource_id|uniqMerge"
+  "http_log_uniques_by_resource_1d|toStartOfDay(timestamp)|, resource_id|uniqMerge"
+  "http_log_uniques_by_status|toStartOfMinute(timestamp)|, response_status, cache_status|uniqMerge"
+  "http_log_uniques_by_status_1h|toStartOfHour(timestamp)|, response_status, cache_status|uniqMerge"
+  "http_log_uniques|toStartOfMinute(timestamp)||uniqMerge"
+  "http_log_uniques_1h|toStartOfHour(timestamp)||uniqMerge"
+  "http_log_uniques_by_resource_1h|toStartOfHour(timestamp)|, resource_id|uniqMerge"
+  "http_log_uniques_by_resource_keyed_1d|toStartOfDay(timestamp)|, resource_id|uniqMerge"
+  "http_log_uniques_6h|$six_hours||$combined"
+  "http_log_uniques_1d|toStartOfDay(timestamp)||$combined"
+  "http_log_uniques_by_status_6h|$six_hours|, response_status, cache_status|$combined"
+  "http_log_uniques_by_status_1d|toStartOfDay(timestamp)|, response_status, cache_status|$combined"
+  "http_log_uniques_by_resource_combined_1d|toStartOfDay(timestamp)|, resource_id|$combined"
 )
 
 echo "raw rows: $(q "SELECT count() FROM $db.http_log")"
 printf '%-34s %-16s %10s %10s %10s %10s\n' table function exact_p50 p50 p99 max
 for r in "${rollups[@]}"; do
-  IFS='|' read -r table bucket keys <<<"$r"
+  IFS='|' read -r table bucket keys merge <<<"$r"
+  if [ -n "${UNIQUES_ERROR_TABLES:-}" ] && [[ " $UNIQUES_ERROR_TABLES " != *" $table "* ]]; then
+    continue
+  fi
   using="ts${keys}"
   q "
     WITH busiest AS (
@@ -42,11 +53,11 @@ for r in "${rollups[@]}"; do
              uniqHLL12(remote_addr) AS h12
       FROM ${db}.http_log GROUP BY ALL ORDER BY exact DESC LIMIT 100),
     shipped AS (
-      SELECT ts${keys}, uniqMerge(clients) AS u FROM ${db}.${table}
+      SELECT ts${keys}, ${merge}(clients) AS u FROM ${db}.${table}
       WHERE (${using}) IN (SELECT ${using} FROM busiest) GROUP BY ALL)
     SELECT '${table}', f, quantileExact(0.5)(exact), quantileExact(0.5)(e), quantileExact(0.99)(e), max(e)
     FROM (
-      SELECT exact, arrayJoin([('uniq (shipped)', u), ('uniqCombined(12)', c12),
+      SELECT exact, arrayJoin([('shipped', u), ('uniqCombined(12)', c12),
                                ('uniqCombined(17)', c17), ('uniqHLL12', h12)]) AS p,
              p.1 AS f, abs(toInt64(p.2) - toInt64(exact)) / exact AS e
       FROM busiest JOIN shipped USING (${using}))

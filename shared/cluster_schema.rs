@@ -427,7 +427,7 @@ mod tests {
                 .collect();
             assert_eq!(
                 creates.len(),
-                2 * 18 + UNSHARDED_TABLES.len(),
+                2 * crate::capacity::TABLES.len() + UNSHARDED_TABLES.len(),
                 "{creates:#?}"
             );
             for s in &out {

@@ -80,6 +80,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "010_http_log_uniques_by_resource_keyed.sql",
         sql: include_str!("../sql/010_http_log_uniques_by_resource_keyed.sql"),
     },
+    Migration {
+        version: 11,
+        name: "011_http_log_uniques_coarse.sql",
+        sql: include_str!("../sql/011_http_log_uniques_coarse.sql"),
+    },
 ];
 
 /// Fills the placeholders of a migration. Only validated settings reach here (the database name

@@ -281,7 +281,7 @@ async fn the_replicated_schema_parses_on_the_real_server() {
     // Every sharded table's local, and verify's bookkeeping (one replicated table per node).
     assert_eq!(
         replicated,
-        18 + edgelog::cluster_schema::UNSHARDED_TABLES.len(),
+        edgelog::capacity::TABLES.len() + edgelog::cluster_schema::UNSHARDED_TABLES.len(),
         "every table's local is replicated"
     );
     for engine in ["ReplicatedMergeTree", "ReplicatedAggregatingMergeTree"] {

@@ -1,4 +1,4 @@
-//! The unique-client rollups (migrations 009 and 010) on the real ClickHouse: fed by the loader's own
+//! The unique-client rollups (migrations 009-011) on the real ClickHouse: fed by the loader's own
 //! inserts, unchanged by a retried batch, checked by `verify` against `uniqExact`, caught when
 //! tampered with, and filled by `backfill` when the migration comes after the data.
 
@@ -36,7 +36,186 @@ async fn check(db: &str) -> UniquesCheck {
 }
 
 fn uniques_tables() -> Vec<String> {
-    uniques::TABLES.iter().map(|t| t.0.to_string()).collect()
+    uniques::TABLES
+        .iter()
+        .map(|t| t.table.to_string())
+        .collect()
+}
+
+/// The traffic dashboard's "Unique clients" query with Grafana's macros and variables filled in
+/// as the ClickHouse data source fills them, reading database `db`.
+fn dashboard_series(db: &str, from: u64, to: u64, interval_s: u64, filter: &Filter) -> String {
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+        "../docker/grafana/dashboards/edgelog-traffic.json"
+    ))
+    .unwrap();
+    let panel = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == "Unique clients")
+        .expect("the traffic dashboard has a Unique clients panel");
+    let quoted = |v: &str| format!("'{v}'");
+    panel["targets"][0]["rawSql"]
+        .as_str()
+        .unwrap()
+        .replace("edgelog.", &format!("{db}."))
+        .replace(
+            "$__timeInterval(ts)",
+            &format!("toStartOfInterval(toDateTime(ts), INTERVAL {interval_s} second)"),
+        )
+        .replace(
+            "$__timeFilter(ts)",
+            &format!("ts >= toDateTime({from}) AND ts <= toDateTime({to})"),
+        )
+        .replace("$__interval_s", &interval_s.to_string())
+        .replace("${resource:sqlstring}", &quoted(&filter.resource))
+        .replace("${ip:sqlstring}", "''")
+        .replace("${status:sqlstring}", &quoted(&filter.status))
+        .replace("${cache:sqlstring}", &quoted(filter.cache))
+}
+
+/// The dashboard's variables: empty or `__all__` for no filter.
+struct Filter {
+    resource: String,
+    status: String,
+    cache: &'static str,
+    /// The same filter on `http_log`, for the exact recount.
+    raw: String,
+    /// The table the dashboard should read at a whole-day interval (the coarsest route).
+    daily_table: &'static str,
+}
+
+/// The rows a query read, from ClickHouse's `X-ClickHouse-Summary` header.
+async fn rows_read(sql: &str) -> u64 {
+    edgelog::clickhouse::install_crypto_provider();
+    let response = reqwest::Client::new()
+        .post(format!("{CLICKHOUSE}/?wait_end_of_query=1"))
+        .body(format!("{sql}\nFORMAT Null"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{sql}");
+    let summary = response.headers()["X-ClickHouse-Summary"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let at = summary
+        .find("\"read_rows\":\"")
+        .expect("read_rows in the summary")
+        + 13;
+    summary[at..at + summary[at..].find('"').unwrap()]
+        .parse()
+        .unwrap()
+}
+
+/// Every route of the panel (interval × filter) gives each bucket's request count exactly and its
+/// distinct clients within verify's tolerance of `uniqExact` over the raw rows, and the coarse
+/// routes read few rows (the table the interval calls for, not the per-minute states).
+async fn the_dashboard_series_matches_an_exact_recount_at_every_interval(db: &str) {
+    let (resource, status) = {
+        let text = admin()
+            .query(
+                &format!(
+                    "SELECT toString(resource_id), toString(response_status) FROM {db}.http_log \
+                     GROUP BY ALL ORDER BY count() DESC LIMIT 1 FORMAT TSV"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let (r, s) = text.trim().split_once('\t').unwrap();
+        (r.to_string(), s.to_string())
+    };
+    let filters = [
+        Filter {
+            resource: String::new(),
+            status: "__all__".into(),
+            cache: "__all__",
+            raw: "1".into(),
+            daily_table: "http_log_uniques_1d",
+        },
+        Filter {
+            resource: String::new(),
+            raw: format!("toString(response_status) = '{status}'"),
+            status,
+            cache: "__all__",
+            daily_table: "http_log_uniques_by_status_1d",
+        },
+        Filter {
+            raw: format!("toString(resource_id) = '{resource}'"),
+            resource,
+            status: "__all__".into(),
+            cache: "__all__",
+            daily_table: "http_log_uniques_by_resource_combined_1d",
+        },
+    ];
+    // The records span the last three hours: from the day before's midnight on, every bucket
+    // lies wholly inside the range.
+    let from = count(format!(
+        "SELECT toUInt32(toStartOfDay(min(timestamp))) - 86400 FROM {db}.http_log"
+    ))
+    .await;
+    let to = from + 4 * 86_400;
+    for filter in &filters {
+        for interval_s in [60u64, 300, 3_600, 7_200, 21_600, 43_200, 86_400] {
+            let panel = dashboard_series(db, from, to, interval_s, filter);
+            let answer = admin()
+                .query(&format!("{panel}\nFORMAT TSV"), &[])
+                .await
+                .unwrap_or_else(|e| panic!("{e}: {panel}"));
+            let exact = admin()
+                .query(
+                    &format!(
+                        "SELECT toStartOfInterval(timestamp, INTERVAL {interval_s} second) AS time, \
+                         uniqExact(remote_addr), count() FROM {db}.http_log \
+                         WHERE {} GROUP BY time ORDER BY time FORMAT TSV",
+                        filter.raw
+                    ),
+                    &[],
+                )
+                .await
+                .unwrap();
+            let rows = |t: &str| -> Vec<(String, u64, u64)> {
+                t.lines()
+                    .map(|l| {
+                        let f: Vec<&str> = l.split('\t').collect();
+                        (
+                            f[0].to_string(),
+                            f[1].parse().unwrap(),
+                            f[2].parse().unwrap(),
+                        )
+                    })
+                    .collect()
+            };
+            let (got, want) = (rows(&answer), rows(&exact));
+            let what = format!("interval {interval_s} s, filter {:?}", filter.raw);
+            assert!(!want.is_empty(), "{what}");
+            assert_eq!(got.len(), want.len(), "{what}: {answer} against {exact}");
+            for ((t, clients, requests), (t_exact, clients_exact, requests_exact)) in
+                got.iter().zip(&want)
+            {
+                assert_eq!((t, requests), (t_exact, requests_exact), "{what}");
+                let slack = (*clients_exact as f64 * uniques::RELATIVE_TOLERANCE)
+                    .max(uniques::ABSOLUTE_TOLERANCE as f64);
+                assert!(
+                    clients.abs_diff(*clients_exact) as f64 <= slack,
+                    "{what} at {t}: {clients} clients against uniqExact {clients_exact}"
+                );
+            }
+            if interval_s == 86_400 {
+                // Whole days read the daily table alone: at most its rows, which are far fewer
+                // than the per-minute states of three hours.
+                let read = rows_read(&panel).await;
+                let daily = count(format!("SELECT count() FROM {db}.{}", filter.daily_table)).await;
+                assert!(
+                    (1..=daily).contains(&read),
+                    "{what}: read {read} rows, {} has {daily}",
+                    filter.daily_table
+                );
+            }
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,6 +252,7 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
     assert_eq!(clean.tables.len(), uniques::TABLES.len(), "{clean}");
     assert!(clean.is_clean(), "{clean}");
     assert!(clean.tables.iter().all(|t| t.buckets > 0), "{clean:?}");
+    the_dashboard_series_matches_an_exact_recount_at_every_interval(&db).await;
 
     // A loader retry: the middle batch again under its token. Nothing may change, the request
     // sums least of all (a distinct count would hide a double-counted batch).
@@ -114,6 +294,12 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
             "INSERT INTO {db}.http_log_uniques_1h SELECT toStartOfHour(now() - INTERVAL 10 DAY), \
              0, uniqState(toString(number)) FROM numbers(50) SETTINGS insert_deduplicate = 0"
         ),
+        // A day of all traffic (migration 011's uniqCombined states) with clients that never came.
+        format!(
+            "INSERT INTO {db}.http_log_uniques_1d SELECT toStartOfDay(now() - INTERVAL 10 DAY), \
+             0, uniqCombinedState(17)(toString(number)) FROM numbers(50) \
+             SETTINGS insert_deduplicate = 0"
+        ),
         // A resource's day (migration 010) that lost its clients but kept its request count.
         format!(
             "INSERT INTO {db}.http_log_uniques_by_resource_keyed_1d SELECT ts, resource_id, 0, \
@@ -145,6 +331,12 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
         (0, 1),
         "{damaged}"
     );
+    let all_day = table("http_log_uniques_1d");
+    assert_eq!(
+        (all_day.requests_differing, all_day.clients_outside),
+        (0, 1),
+        "{damaged}"
+    );
     let day = table("http_log_uniques_by_resource_keyed_1d");
     assert_eq!(
         (day.requests_differing, day.clients_outside),
@@ -154,8 +346,8 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
     let text = damaged.to_string();
     assert!(text.contains("UNIQUES     http_log_uniques_1h:"), "{text}");
 
-    // As if migrations 009 and 010 came after the data: their tables gone and their records too.
-    // Set-up names the eight as needing a backfill, which fills them from http_log.
+    // As if migrations 009-011 came after the data: their tables gone and their records too.
+    // Set-up names the thirteen as needing a backfill, which fills them from http_log.
     let ch = admin();
     for t in uniques_tables() {
         ch.query(&format!("DROP VIEW {db}.{t}_mv"), &[])
@@ -166,13 +358,16 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
             .unwrap();
     }
     ch.query(
-        &format!("DELETE FROM {db}.schema_migrations WHERE version IN (9, 10)"),
+        &format!("DELETE FROM {db}.schema_migrations WHERE version IN (9, 10, 11)"),
         &[],
     )
     .await
     .unwrap();
     let before = rollup_tables(&ch, &db).await.unwrap();
-    assert_eq!(edgelog::setup::apply_schema(&s).await.unwrap(), vec![9, 10]);
+    assert_eq!(
+        edgelog::setup::apply_schema(&s).await.unwrap(),
+        vec![9, 10, 11]
+    );
     let mut missing = new_rollups_missing_rows(&ch, &db, &before).await.unwrap();
     missing.sort();
     let mut want = uniques_tables();

@@ -1,15 +1,16 @@
-//! The unique-client rollups (migrations 009 and 010) against an exact recount from `http_log`.
+//! The unique-client rollups (migrations 009-011) against an exact recount from `http_log`.
 //!
 //! One UTC day at a time, on the days `verify` checks the other rollups (`totals::check_totals`),
 //! so that ClickHouse holds one day's distinct sets, and a day is recorded as audited only when
 //! these agree too.
 //!
 //! Per bucket of every such table: the request sum must equal the raw rows' count exactly (a
-//! distinct count cannot show a double-counted retry, a sum does), and the merged `uniq` state
-//! must be within [`RELATIVE_TOLERANCE`] or [`ABSOLUTE_TOLERANCE`] clients, whichever is larger,
-//! of `uniqExact(remote_addr)` over the same raw rows. `uniq` is an estimate: exact while a state
-//! holds few values, within ~1% when it samples (docs/BENCHMARKS.md, "Unique clients"); the
-//! absolute slack covers its 32-bit hash collisions in small buckets.
+//! distinct count cannot show a double-counted retry, a sum does), and the merged state (`uniq`,
+//! or 011's `uniqCombined(17)`) must be within [`RELATIVE_TOLERANCE`] or [`ABSOLUTE_TOLERANCE`]
+//! clients, whichever is larger, of `uniqExact(remote_addr)` over the same raw rows. Both are
+//! estimates: exact while a state holds few values, within ~1% when it samples or turns into a
+//! HyperLogLog (docs/BENCHMARKS.md, "Unique clients"); the absolute slack covers their hash
+//! collisions in small buckets.
 
 use std::fmt;
 
@@ -23,40 +24,72 @@ pub const RELATIVE_TOLERANCE: f64 = 0.01;
 /// ...or by this many clients, whichever is larger.
 pub const ABSOLUTE_TOLERANCE: u64 = 2;
 
-/// Each unique-client rollup: table, the bucket of a raw row's timestamp, its key columns.
-pub const TABLES: [(&str, &str, &[&str]); 8] = [
-    (
-        "http_log_uniques_by_resource",
-        "toStartOfMinute(timestamp)",
-        &["resource_id"],
-    ),
-    (
-        "http_log_uniques_by_resource_1d",
-        "toStartOfDay(timestamp)",
-        &["resource_id"],
-    ),
-    (
-        "http_log_uniques_by_status",
-        "toStartOfMinute(timestamp)",
-        &["response_status", "cache_status"],
-    ),
-    (
-        "http_log_uniques_by_status_1h",
-        "toStartOfHour(timestamp)",
-        &["response_status", "cache_status"],
-    ),
-    ("http_log_uniques", "toStartOfMinute(timestamp)", &[]),
-    ("http_log_uniques_1h", "toStartOfHour(timestamp)", &[]),
+/// A unique-client rollup as `verify` recounts it.
+#[derive(Debug, Clone, Copy)]
+pub struct Rollup {
+    pub table: &'static str,
+    /// The bucket of a raw row's timestamp, as the table's view computes it.
+    pub bucket: &'static str,
+    /// The key columns besides the bucket.
+    pub keys: &'static [&'static str],
+    /// The `-Merge` function of the table's state.
+    pub merge: &'static str,
+}
+
+const fn rollup(
+    table: &'static str,
+    bucket: &'static str,
+    keys: &'static [&'static str],
+    merge: &'static str,
+) -> Rollup {
+    Rollup {
+        table,
+        bucket,
+        keys,
+        merge,
+    }
+}
+
+const MINUTE: &str = "toStartOfMinute(timestamp)";
+const HOUR: &str = "toStartOfHour(timestamp)";
+const SIX_HOURS: &str = "toStartOfInterval(timestamp, INTERVAL 6 HOUR)";
+const DAY: &str = "toStartOfDay(timestamp)";
+const RESOURCE: &[&str] = &["resource_id"];
+const STATUS_CACHE: &[&str] = &["response_status", "cache_status"];
+const UNIQ: &str = "uniqMerge";
+const UNIQ_COMBINED: &str = "uniqCombinedMerge(17)";
+
+/// Every unique-client rollup of the migrations.
+pub const TABLES: [Rollup; 13] = [
+    rollup("http_log_uniques_by_resource", MINUTE, RESOURCE, UNIQ),
+    rollup("http_log_uniques_by_resource_1d", DAY, RESOURCE, UNIQ),
+    rollup("http_log_uniques_by_status", MINUTE, STATUS_CACHE, UNIQ),
+    rollup("http_log_uniques_by_status_1h", HOUR, STATUS_CACHE, UNIQ),
+    rollup("http_log_uniques", MINUTE, &[], UNIQ),
+    rollup("http_log_uniques_1h", HOUR, &[], UNIQ),
     // Migration 010: a resource's states keyed by resource, for long-range series.
-    (
-        "http_log_uniques_by_resource_1h",
-        "toStartOfHour(timestamp)",
-        &["resource_id"],
+    rollup("http_log_uniques_by_resource_1h", HOUR, RESOURCE, UNIQ),
+    rollup("http_log_uniques_by_resource_keyed_1d", DAY, RESOURCE, UNIQ),
+    // Migration 011: uniqCombined(17) states for week- and month-long series.
+    rollup("http_log_uniques_6h", SIX_HOURS, &[], UNIQ_COMBINED),
+    rollup("http_log_uniques_1d", DAY, &[], UNIQ_COMBINED),
+    rollup(
+        "http_log_uniques_by_status_6h",
+        SIX_HOURS,
+        STATUS_CACHE,
+        UNIQ_COMBINED,
     ),
-    (
-        "http_log_uniques_by_resource_keyed_1d",
-        "toStartOfDay(timestamp)",
-        &["resource_id"],
+    rollup(
+        "http_log_uniques_by_status_1d",
+        DAY,
+        STATUS_CACHE,
+        UNIQ_COMBINED,
+    ),
+    rollup(
+        "http_log_uniques_by_resource_combined_1d",
+        DAY,
+        RESOURCE,
+        UNIQ_COMBINED,
     ),
 ];
 
@@ -144,14 +177,13 @@ impl fmt::Display for UniquesCheck {
 /// The comparison query of one table over the buckets in `[from, until)`, two ClickHouse DateTime
 /// expressions on bucket boundaries (`verify` compares one day at a time, so that ClickHouse holds
 /// one day's distinct sets, not the table's).
-pub fn check_sql(
-    db: &str,
-    table: &str,
-    bucket: &str,
-    keys: &[&str],
-    from: &str,
-    until: &str,
-) -> String {
+pub fn check_sql(db: &str, rollup: &Rollup, from: &str, until: &str) -> String {
+    let Rollup {
+        table,
+        bucket,
+        keys,
+        merge,
+    } = rollup;
     let keys_list: String = keys.iter().map(|k| format!(", {k}")).collect();
     format!(
         "SELECT count(), \
@@ -159,7 +191,7 @@ pub fn check_sql(
                 countIf(abs(toInt64(u.c) - toInt64(raw.c)) > greatest({abs}, {rel} * raw.c)), \
                 toUInt64(round(1e6 * max(if(raw.c >= 100, \
                     abs(toInt64(u.c) - toInt64(raw.c)) / raw.c, 0)))) \
-         FROM (SELECT ts{keys_list}, sum(requests) AS r, uniqMerge(clients) AS c \
+         FROM (SELECT ts{keys_list}, sum(requests) AS r, {merge}(clients) AS c \
                FROM {db}.{table} WHERE ts >= {from} AND ts < {until} GROUP BY ALL) AS u \
          FULL OUTER JOIN \
               (SELECT {bucket} AS ts{keys_list}, toUInt64(count()) AS r, \
@@ -189,12 +221,13 @@ pub async fn check(
         .await?;
     let existing: Vec<&str> = existing.lines().collect();
     let mut out = UniquesCheck::default();
-    for (table, bucket, keys) in TABLES {
+    for rollup in &TABLES {
+        let table = rollup.table;
         if !existing.contains(&table) {
             continue;
         }
         let text = client
-            .query(&check_sql(db, table, bucket, keys, from, until), &[])
+            .query(&check_sql(db, rollup, from, until), &[])
             .await?;
         let f: Vec<&str> = text.trim().split('\t').collect();
         let parsed = (|| -> Option<TableUniques> {
@@ -219,19 +252,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_table_of_the_migrations_is_checked_with_its_view_bucket() {
-        let sql: String = crate::setup::MIGRATIONS
-            .iter()
-            .filter(|m| {
-                [
-                    "009_http_log_uniques.sql",
-                    "010_http_log_uniques_by_resource_keyed.sql",
-                ]
-                .contains(&m.name)
-            })
-            .map(|m| m.sql)
-            .collect();
-        for (table, bucket, keys) in TABLES {
+    fn every_table_of_the_migrations_is_checked_with_its_view_bucket_and_state() {
+        let sql: String = crate::setup::MIGRATIONS.iter().map(|m| m.sql).collect();
+        for Rollup {
+            table,
+            bucket,
+            keys,
+            merge,
+        } in TABLES
+        {
             let view = format!("${{database}}.{table}_mv\nTO ${{database}}.{table}\n");
             let at = sql
                 .find(&view)
@@ -243,12 +272,26 @@ mod tests {
                 keys.iter().map(|k| format!(", {k}")).collect::<String>()
             );
             assert!(select.contains(&group_by), "{table}: {group_by}");
+            // The state the view makes and the table keeps is the one `merge` reads.
+            let (made, kept) = match merge {
+                UNIQ => ("uniqState(remote_addr)", "AggregateFunction(uniq, String)"),
+                UNIQ_COMBINED => (
+                    "uniqCombinedState(17)(remote_addr)",
+                    "AggregateFunction(uniqCombined(17), String)",
+                ),
+                other => panic!("{table}: no state known for {other}"),
+            };
+            assert!(select.contains(made), "{table}: {made}");
+            let create = format!("CREATE TABLE IF NOT EXISTS ${{database}}.{table}\n");
+            let at = sql
+                .find(&create)
+                .unwrap_or_else(|| panic!("no table {table}"));
+            let columns = &sql[at..sql[at..].find("ENGINE").unwrap() + at];
+            assert!(columns.contains(kept), "{table}: {kept}");
         }
-        assert_eq!(sql.matches("CREATE TABLE").count(), TABLES.len());
-        // Every unique-client table of any migration is checked, not only those of 009 and 010.
-        let all: String = crate::setup::MIGRATIONS.iter().map(|m| m.sql).collect();
+        // Every unique-client table of any migration is checked.
         assert_eq!(
-            all.matches("CREATE TABLE IF NOT EXISTS ${database}.http_log_uniques")
+            sql.matches("CREATE TABLE IF NOT EXISTS ${database}.http_log_uniques")
                 .count(),
             TABLES.len()
         );
@@ -258,12 +301,11 @@ mod tests {
     fn the_query_joins_on_bucket_and_keys_and_states_the_tolerance() {
         let sql = check_sql(
             "db",
-            "http_log_uniques_by_status",
-            "toStartOfMinute(timestamp)",
-            &["response_status", "cache_status"],
+            &TABLES[2],
             "toDateTime('2026-12-04')",
             "toDateTime('2026-12-04') + INTERVAL 1 DAY",
         );
+        assert_eq!(TABLES[2].table, "http_log_uniques_by_status");
         assert!(
             sql.contains("USING (ts, response_status, cache_status)"),
             "{sql}"
