@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# What the unique-client views (sql/009 and sql/010) cost an insert.
+# What the unique-client views (sql/009-011) cost an insert.
 #
 #   scripts/uniques-insert-cost.sh [SOURCE_DATABASE] [ROWS] [RUNS] [CLICKHOUSE_URL]
 #
-# Makes two scratch databases, one with every migration but the unique-client one and one with
+# UNIQUES_COST_WITHOUT (default _http_log_uniques: 009-011) is the pattern of the migration files
+# left out of the first database, e.g. 011_ for what 011 alone adds.
+#
+# Makes two scratch databases, one with every migration but the unique-client ones and one with
 # all of them (`edgelog setup`'s SQL, rendered with the TTLs off), and inserts the same ROWS rows of SOURCE_DATABASE.http_log
 # (default edgelog_bench, 1000000 rows; the bench numbers its rows by source_offset) into each, RUNS times alternately (a different slice each
 # run), with the loader's pinned insert settings. Prints the server's elapsed time of each insert
@@ -26,7 +29,7 @@ apply() { # database, migration files...
 without=uq_cost_without_$$
 with=uq_cost_with_$$
 trap 'q "DROP DATABASE IF EXISTS $without"; q "DROP DATABASE IF EXISTS $with"' EXIT
-apply "$without" $(ls sql/[0-9]*.sql | grep -v _http_log_uniques)
+apply "$without" $(ls sql/[0-9]*.sql | grep -v -- "${UNIQUES_COST_WITHOUT:-_http_log_uniques}")
 apply "$with" sql/[0-9]*.sql
 # The slices in memory first, so the timed inserts do not include reading the source table.
 q "CREATE TABLE $without.source ENGINE = Memory AS SELECT * FROM $src.http_log
