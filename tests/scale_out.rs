@@ -88,17 +88,35 @@ async fn two_loaders_split_the_partitions_and_one_dies_between_insert_and_commit
     let mut s = isolated_settings();
     s.topics.partitions = 4;
     s.producer.garbage_share = 0.0;
-    let good = fill_anonymized_topic(&s, 8_000).await.sent;
+    // Records on every partition: keyless records otherwise stick to one partition for a while,
+    // and all 8,000 once went to one that B held, so A never inserted and never crashed.
+    s.producer
+        .kafka_options
+        .0
+        .insert("sticky.partitioning.linger.ms".into(), "0".into());
+    edgelog::setup::create_topics(&s).await.unwrap();
+    edgelog::setup::apply_schema(&s).await.unwrap();
 
-    // Two client IPs: two proxy budgets. B is in the group before A crashes, so A's partitions
-    // (and its recorded, already inserted but uncommitted batch) move to B.
+    // Two client IPs: two proxy budgets. Both are in the group before any record exists, so each
+    // holds two partitions with records to load; A crashes after its first insert is answered,
+    // before the commit, and its partitions (with that recorded batch) move to B.
     s.loader.source_address = Some(fresh_loopback_ip());
     let mut b = KillOnDrop::spawn(&mut loader_command(&s));
-    s.loader.source_address = Some(fresh_loopback_ip());
-    let crashed = loader_command(&s)
-        .env("LOADER_FAILPOINT", "after_response")
-        .status()
-        .unwrap();
+    let mut a_settings = s.clone();
+    a_settings.loader.source_address = Some(fresh_loopback_ip());
+    let mut a =
+        KillOnDrop::spawn(loader_command(&a_settings).env("LOADER_FAILPOINT", "after_response"));
+    wait_group_stable(&s.loader.group_id, 2).await;
+    let good = fill_anonymized_topic(&s, 8_000).await.sent;
+    let crashed = wait_for(
+        "loader A to crash after ClickHouse answered",
+        Duration::from_secs(120),
+        || {
+            let exited = a.try_wait().unwrap();
+            async move { exited }
+        },
+    )
+    .await;
     assert!(
         !crashed.success(),
         "loader A crashed after ClickHouse answered"
