@@ -41,6 +41,7 @@ use edgelog::body::insert_url;
 use edgelog::clickhouse::ClickHouseClient;
 use edgelog::config::{ProducerSettings, Settings};
 use edgelog::synth::TrafficModel;
+use edgelog::verify::uniques;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -1439,19 +1440,26 @@ fn uniques_sql(
              WHERE {raw_window}{filter} GROUP BY ts ORDER BY ts FORMAT TSV"
         )
     };
-    // The table of a bucket, of 009's (uniq) or 011's (uniqCombined(17)) suffixes.
-    let table = |base: &str| -> (String, &str) {
-        match bucket_s {
-            60 => (base.to_string(), "uniqMerge"),
-            3_600 => (format!("{base}_1h"), "uniqMerge"),
-            21_600 => (format!("{base}_6h"), "uniqCombinedMerge(17)"),
-            _ => (format!("{base}_1d"), "uniqCombinedMerge(17)"),
-        }
+    // The table of a bucket (009's and 011's suffixes) and the -Merge of its state, as `verify`
+    // knows it.
+    let table = |name: String| -> (String, &str) {
+        let merge = uniques::find(&name)
+            .unwrap_or_else(|| panic!("{name} is not a unique-client rollup"))
+            .merge;
+        (name, merge)
+    };
+    let suffixed = |base: &str| {
+        table(match bucket_s {
+            60 => base.to_string(),
+            3_600 => format!("{base}_1h"),
+            21_600 => format!("{base}_6h"),
+            _ => format!("{base}_1d"),
+        })
     };
     let (status, cache, resource) = (q.response_status, &q.cache_status, q.resource_id);
     match kind {
         "series" => {
-            let (t, merge) = table("http_log_uniques");
+            let (t, merge) = suffixed("http_log_uniques");
             (
                 format!(
                     "SELECT {bucket} AS b, {merge}(clients) FROM {db}.{t} WHERE {window} \
@@ -1461,7 +1469,7 @@ fn uniques_sql(
             )
         }
         "status series" => {
-            let (t, merge) = table("http_log_uniques_by_status");
+            let (t, merge) = suffixed("http_log_uniques_by_status");
             let filter = format!(" AND response_status = {status} AND cache_status = '{cache}'");
             (
                 format!(
@@ -1473,15 +1481,15 @@ fn uniques_sql(
         }
         "resource series" => {
             // Keyed by resource: minutes (009), hours (010, also for 6-hour buckets) or days
-            // (011, uniqCombined(17)).
-            let (t, merge) = match bucket_s {
-                60 => ("http_log_uniques_by_resource", "uniqMerge"),
-                86_400 => (
-                    "http_log_uniques_by_resource_combined_1d",
-                    "uniqCombinedMerge(17)",
-                ),
-                _ => ("http_log_uniques_by_resource_1h", "uniqMerge"),
-            };
+            // (011).
+            let (t, merge) = table(
+                match bucket_s {
+                    60 => "http_log_uniques_by_resource",
+                    86_400 => "http_log_uniques_by_resource_combined_1d",
+                    _ => "http_log_uniques_by_resource_1h",
+                }
+                .to_string(),
+            );
             let filter = format!(" AND resource_id = {resource}");
             (
                 format!(

@@ -42,9 +42,9 @@ fn uniques_tables() -> Vec<String> {
         .collect()
 }
 
-/// The traffic dashboard's "Unique clients" query with Grafana's macros and variables filled in
-/// as the ClickHouse data source fills them, reading database `db`.
-fn dashboard_series(db: &str, from: u64, to: u64, interval_s: u64, filter: &Filter) -> String {
+/// The traffic dashboard's "Unique clients" query, as written (Grafana's macros and variables
+/// unfilled).
+fn dashboard_series_template() -> String {
     let dashboard: serde_json::Value = serde_json::from_str(include_str!(
         "../docker/grafana/dashboards/edgelog-traffic.json"
     ))
@@ -55,10 +55,21 @@ fn dashboard_series(db: &str, from: u64, to: u64, interval_s: u64, filter: &Filt
         .iter()
         .find(|p| p["title"] == "Unique clients")
         .expect("the traffic dashboard has a Unique clients panel");
+    panel["targets"][0]["rawSql"].as_str().unwrap().to_string()
+}
+
+/// `template` with Grafana's macros and variables filled in as the ClickHouse data source fills
+/// them, reading database `db`.
+fn dashboard_series(
+    template: &str,
+    db: &str,
+    from: u64,
+    to: u64,
+    interval_s: u64,
+    filter: &Filter,
+) -> String {
     let quoted = |v: &str| format!("'{v}'");
-    panel["targets"][0]["rawSql"]
-        .as_str()
-        .unwrap()
+    template
         .replace("edgelog.", &format!("{db}."))
         .replace(
             "$__timeInterval(ts)",
@@ -145,9 +156,10 @@ async fn the_dashboard_series_matches_an_exact_recount_at_every_interval(db: &st
     ))
     .await;
     let to = from + 4 * 86_400;
+    let template = dashboard_series_template();
     for filter in &filters {
         for interval_s in [60u64, 300, 3_600, 7_200, 21_600, 43_200, 86_400] {
-            let panel = dashboard_series(db, from, to, interval_s, filter);
+            let panel = dashboard_series(&template, db, from, to, interval_s, filter);
             let answer = admin()
                 .query(&format!("{panel}\nFORMAT TSV"), &[])
                 .await

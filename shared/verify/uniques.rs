@@ -93,6 +93,11 @@ pub const TABLES: [Rollup; 13] = [
     ),
 ];
 
+/// The rollup kept in `table`, if it is one of [`TABLES`].
+pub fn find(table: &str) -> Option<Rollup> {
+    TABLES.into_iter().find(|r| r.table == table)
+}
+
 /// One table's comparison.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TableUniques {
