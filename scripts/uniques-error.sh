@@ -19,7 +19,10 @@ url=${2:-http://127.0.0.1:8123/}
 q() { curl -sS --fail-with-body "$url" --data-binary "$1"; }
 
 # table | bucket of a raw timestamp | key columns (comma-prefixed) | -Merge of its state
-# (UNIQUES_ERROR_TABLES, a space-separated list of table names, picks some of them)
+# (UNIQUES_ERROR_TABLES, a space-separated list of table names, picks some of them;
+# UNIQUES_ERROR_RESOURCES=N looks only at resources 1..N in the per-resource tables, whose recount
+# of every resource-bucket exceeds the server's query memory at 100M rows: the busiest buckets
+# are the busiest resources')
 six_hours="toStartOfInterval(timestamp, INTERVAL 6 HOUR)"
 combined="uniqCombinedMerge(17)"
 rollups=(
@@ -45,13 +48,17 @@ for r in "${rollups[@]}"; do
   if [ -n "${UNIQUES_ERROR_TABLES:-}" ] && [[ " $UNIQUES_ERROR_TABLES " != *" $table "* ]]; then
     continue
   fi
+  only=""
+  if [ -n "${UNIQUES_ERROR_RESOURCES:-}" ] && [[ $keys == *resource_id* ]]; then
+    only="WHERE resource_id <= ${UNIQUES_ERROR_RESOURCES}"
+  fi
   using="ts${keys}"
   q "
     WITH busiest AS (
       SELECT ${bucket} AS ts${keys}, uniqExact(remote_addr) AS exact,
              uniqCombined(12)(remote_addr) AS c12, uniqCombined(17)(remote_addr) AS c17,
              uniqHLL12(remote_addr) AS h12
-      FROM ${db}.http_log GROUP BY ALL ORDER BY exact DESC LIMIT 100),
+      FROM ${db}.http_log ${only} GROUP BY ALL ORDER BY exact DESC LIMIT 100),
     shipped AS (
       SELECT ts${keys}, ${merge}(clients) AS u FROM ${db}.${table}
       WHERE (${using}) IN (SELECT ${using} FROM busiest) GROUP BY ALL)

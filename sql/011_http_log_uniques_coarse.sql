@@ -11,10 +11,10 @@
 -- These tables keep uniqCombined(17) states, not 009's uniq. Past a few thousand distinct
 -- clients such a state is a fixed 2^17-register HyperLogLog (80 KiB), and merging those is
 -- cheaper than rebuilding uniq's sets of up to 65,536 hashes. All traffic over 30 days (30 daily
--- states) took 35 ms against 53 ms; over 7 days (28 six-hour states) 29 ms against 50 ms. Their
--- error on that data was at most 0.14% (days) and 0.40% (6 hours), against uniq's 0.14% and
--- 0.56%. The top 10 resources stay on 010's uniq states: over 100 resources' days, most of them
--- small, uniqCombined(17) was slower (450 ms against 320).
+-- states) took 35 ms against 67 ms; over 7 days (28 six-hour states) 30 ms against 54 ms
+-- (medians, scripts/uniques-designs.sh). Their error on that data was at most 0.14% (days) and
+-- 0.40% (6 hours). The top 10 resources stay on 010's uniq states: uniqCombined(17) did not
+-- bring them near the goal either (465 ms against 529 over 30 days with 100 candidates).
 --
 -- Rows of up to 80 KiB: small granules, so that a range reads its own states and not those of
 -- the neighbouring keys.
@@ -117,8 +117,8 @@ GROUP BY ts, response_status, cache_status;
 
 -- One resource's days, keyed by resource, for a resource's month-long series. 010's daily table
 -- has the same buckets, but its uniq states of a busy resource's day are sampled (past 65,536
--- clients), and those were the slowest to read, 2 ms each. Its 256-row granules also read ~8
--- other resources' months.
+-- clients), and those were the slowest to read. Its 256-row granules also read ~8 other
+-- resources' months.
 CREATE TABLE IF NOT EXISTS ${database}.http_log_uniques_by_resource_combined_1d
 (
     ts                  DateTime,
