@@ -123,6 +123,9 @@ async fn fault_proxy(
         let Ok((mut stream, _)) = listener.accept().await else {
             return;
         };
+        // When the request came, not when its body had been read: reading a body takes a
+        // varying time on a loaded machine, and the slot-spacing check compares arrivals.
+        let at = Instant::now();
         let Some((target, headers, body)) = read_request(&mut stream).await else {
             continue;
         };
@@ -132,7 +135,7 @@ async fn fault_proxy(
             .unwrap_or("")
             .to_string();
         seen.lock().unwrap().push(Seen {
-            at: Instant::now(),
+            at,
             query,
             body_len: body.len(),
         });
