@@ -87,15 +87,16 @@ struct Args {
     /// Skip the query phase (load and sizes only).
     #[arg(long)]
     no_queries: bool,
-    /// Measure the unique-client panels (migrations 009-011) instead of the totals queries: per window
+    /// Measure the unique-client panels (migrations 009-012) instead of the totals queries: per window
     /// (24 h, 7 d, 30 d ending at DATA_END) `--samples` each of the overall series, a
     /// status/cache series, one resource's series and the top 10 resources by unique clients,
     /// the first `--raw-samples` of each also against `uniqExact` on `http_log`.
     #[arg(long)]
     uniques: bool,
     /// With `--uniques`: also run this many of each window's panels as the dashboard asked them
-    /// before migration 011 (~200 points: per-minute states over a day, hourly from 7 days on;
-    /// the top 10 as before 010, from every resource's states), and print both.
+    /// before (the series before migration 011, ~200 points: per-minute states over a day,
+    /// hourly from 7 days on; the top 10 before 012, merged from 010's daily states of the 100
+    /// busiest resources), and print both.
     #[arg(long, default_value_t = 0)]
     baseline_samples: usize,
     /// Compare alternative ORDER BYs and codecs of `http_log` on a slice of the data (bytes per
@@ -1408,9 +1409,97 @@ async fn main() -> anyhow::Result<()> {
 /// the range touches (docker/grafana, "Top 10 resources by unique clients").
 const TOP_CANDIDATES: u32 = 100;
 
-/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009-011), with
+/// The traffic dashboard's top-10 query itself, its macros filled as Grafana's ClickHouse data
+/// source fills them (no filter), over `db`.
+fn dashboard_top_sql(db: &str, from: u64, to: u64) -> String {
+    let dashboard: serde_json::Value = serde_json::from_str(include_str!(
+        "../docker/grafana/dashboards/edgelog-traffic.json"
+    ))
+    .expect("the dashboard is JSON");
+    let panel = dashboard["panels"]
+        .as_array()
+        .and_then(|p| {
+            p.iter()
+                .find(|p| p["title"] == "Top 10 resources by unique clients")
+        })
+        .expect("the traffic dashboard has a top-10 panel");
+    panel["targets"][0]["rawSql"]
+        .as_str()
+        .expect("a raw SQL query")
+        .replace("edgelog.", &format!("{db}."))
+        .replace("$__fromTime", &format!("toDateTime({from})"))
+        .replace("$__toTime", &format!("toDateTime({to})"))
+        .replace(
+            "$__timeFilter(ts)",
+            &format!("ts >= toDateTime({from}) AND ts <= toDateTime({to})"),
+        )
+        .replace("${resource:sqlstring}", "''")
+        .replace("${ip:sqlstring}", "''")
+        .replace("${status:sqlstring}", "'__all__'")
+        .replace("${cache:sqlstring}", "'__all__'")
+        + "\nFORMAT TSV"
+}
+
+/// Fills migration 012's table as its refresh would have at DATA_END (the view's own SELECT with
+/// `now()` as DATA_END), with the view stopped so that no refresh replaces it meanwhile: the
+/// dashboard then reads it for the 7- and 30-day windows ending at DATA_END.
+async fn compute_ahead_at_data_end(ch: &Ch, db: &str) -> anyhow::Result<()> {
+    let view = "http_log_uniques_top_trailing_mv";
+    ch.query(&format!("SYSTEM STOP VIEW {db}.{view}"), &[])
+        .await?;
+    ch.query(&format!("SYSTEM CANCEL VIEW {db}.{view}"), &[])
+        .await?;
+    let select = ch
+        .query(
+            "SELECT as_select FROM system.tables WHERE database = {db:String} \
+             AND name = {view:String} FORMAT TSVRaw",
+            &[("db".into(), db.into()), ("view".into(), view.into())],
+        )
+        .await?;
+    anyhow::ensure!(
+        select.matches("now()").count() == 1,
+        "{view}'s SELECT should read the clock once: {select}"
+    );
+    let select = select
+        .trim()
+        .replace("now()", &format!("toDateTime({DATA_END_S})"));
+    ch.query(
+        &format!("TRUNCATE TABLE {db}.http_log_uniques_top_trailing"),
+        &[],
+    )
+    .await?;
+    let t = Instant::now();
+    let response = ch
+        .http
+        .post(&ch.url)
+        .query(&[("wait_end_of_query", "1")])
+        .body(format!(
+            "INSERT INTO {db}.http_log_uniques_top_trailing {select}"
+        ))
+        .send()
+        .await?;
+    let memory = response
+        .headers()
+        .get("X-ClickHouse-Summary")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| summary_field(s, "memory_usage"));
+    let status = response.status();
+    anyhow::ensure!(
+        status.is_success(),
+        "HTTP {status}: {}",
+        response.text().await?
+    );
+    println!(
+        "012: computed ahead as of DATA_END in {:.1} s, peak memory {} (the refresh's own SELECT)",
+        t.elapsed().as_secs_f64(),
+        memory.map_or("unknown".to_string(), |b| format!("{:.0} MB", b / 1e6))
+    );
+    Ok(())
+}
+
+/// A unique-client panel as the traffic dashboard asks it (docker/grafana, sql/009-012), with
 /// the exact answer from the raw table for comparison. `from`/`to`: epoch seconds. `baseline`:
-/// as the dashboard asked it before migration 011 (the top 10: before 010).
+/// as the dashboard asked it before (the series: before migration 011; the top 10: before 012).
 fn uniques_sql(
     db: &str,
     kind: &str,
@@ -1503,29 +1592,28 @@ fn uniques_sql(
             // Whole UTC days from a day on (the start rounds down to midnight), minutes below.
             let daily = to - from >= 86_400;
             let from = if daily { from / 86_400 * 86_400 } else { from };
-            let t = match (daily, baseline) {
-                (true, true) => "http_log_uniques_by_resource_1d",
-                (true, false) => "http_log_uniques_by_resource_keyed_1d",
-                (false, _) => "http_log_uniques_by_resource",
-            };
-            // The states of the busiest resources by requests on the days the range touches,
-            // read by key; before, every resource's states.
-            let candidates = if baseline {
-                String::new()
-            } else {
-                format!(
-                    "AND resource_id IN (SELECT resource_id FROM {db}.http_log_uniques_by_resource_1d \
-                     WHERE ts >= toStartOfDay(toDateTime({from})) AND ts < toDateTime({to}) \
-                     GROUP BY resource_id ORDER BY sum(requests) DESC, resource_id \
-                     LIMIT {TOP_CANDIDATES}) "
-                )
-            };
             (
-                format!(
-                    "SELECT resource_id, uniqMerge(clients) AS c FROM {db}.{t} \
-                     WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}) {candidates}\
-                     GROUP BY resource_id ORDER BY c DESC, resource_id LIMIT 10 FORMAT TSV"
-                ),
+                if baseline {
+                    let t = if daily {
+                        "http_log_uniques_by_resource_keyed_1d"
+                    } else {
+                        "http_log_uniques_by_resource"
+                    };
+                    // Before 012: the states of the busiest resources by requests on the days
+                    // the range touches, read by key (010).
+                    format!(
+                        "SELECT resource_id, uniqMerge(clients) AS c FROM {db}.{t} \
+                         WHERE ts >= toDateTime({from}) AND ts < toDateTime({to}) \
+                         AND resource_id IN (SELECT resource_id \
+                         FROM {db}.http_log_uniques_by_resource_1d \
+                         WHERE ts >= toStartOfDay(toDateTime({from})) AND ts < toDateTime({to}) \
+                         GROUP BY resource_id ORDER BY sum(requests) DESC, resource_id \
+                         LIMIT {TOP_CANDIDATES}) \
+                         GROUP BY resource_id ORDER BY c DESC, resource_id LIMIT 10 FORMAT TSV"
+                    )
+                } else {
+                    dashboard_top_sql(db, from, to)
+                },
                 format!(
                     "SELECT resource_id, uniqExact(remote_addr) AS c FROM {db}.http_log \
                      WHERE timestamp >= toDateTime({from}) AND timestamp < toDateTime({to}) \
@@ -1542,7 +1630,9 @@ fn uniques_error(rollup: &str, exact: &str) -> (f64, bool) {
     let parse = |t: &str| -> Vec<(String, f64)> {
         t.lines()
             .filter_map(|l| {
-                let (k, v) = l.split_once('\t')?;
+                // The key and the count; the dashboard's top 10 has the requests after them.
+                let mut f = l.split('\t');
+                let (k, v) = (f.next()?, f.next()?);
                 Some((k.to_string(), v.parse().ok()?))
             })
             .collect()
@@ -1559,6 +1649,7 @@ fn uniques_error(rollup: &str, exact: &str) -> (f64, bool) {
 
 async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     let db = &a.database;
+    compute_ahead_at_data_end(ch, db).await?;
     let mut rng = StdRng::seed_from_u64(a.seed + 1);
     let pool = query_pool(a.seed);
     let kinds = [
@@ -1569,8 +1660,8 @@ async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
     ];
     println!(
         "unique-client panels (ms; server time from X-ClickHouse-Summary; error against uniqExact; \
-         route: 011 as shipped, before as the dashboard asked before migration 011, the top 10 \
-         before 010):"
+         route: now as shipped, before as the dashboard asked before migration 011, the top 10 \
+         before 012):"
     );
     println!(
         "{:>6} {:>16} {:>6} {:>5} {:>8} {:>8} {:>8} {:>10} {:>10} {:>12}",
@@ -1589,7 +1680,7 @@ async fn uniques_queries(ch: &Ch, a: &Args) -> anyhow::Result<()> {
                 .map(|_| &pool[rng.random_range(0..pool.len())])
                 .collect();
             for (route, baseline, samples) in [
-                ("011", false, a.samples),
+                ("now", false, a.samples),
                 ("before", true, a.baseline_samples),
             ] {
                 if samples == 0 {

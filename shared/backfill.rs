@@ -20,8 +20,8 @@ use anyhow::{bail, Context};
 use crate::clickhouse::ClickHouseClient;
 use crate::config::Settings;
 use crate::staging::{
-    rebuild_servers, rebuild_table, refuse_if_loader_running, rollups, rollups_on, Days,
-    RebuildServer,
+    rebuild_servers, rebuild_table, refresh_views_on, refuse_if_loader_running, rollups,
+    rollups_on, Days, RebuildServer, Refreshes,
 };
 
 /// Which days to rebuild, from what the raw table holds. `raw`: its first and last day (`None`
@@ -92,6 +92,8 @@ fn epoch_day(day: &str) -> anyhow::Result<i64> {
 pub struct BackfillSummary {
     pub days: Option<Days>,
     pub replaced: BTreeMap<String, Vec<String>>,
+    /// The refreshable views, refreshed afterwards (per server in cluster mode).
+    pub views: Refreshes,
 }
 
 /// Checks that the loaders are stopped, then rebuilds `tables` (empty: every rollup) for `days`
@@ -112,12 +114,16 @@ pub async fn backfill(
     let Some(days) = summary.days.clone() else {
         return Ok(summary);
     };
+    let mut clients = Vec::new();
     for server in &servers {
         let client = server.client(&settings.clickhouse)?;
         rebuild_on(&client, db, server, tables, &days, &mut summary)
             .await
             .with_context(|| format!("rebuilding rollups on {}", server.url))?;
+        clients.push(client);
     }
+    // Only once every shard is rebuilt: in cluster mode each node's view reads all of them.
+    summary.views = refresh_views_on(&servers, &clients, db).await?;
     Ok(summary)
 }
 

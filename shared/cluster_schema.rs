@@ -32,6 +32,13 @@ pub const LOCAL_SUFFIX: &str = "_local";
 /// sharded (see `Rewriter::unsharded_table`).
 pub const UNSHARDED_TABLES: &[&str] = &["verify_audited", "verify_days_audited"];
 
+/// Tables a refreshable view replaces whole (sql/012): an answer computed ahead from the
+/// Distributed tables, so for the whole cluster. Each node keeps and refreshes its own copy, never
+/// sharded or replicated (a non-`APPEND` refresh swaps in a new table, which a replicated table's
+/// one Keeper path does not allow; and without a Replicated database refreshes are not
+/// coordinated between nodes anyway).
+pub const REFRESHED_TABLES: &[&str] = &["http_log_uniques_top_trailing"];
+
 /// How long a replicated table remembers the hash (or token) of an inserted block. The loader
 /// re-sends a batch until it lands, also after an outage of hours; the single-node window
 /// (`non_replicated_deduplication_window`) has no time limit, so the replicated one gets a long
@@ -124,6 +131,9 @@ impl Rewriter<'_> {
             if UNSHARDED_TABLES.contains(&name.as_str()) {
                 return self.unsharded_table(&name, &def).map_err(|r| refuse(&r));
             }
+            if REFRESHED_TABLES.contains(&name.as_str()) {
+                return Ok(vec![self.node_table(&name, &def)]);
+            }
             let out = self.table(&name, &def).map_err(|r| refuse(&r))?;
             self.tables.insert(name, def);
             return Ok(out);
@@ -132,6 +142,23 @@ impl Rewriter<'_> {
             let (view, rest) = self
                 .qualified_name(rest)
                 .ok_or_else(|| refuse("the view must be named <database>.<view>"))?;
+            if let Some(refresh) = strip_prefix_ci(rest.trim_start(), "REFRESH ") {
+                // Reads the Distributed tables as written: its answer is for the whole cluster.
+                let target = refresh
+                    .split_once("TO ")
+                    .and_then(|(_, t)| self.qualified_name(t))
+                    .map(|(t, _)| t);
+                if !target.is_some_and(|t| REFRESHED_TABLES.contains(&t)) {
+                    return Err(refuse(
+                        "a refreshable view must write TO one of cluster_schema::REFRESHED_TABLES",
+                    ));
+                }
+                return Ok(vec![format!(
+                    "CREATE MATERIALIZED VIEW IF NOT EXISTS {}.{view}{}{rest}",
+                    self.db,
+                    self.on_cluster(),
+                )]);
+            }
             if strip_prefix_ci(rest.trim_start(), "TO ").is_none() {
                 return Err(refuse("a materialized view without TO <table>"));
             }
@@ -224,6 +251,17 @@ impl Rewriter<'_> {
             self.on_cluster(),
             def.columns
         )])
+    }
+
+    /// One table under its own name on every node, with the storage of `sql/` in both forms.
+    fn node_table(&self, name: &str, def: &TableDef) -> String {
+        format!(
+            "CREATE TABLE IF NOT EXISTS {}.{name}{}\n({})\n{}",
+            self.db,
+            self.on_cluster(),
+            def.columns,
+            def.storage
+        )
     }
 
     fn on_cluster(&self) -> String {
@@ -427,14 +465,14 @@ mod tests {
                 .collect();
             assert_eq!(
                 creates.len(),
-                2 * crate::capacity::TABLES.len() + UNSHARDED_TABLES.len(),
+                2 * crate::capacity::TABLES.len() + UNSHARDED_TABLES.len() + REFRESHED_TABLES.len(),
                 "{creates:#?}"
             );
             for s in &out {
                 assert_eq!(s.contains("ON CLUSTER"), form == Form::Keeper, "{s}");
                 // No statement reads or writes an unsharded name except the Distributed tables'
                 // own definitions.
-                if s.starts_with("CREATE MATERIALIZED VIEW") {
+                if s.starts_with("CREATE MATERIALIZED VIEW") && !s.contains("REFRESH EVERY") {
                     assert!(s.contains("TO edgelog.http_log_"), "{s}");
                     assert!(s.contains("FROM edgelog.http_log_local"), "{s}");
                     let (_, to) = s.split_once("TO edgelog.").unwrap();
@@ -475,7 +513,16 @@ mod tests {
             "ReplicatedAggregatingMergeTree('/clickhouse/tables/{shard}/edgelog/http_log_top_1d_local', '{replica}')"
         ), "{top_1d}");
         assert!(top_1d.contains("index_granularity = 64"), "{top_1d}");
-        for s in out.iter().filter(|s| s.contains("MergeTree")) {
+        // Every table but the answers computed ahead on each node (see REFRESHED_TABLES).
+        let refreshed = |s: &str| {
+            REFRESHED_TABLES
+                .iter()
+                .any(|t| s.starts_with(&format!("CREATE TABLE IF NOT EXISTS edgelog.{t} ")))
+        };
+        for s in out
+            .iter()
+            .filter(|s| s.contains("MergeTree") && !refreshed(s))
+        {
             assert!(s.contains("ENGINE = Replicated"), "{s}");
         }
         // The codec change applies to the local raw table; the views' rights stay on the views.
@@ -498,10 +545,11 @@ mod tests {
     fn the_per_shard_form_keeps_the_engines_and_windows_of_sql() {
         for s in all(Form::PerShard) {
             assert!(!s.contains("Replicated"), "{s}");
-            // The audit's bookkeeping is written by `verify` alone, never retried blindly: it
-            // has no dedup window in sql/ either.
+            // The audit's bookkeeping is written by `verify` alone, never retried blindly, and
+            // a refreshed answer is replaced whole: neither has a dedup window in sql/ either.
             let bookkeeping = UNSHARDED_TABLES
                 .iter()
+                .chain(REFRESHED_TABLES)
                 .any(|t| s.contains(&format!("edgelog.{t}\n")));
             if s.contains("MergeTree") && !bookkeeping {
                 assert!(
@@ -563,6 +611,47 @@ mod tests {
             index.starts_with("ALTER TABLE edgelog.http_log_local ON CLUSTER 'edge'"),
             "{index}"
         );
+    }
+
+    #[test]
+    fn the_refreshed_answer_is_a_plain_table_on_every_node_computed_from_the_whole_cluster() {
+        for form in [Form::Keeper, Form::PerShard] {
+            let out = all(form);
+            let on = if form == Form::Keeper {
+                " ON CLUSTER 'edge'"
+            } else {
+                ""
+            };
+            for table in REFRESHED_TABLES {
+                let made: Vec<&String> = out
+                    .iter()
+                    .filter(|s| s.starts_with("CREATE") && s.contains(&format!("edgelog.{table}")))
+                    .collect();
+                assert_eq!(made.len(), 2, "the table and its view: {made:#?}");
+                assert!(made[0]
+                    .starts_with(&format!("CREATE TABLE IF NOT EXISTS edgelog.{table}{on}\n")));
+                assert!(made[0].contains("ENGINE = MergeTree"), "{}", made[0]);
+                let view = made[1];
+                assert!(view.starts_with(&format!(
+                    "CREATE MATERIALIZED VIEW IF NOT EXISTS edgelog.{table}_mv{on}\nREFRESH EVERY"
+                )));
+                assert!(view.contains(&format!("TO edgelog.{table}\n")), "{view}");
+                assert!(
+                    view.contains("FROM edgelog.http_log_uniques_by_resource_keyed_1d\n"),
+                    "the Distributed table, not a shard's: {view}"
+                );
+                assert!(!view.contains(LOCAL_SUFFIX), "{view}");
+            }
+        }
+        let elsewhere = vec![vec![
+            "CREATE TABLE IF NOT EXISTS edgelog.t (x UInt8) ENGINE = MergeTree ORDER BY x"
+                .to_string(),
+            "CREATE MATERIALIZED VIEW IF NOT EXISTS edgelog.t_mv REFRESH EVERY 1 MINUTE \
+             TO edgelog.t AS SELECT 1 AS x"
+                .to_string(),
+        ]];
+        let err = cluster_migrations(&elsewhere, "edge", "edgelog", Form::PerShard).unwrap_err();
+        assert!(err.reason.contains("REFRESHED_TABLES"), "{err}");
     }
 
     #[test]

@@ -30,8 +30,8 @@ use crate::clickhouse::ClickHouseClient;
 use crate::config::{KafkaOptions, Settings};
 use crate::kafka::{client_config, group_positions};
 use crate::staging::{
-    day_of_epoch_ms, rebuild_servers, rebuild_table, refuse_if_loader_running, rollups, rollups_on,
-    staging_distributed_ddl, Days, RebuildServer, STAGING,
+    day_of_epoch_ms, rebuild_servers, rebuild_table, refresh_views_on, refuse_if_loader_running,
+    rollups, rollups_on, staging_distributed_ddl, Days, RebuildServer, Refreshes, STAGING,
 };
 
 /// Rows per staging insert.
@@ -44,6 +44,8 @@ pub struct ReplaySummary {
     pub rows_replayed: u64,
     /// Table -> partitions replaced.
     pub replaced: BTreeMap<String, Vec<String>>,
+    /// The refreshable views, refreshed afterwards (per server in cluster mode).
+    pub views: Refreshes,
 }
 
 pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySummary> {
@@ -161,6 +163,8 @@ pub async fn replay(settings: &Settings, days: &Days) -> anyhow::Result<ReplaySu
             .await
             .with_context(|| format!("replaying on {}", server.url))?;
     }
+    // Only once every shard is replayed: in cluster mode each node's view reads all of them.
+    summary.views = refresh_views_on(&servers, &clients, db).await?;
     Ok(summary)
 }
 

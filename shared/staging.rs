@@ -247,13 +247,15 @@ pub(crate) fn staging_distributed_ddl(db: &str, engine_full: &str) -> anyhow::Re
     ))
 }
 
-/// Each rollup table fed from `http_log` by a materialized view, with that view's SELECT.
+/// Each rollup table fed from `http_log` by a materialized view, with that view's SELECT. The
+/// refreshable views (answers computed ahead from the rollups, [`refresh_views`]) are not rollups.
 pub async fn rollups(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Vec<(String, String)>> {
     let text = ch
         .query(
             "SELECT name, replaceAll(as_select, '\\n', ' ') FROM system.tables \
-             WHERE database = {db:String} AND engine = 'MaterializedView' ORDER BY name \
-             FORMAT TSVRaw",
+             WHERE database = {db:String} AND engine = 'MaterializedView' \
+             AND name NOT IN (SELECT view FROM system.view_refreshes WHERE database = {db:String}) \
+             ORDER BY name FORMAT TSVRaw",
             &[("db", db)],
         )
         .await?;
@@ -270,6 +272,66 @@ pub async fn rollups(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Vec<(Str
             bail!("unexpected table name {table:?}");
         }
         out.push((table.to_string(), format!("{select} ")));
+    }
+    Ok(out)
+}
+
+/// The refreshable views of `db` (sql/012) after [`refresh_views`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Refreshes {
+    pub refreshed: Vec<String>,
+    /// Stopped by an operator (`SYSTEM STOP VIEW`): ClickHouse ignores a refresh request for
+    /// them, so they still hold their last refresh.
+    pub stopped: Vec<String>,
+}
+
+/// Refreshes every refreshable view of `db` (sql/012) now and waits for it. After `replay` or
+/// `backfill` rebuilt rollups, the answers computed ahead from them then hold the rebuilt days
+/// instead of waiting up to a refresh period. A failed refresh fails the caller with ClickHouse's
+/// error, and a stopped view is named: what the dashboard reads must not silently stay stale.
+pub async fn refresh_views(ch: &ClickHouseClient, db: &str) -> anyhow::Result<Refreshes> {
+    let text = ch
+        .query(
+            "SELECT view, status = 'Disabled' FROM system.view_refreshes \
+             WHERE database = {db:String} ORDER BY view FORMAT TSVRaw",
+            &[("db", db)],
+        )
+        .await?;
+    let mut out = Refreshes::default();
+    for line in text.lines() {
+        let Some((view, stopped)) = line.split_once('\t') else {
+            bail!("unexpected row of system.view_refreshes: {line:?}");
+        };
+        if stopped == "1" {
+            tracing::warn!(db, view, "refreshable view stopped: not refreshed");
+            out.stopped.push(view.to_string());
+            continue;
+        }
+        for verb in ["REFRESH", "WAIT"] {
+            ch.query(&format!("SYSTEM {verb} VIEW {db}.`{view}`"), &[])
+                .await
+                .with_context(|| format!("SYSTEM {verb} VIEW {db}.{view}"))?;
+        }
+        out.refreshed.push(view.to_string());
+    }
+    Ok(out)
+}
+
+/// [`refresh_views`] on every server, once all of them are rebuilt (in cluster mode each node's
+/// view reads every shard), the views labelled with their server.
+pub(crate) async fn refresh_views_on(
+    servers: &[RebuildServer],
+    clients: &[ClickHouseClient],
+    db: &str,
+) -> anyhow::Result<Refreshes> {
+    let mut out = Refreshes::default();
+    for (server, client) in servers.iter().zip(clients) {
+        let views = refresh_views(client, db)
+            .await
+            .with_context(|| format!("refreshing views on {}", server.url))?;
+        let label = |v: Vec<String>| v.into_iter().map(|v| server.label(&v));
+        out.refreshed.extend(label(views.refreshed));
+        out.stopped.extend(label(views.stopped));
     }
     Ok(out)
 }

@@ -6,7 +6,7 @@ use std::fmt::Write;
 use std::time::Duration;
 
 use crate::batch::BatchId;
-use crate::clickhouse::ClickHouseClient;
+use crate::clickhouse::{ClickHouseClient, ClickHouseError};
 use crate::config::Settings;
 use crate::kafka::{group_positions, GroupPosition};
 
@@ -107,10 +107,8 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
             WHERE database = {{db:String}} AND table = '{raw_table}' AND active) \
          FROM {db}.http_log FORMAT TSV"
     );
-    let answer = match ClickHouseClient::admin(&settings.clickhouse) {
-        Ok(client) => client.query(&sql, &[("db", db)]).await,
-        Err(e) => Err(e),
-    };
+    let client = ClickHouseClient::admin(&settings.clickhouse);
+    let answer = ask(&client, &sql, db).await;
     match answer {
         Ok(text) => {
             let f: Vec<&str> = text.trim().split('\t').collect();
@@ -126,6 +124,8 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
             let _ = writeln!(out, "clickhouse: UNKNOWN ({e})");
         }
     }
+
+    out.push_str(&refreshes(settings, &client).await);
 
     crate::clickhouse::install_crypto_provider();
     let http = reqwest::Client::builder()
@@ -150,6 +150,81 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
     out
 }
 
+/// `sql` (with the database as `{db:String}`) through the admin client, or why it could not be
+/// asked: status reports every part it can, so an error is text for its line.
+async fn ask(
+    client: &Result<ClickHouseClient, ClickHouseError>,
+    sql: &str,
+    db: &str,
+) -> Result<String, String> {
+    match client {
+        Ok(client) => client
+            .query(sql, &[("db", db)])
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The dashboard reads an answer computed ahead only when it is at most this old (sql/012 and the
+/// top-10 panel of docker/grafana/dashboards/edgelog-traffic.json); older, it merges states again.
+pub const COMPUTED_AHEAD_MAX_AGE_S: i64 = 600;
+
+/// One line per refreshable view (sql/012) and node: when it last refreshed, and loud when that is
+/// too long ago for the dashboard or the last refresh failed.
+async fn refreshes(
+    settings: &Settings,
+    client: &Result<ClickHouseClient, ClickHouseError>,
+) -> String {
+    let db = &settings.clickhouse.database;
+    let source = match &settings.clickhouse.cluster {
+        Some(cluster) => format!("clusterAllReplicas('{cluster}', system.view_refreshes)"),
+        None => "system.view_refreshes".to_string(),
+    };
+    let sql = format!(
+        "SELECT view, hostName(), status, ifNull(toString(last_success_time), ''), \
+           ifNull(dateDiff('second', last_success_time, now()), -1), \
+           ifNull(last_success_duration_ms, 0), toString(next_refresh_time), \
+           replaceRegexpAll(exception, '\\s+', ' ') \
+         FROM {source} WHERE database = {{db:String}} ORDER BY view, hostName() FORMAT TSVRaw"
+    );
+    let answer = ask(client, &sql, db).await;
+    match answer {
+        Ok(text) => text
+            .lines()
+            .map(|l| refresh_line(&l.split('\t').collect::<Vec<_>>()) + "\n")
+            .collect(),
+        Err(e) => format!("clickhouse: refreshable views UNKNOWN ({e})\n"),
+    }
+}
+
+/// A row of [`refreshes`]: view, host, status, last success, its age in seconds (-1: never),
+/// its duration in ms, next refresh, the last exception.
+fn refresh_line(f: &[&str]) -> String {
+    let [view, host, status, last, age, took, next, exception] = f[..] else {
+        return format!("clickhouse: unexpected refresh row {f:?}");
+    };
+    let age: i64 = age.parse().unwrap_or(-1);
+    let mut line = if age < 0 {
+        format!("clickhouse: view {view} on {host}: NEVER REFRESHED ({status}), next {next}")
+    } else {
+        format!(
+            "clickhouse: view {view} on {host}: refreshed {last} ({age} s ago, took {took} ms), \
+             {status}, next {next}"
+        )
+    };
+    if age > COMPUTED_AHEAD_MAX_AGE_S {
+        line.push_str(&format!(
+            "; STALE: older than the dashboard's {COMPUTED_AHEAD_MAX_AGE_S} s, which merges \
+             states instead"
+        ));
+    }
+    if !exception.is_empty() {
+        line.push_str(&format!("; LAST REFRESH FAILED: {exception}"));
+    }
+    line
+}
+
 /// The stage endpoints the settings name (this host's instances, as configured).
 pub fn configured_endpoints(settings: &Settings) -> Vec<String> {
     [
@@ -165,6 +240,38 @@ pub fn configured_endpoints(settings: &Settings) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refresh_is_loud_when_it_failed_or_is_too_old_for_the_dashboard() {
+        let row = |age: &str, exception: &str| {
+            refresh_line(&[
+                "v_mv",
+                "node1",
+                "Scheduled",
+                "2026-12-07 21:00:00",
+                age,
+                "1433",
+                "2026-12-07 21:05:00",
+                exception,
+            ])
+        };
+        let fresh = row("42", "");
+        assert_eq!(
+            fresh,
+            "clickhouse: view v_mv on node1: refreshed 2026-12-07 21:00:00 (42 s ago, took 1433 \
+             ms), Scheduled, next 2026-12-07 21:05:00"
+        );
+        assert!(row("600", "").ends_with("next 2026-12-07 21:05:00"));
+        assert!(row("601", "").contains("STALE"));
+        let failed = row("700", "Code: 241. Memory limit exceeded");
+        assert!(
+            failed.contains("STALE")
+                && failed.ends_with("LAST REFRESH FAILED: Code: 241. Memory limit exceeded"),
+            "{failed}"
+        );
+        assert!(row("-1", "").contains("NEVER REFRESHED"));
+        assert!(refresh_line(&["too", "short"]).contains("unexpected"));
+    }
 
     #[test]
     fn the_table_shows_lag_and_the_pending_batch() {

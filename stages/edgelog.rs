@@ -235,9 +235,7 @@ async fn main() -> anyhow::Result<()> {
                 "replayed {} rows of {}..={} ({} records read)",
                 summary.rows_replayed, days.first, days.last, summary.records_read
             );
-            for (table, partitions) in &summary.replaced {
-                println!("  {table}: partitions {}", partitions.join(", "));
-            }
+            print_rebuilt(&summary.replaced, &summary.views);
         }
         Command::Backfill { tables, from, to } => {
             let days = match (from, to) {
@@ -249,9 +247,7 @@ async fn main() -> anyhow::Result<()> {
                 None => println!("nothing to rebuild: http_log holds no whole day"),
                 Some(d) => println!("rebuilt {}..={} from http_log", d.first, d.last),
             }
-            for (table, partitions) in &summary.replaced {
-                println!("  {table}: partitions {}", partitions.join(", "));
-            }
+            print_rebuilt(&summary.replaced, &summary.views);
         }
         Command::Status { endpoints } => {
             let endpoints = if endpoints.is_empty() {
@@ -293,4 +289,20 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What `replay` and `backfill` replaced, and the views they refreshed afterwards.
+fn print_rebuilt(
+    replaced: &std::collections::BTreeMap<String, Vec<String>>,
+    views: &edgelog::staging::Refreshes,
+) {
+    for (table, partitions) in replaced {
+        println!("  {table}: partitions {}", partitions.join(", "));
+    }
+    for view in &views.refreshed {
+        println!("  {view}: refreshed");
+    }
+    for view in &views.stopped {
+        println!("  {view}: NOT refreshed, it is stopped (SYSTEM START VIEW resumes it)");
+    }
 }

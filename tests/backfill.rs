@@ -76,6 +76,11 @@ async fn rollups_added_after_the_data_are_filled_from_the_raw_table() {
     // Every rollup, again: it depends on http_log only, so nothing changes.
     let summary = backfill(&s, &[], None).await.unwrap();
     assert_eq!(summary.replaced.len(), before.len() + 2, "{summary:?}");
+    // The answers computed ahead from the rollups are refreshed once they are rebuilt.
+    assert_eq!(
+        summary.views.refreshed,
+        ["http_log_uniques_top_trailing_mv"]
+    );
     assert_eq!(count(&top).await, good);
     let report = edgelog::verify::audit(&s).await.unwrap();
     assert!(report.is_clean(), "{report}");

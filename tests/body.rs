@@ -9,7 +9,7 @@ use common::*;
 use edgelog::anon_record::AnonRecord;
 use edgelog::body::insert_url;
 use edgelog::body::{encode_body, BodyCompression};
-use edgelog::loader::insert::{InsertClient, Outcome};
+use edgelog::loader::insert::Outcome;
 
 /// Strings a text format would choke on, and an empty one.
 fn awkward(partition: i32) -> Vec<AnonRecord> {
@@ -117,12 +117,7 @@ async fn clickhouse_decodes_the_insert_body_to_the_records() {
         })
         .collect();
     // The loader's own client, straight to ClickHouse as the set-up user.
-    let as_admin = edgelog::config::ClickHouseSettings {
-        url: CLICKHOUSE.into(),
-        user: "default".into(),
-        ..Default::default()
-    };
-    let client = InsertClient::new(&as_admin, None, Duration::from_secs(60)).unwrap();
+    let client = admin_insert_client(Duration::from_secs(60));
     for (i, (compression, batch)) in batches.iter().enumerate() {
         let compression = *compression;
         let refs: Vec<&AnonRecord> = batch.iter().collect();

@@ -450,6 +450,10 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
         );
         let status = edgelog::status::report(&s, &[]).await;
         assert!(status.contains("clickhouse: UNKNOWN ("), "{status}");
+        assert!(
+            status.contains("clickhouse: refreshable views UNKNOWN ("),
+            "{status}"
+        );
         assert!(!status.contains(" rows, newest record "), "{status}");
     }
 
@@ -457,6 +461,33 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
     for url in [SHARD_1, SHARD_2] {
         let key = format!("http_log_totals_local on {url}");
         assert!(!summary.replaced[&key].is_empty(), "{summary:?}");
+        // Each node's answer computed ahead, refreshed after both shards were rebuilt, counts
+        // the requests of the whole cluster (read through the Distributed tables).
+        let view = format!("http_log_uniques_top_trailing_mv on {url}");
+        assert!(summary.views.refreshed.contains(&view), "{summary:?}");
+        let month = count_at(
+            url,
+            format!(
+                "SELECT sum(requests) FROM {db}.http_log_uniques_top_trailing \
+                 WHERE window_days = 30"
+            ),
+        )
+        .await;
+        let whole = count_at(
+            url,
+            format!(
+                "SELECT count() FROM {db}.http_log WHERE timestamp >= (SELECT \
+                 min(window_start) FROM {db}.http_log_uniques_top_trailing) AND resource_id IN \
+                 (SELECT resource_id FROM {db}.http_log_uniques_top_trailing \
+                 WHERE window_days = 30)"
+            ),
+        )
+        .await;
+        assert!(month > 0, "{url}");
+        assert_eq!(
+            month, whole,
+            "{url}: the window counts every shard's requests"
+        );
     }
     let repaired = full_audit(&s).await;
     assert!(repaired.is_clean(), "{repaired}");
@@ -531,6 +562,15 @@ async fn the_operator_and_loader_users_suffice_in_cluster_mode() {
         status.contains(&format!("clickhouse: edgelog.http_log holds {good} rows")),
         "{status}"
     );
+    // Each node's refreshable view (sql/012), read through clusterAllReplicas.
+    assert_eq!(
+        status
+            .matches("clickhouse: view http_log_uniques_top_trailing_mv on ")
+            .count(),
+        2,
+        "{status}"
+    );
+    assert!(!status.contains("UNKNOWN"), "{status}");
     let report = full_audit(&s).await;
     assert!(report.is_clean() && report.is_drained(), "{report}");
 

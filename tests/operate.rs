@@ -54,9 +54,12 @@ async fn a_working_loader_is_ready_and_reports_where_it_stands() {
         "next proxy slot:",
         "last insert: ",
         "pending batch: none",
+        // Migration 012's refreshable view, created by setup.
+        "clickhouse: view http_log_uniques_top_trailing_mv on ",
     ] {
         assert!(report.contains(needle), "{needle:?} not in\n{report}");
     }
+    assert!(!report.contains("FAILED"), "{report}");
     loader.stop().await.expect("the loader stops cleanly");
 }
 

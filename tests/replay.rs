@@ -59,6 +59,10 @@ async fn replay_rebuilds_damaged_days_exactly() {
     let summary = replay(&s, &days).await.unwrap();
     assert_eq!(summary.rows_replayed, good);
     assert!(!summary.replaced["http_log"].is_empty(), "{summary:?}");
+    assert_eq!(
+        summary.views.refreshed,
+        ["http_log_uniques_top_trailing_mv"]
+    );
     assert!(
         summary.replaced.contains_key("http_log_totals"),
         "{summary:?}"

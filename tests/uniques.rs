@@ -42,9 +42,9 @@ fn uniques_tables() -> Vec<String> {
         .collect()
 }
 
-/// The traffic dashboard's "Unique clients" query, as written (Grafana's macros and variables
-/// unfilled).
-fn dashboard_series_template() -> String {
+/// A query of the traffic dashboard, as written (Grafana's macros and variables unfilled): the
+/// panel titled `title`.
+fn dashboard_query(title: &str) -> String {
     let dashboard: serde_json::Value = serde_json::from_str(include_str!(
         "../docker/grafana/dashboards/edgelog-traffic.json"
     ))
@@ -53,8 +53,8 @@ fn dashboard_series_template() -> String {
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["title"] == "Unique clients")
-        .expect("the traffic dashboard has a Unique clients panel");
+        .find(|p| p["title"] == title)
+        .unwrap_or_else(|| panic!("the traffic dashboard has a {title:?} panel"));
     panel["targets"][0]["rawSql"].as_str().unwrap().to_string()
 }
 
@@ -71,6 +71,8 @@ fn dashboard_series(
     let quoted = |v: &str| format!("'{v}'");
     template
         .replace("edgelog.", &format!("{db}."))
+        .replace("$__fromTime", &format!("toDateTime({from})"))
+        .replace("$__toTime", &format!("toDateTime({to})"))
         .replace(
             "$__timeInterval(ts)",
             &format!("toStartOfInterval(toDateTime(ts), INTERVAL {interval_s} second)"),
@@ -156,7 +158,7 @@ async fn the_dashboard_series_matches_an_exact_recount_at_every_interval(db: &st
     ))
     .await;
     let to = from + 4 * 86_400;
-    let template = dashboard_series_template();
+    let template = dashboard_query("Unique clients");
     for filter in &filters {
         for interval_s in [60u64, 300, 3_600, 7_200, 21_600, 43_200, 86_400] {
             let panel = dashboard_series(&template, db, from, to, interval_s, filter);
@@ -218,6 +220,121 @@ async fn the_dashboard_series_matches_an_exact_recount_at_every_interval(db: &st
     }
 }
 
+/// The top-10 panel over "Last 24 hours" to "Last 30 days": read from the counts computed ahead
+/// (sql/012) when fresh for the range, merged from the daily states otherwise, the same answer
+/// both ways and within verify's tolerance of `uniqExact` over the raw rows.
+async fn the_top_10_reads_counts_computed_ahead_for_the_last_day_to_30_days(db: &str) {
+    let ch = admin();
+    let view = "http_log_uniques_top_trailing_mv";
+    // What `replay` and `backfill` do when they finish: refresh now and wait for it; a view an
+    // operator stopped is named, not refreshed (ClickHouse would ignore the request).
+    let system_view = |verb: &'static str| {
+        let ch = admin();
+        async move {
+            ch.query(&format!("SYSTEM {verb} VIEW {db}.{view}"), &[])
+                .await
+                .unwrap()
+        }
+    };
+    system_view("STOP").await;
+    let stopped = edgelog::staging::refresh_views(&ch, db).await.unwrap();
+    assert_eq!(
+        (stopped.refreshed.len(), stopped.stopped.as_slice()),
+        (0, &[view.to_string()][..])
+    );
+    system_view("START").await;
+    let refreshed = edgelog::staging::refresh_views(&ch, db).await.unwrap();
+    assert_eq!(refreshed.refreshed, [view]);
+    assert!(refreshed.stopped.is_empty());
+    let computed_at = count(format!(
+        "SELECT toUInt32(max(computed_at)) FROM {db}.http_log_uniques_top_trailing"
+    ))
+    .await;
+    assert!(computed_at > 0, "the refresh wrote its windows");
+    let ahead_rows = count(format!(
+        "SELECT count() FROM {db}.http_log_uniques_top_trailing"
+    ))
+    .await;
+    let template = dashboard_query("Top 10 resources by unique clients");
+    let no_filter = Filter {
+        resource: String::new(),
+        status: "__all__".into(),
+        raw: "1".into(),
+        daily_table: "http_log_uniques_by_resource_keyed_1d",
+    };
+    for days in [1u64, 2, 7, 30] {
+        let from = computed_at - days * 86_400;
+        let ask = |to: u64| {
+            let panel = dashboard_series(&template, db, from, to, 60, &no_filter);
+            async move {
+                let answer = admin()
+                    .query(&format!("{panel}\nFORMAT TSV"), &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}: {panel}"));
+                (answer, rows_read(&panel).await)
+            }
+        };
+        // Asked right after the refresh: the counts computed ahead, a few thousand rows at most.
+        let (ahead, read_ahead) = ask(computed_at + 5).await;
+        assert!(
+            read_ahead <= 2 * ahead_rows,
+            "{days} d: read {read_ahead} rows, the table computed ahead has {ahead_rows}"
+        );
+        // Past the 10 minutes the panel trusts a refresh: the states, and the same answer.
+        let (merged, read_merged) = ask(computed_at + 601).await;
+        assert!(read_merged > 2 * ahead_rows, "{days} d: read {read_merged}");
+        assert_eq!(ahead, merged, "{days} d: computed ahead and merged differ");
+
+        let exact = admin()
+            .query(
+                &format!(
+                    "SELECT toString(resource_id), uniqExact(remote_addr), count() \
+                     FROM {db}.http_log \
+                     WHERE timestamp >= toStartOfDay(toDateTime({from})) \
+                       AND timestamp <= toDateTime({computed_at}) \
+                     GROUP BY resource_id FORMAT TSV"
+                ),
+                &[],
+            )
+            .await
+            .unwrap();
+        let exact: std::collections::HashMap<String, (u64, u64)> = exact
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (
+                    f[0].to_string(),
+                    (f[1].parse().unwrap(), f[2].parse().unwrap()),
+                )
+            })
+            .collect();
+        let mut counts: Vec<u64> = exact.values().map(|(c, _)| *c).collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        let tenth = counts[9];
+        let rows: Vec<&str> = ahead.lines().collect();
+        assert_eq!(rows.len(), 10, "{days} d: {ahead}");
+        for row in rows {
+            let f: Vec<&str> = row.split('\t').collect();
+            let (clients, requests): (u64, u64) = (f[1].parse().unwrap(), f[2].parse().unwrap());
+            let (clients_exact, requests_exact) = exact[f[0]];
+            let slack = (clients_exact as f64 * uniques::RELATIVE_TOLERANCE)
+                .max(uniques::ABSOLUTE_TOLERANCE as f64);
+            assert_eq!(requests, requests_exact, "{days} d, resource {}", f[0]);
+            assert!(
+                clients.abs_diff(clients_exact) as f64 <= slack,
+                "{days} d, resource {}: {clients} clients against uniqExact {clients_exact}",
+                f[0]
+            );
+            // Ranked within the estimate's error of the exact top 10.
+            assert!(
+                clients_exact as f64 >= tenth as f64 - 2.0 * slack,
+                "{days} d, resource {} ({clients_exact}) is not in the exact top 10 (10th: {tenth})",
+                f[0]
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
     require_stack();
@@ -253,6 +370,7 @@ async fn unique_clients_are_exact_under_retries_verified_and_backfilled() {
     assert!(clean.is_clean(), "{clean}");
     assert!(clean.tables.iter().all(|t| t.buckets > 0), "{clean:?}");
     the_dashboard_series_matches_an_exact_recount_at_every_interval(&db).await;
+    the_top_10_reads_counts_computed_ahead_for_the_last_day_to_30_days(&db).await;
 
     // A loader retry: the middle batch again under its token. Nothing may change, the request
     // sums least of all (a distinct count would hide a double-counted batch).

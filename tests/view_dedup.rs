@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use edgelog::anon_record::AnonRecord;
 use edgelog::body::{encode_body, insert_url, BodyCompression};
-use edgelog::loader::insert::{InsertClient, Outcome};
+use edgelog::loader::insert::Outcome;
 use edgelog::verify::{totals, UniquesCheck};
 
 #[tokio::test]
@@ -20,12 +20,7 @@ async fn a_batch_resent_after_a_large_insert_is_not_counted_again() {
     let s = isolated_settings();
     edgelog::setup::apply_schema(&s).await.unwrap();
     let db = &s.clickhouse.database;
-    let as_admin = edgelog::config::ClickHouseSettings {
-        url: CLICKHOUSE.into(),
-        user: "default".into(),
-        ..Default::default()
-    };
-    let client = InsertClient::new(&as_admin, None, Duration::from_secs(120)).unwrap();
+    let client = admin_insert_client(Duration::from_secs(120));
     let send = |records: Vec<AnonRecord>, token: &'static str| {
         let client = &client;
         async move {

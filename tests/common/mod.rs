@@ -98,6 +98,16 @@ pub fn admin() -> ClickHouseClient {
     ClickHouseClient::new(CLICKHOUSE, "default", &Default::default()).expect("a plain-HTTP client")
 }
 
+/// The loader's insert client, straight to the stack's ClickHouse as the set-up user.
+pub fn admin_insert_client(timeout: Duration) -> edgelog::loader::insert::InsertClient {
+    let as_admin = edgelog::config::ClickHouseSettings {
+        url: CLICKHOUSE.into(),
+        user: "default".into(),
+        ..Default::default()
+    };
+    edgelog::loader::insert::InsertClient::new(&as_admin, None, timeout).unwrap()
+}
+
 /// Polls `probe` until it returns `Some`, or panics after `timeout` with `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
 where
