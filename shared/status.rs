@@ -1,6 +1,7 @@
 //! `edgelog status`: where each stage stands, for an operator. Kafka positions of both consumer
 //! groups (committed, end, lag, the loader's pending batch), what ClickHouse holds, and the
-//! `/status` page of each stage instance it can reach.
+//! `/status` page of each stage instance it can reach. What needs an operator's attention is
+//! also listed apart ([`Report::attention`]), so that the command's exit status can alert.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -59,9 +60,32 @@ pub fn positions_table(title: &str, positions: &[GroupPosition]) -> String {
     out
 }
 
+/// What `edgelog status` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// The whole report, for people.
+    pub text: String,
+    /// The lines of `text` that need attention: a part that could not be read (Kafka, ClickHouse,
+    /// a stage instance), a stage not live or not ready, a refreshable view stale, never
+    /// refreshed or failed. Empty when all is well; `edgelog status` then exits 0, else 1.
+    pub attention: Vec<String>,
+}
+
+impl Report {
+    fn line(&mut self, line: String) {
+        self.text.push_str(&line);
+        self.text.push('\n');
+    }
+
+    fn loud(&mut self, line: String) {
+        self.attention.push(line.clone());
+        self.line(line);
+    }
+}
+
 /// The whole report. `endpoints` are base URLs of stage instances (`http://host:port`).
-pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
-    let mut out = String::new();
+pub async fn report(settings: &Settings, endpoints: &[String]) -> Report {
+    let mut out = Report::default();
     for (title, group, topic) in [
         (
             "anonymizer",
@@ -81,13 +105,11 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
         .await
         .expect("the task does not panic");
         match positions {
-            Ok(p) => out.push_str(&positions_table(
+            Ok(p) => out.text.push_str(&positions_table(
                 &format!("{title}: group {group} on {topic}"),
                 &p,
             )),
-            Err(e) => {
-                let _ = writeln!(out, "{title}: group {group} on {topic}: UNKNOWN ({e})");
-            }
+            Err(e) => out.loud(format!("{title}: group {group} on {topic}: UNKNOWN ({e})")),
         }
     }
 
@@ -113,19 +135,16 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
         Ok(text) => {
             let f: Vec<&str> = text.trim().split('\t').collect();
             if let [rows, newest, written] = f[..] {
-                let _ = writeln!(
-                    out,
+                out.line(format!(
                     "clickhouse: {db}.http_log holds {rows} rows, newest record {newest}, last \
                      part written {written}"
-                );
+                ));
             }
         }
-        Err(e) => {
-            let _ = writeln!(out, "clickhouse: UNKNOWN ({e})");
-        }
+        Err(e) => out.loud(format!("clickhouse: UNKNOWN ({e})")),
     }
 
-    out.push_str(&refreshes(settings, &client).await);
+    refreshes(&mut out, settings, &client).await;
 
     crate::clickhouse::install_crypto_provider();
     let http = reqwest::Client::builder()
@@ -135,16 +154,20 @@ pub async fn report(settings: &Settings, endpoints: &[String]) -> String {
     for base in endpoints {
         let url = format!("{}/status", base.trim_end_matches('/'));
         match http.get(&url).send().await {
-            Ok(r) => {
+            Ok(r) if r.status().is_success() => {
                 let text = r.text().await.unwrap_or_default();
-                let _ = writeln!(out, "{url}");
+                out.line(url);
                 for line in text.lines() {
-                    let _ = writeln!(out, "  {line}");
+                    // `live: NO (...)`, `ready: NO (...)` (health::render_status).
+                    if line.contains(": NO (") {
+                        out.loud(format!("  {line}"));
+                    } else {
+                        out.line(format!("  {line}"));
+                    }
                 }
             }
-            Err(e) => {
-                let _ = writeln!(out, "{url}: not reachable ({e})");
-            }
+            Ok(r) => out.loud(format!("{url}: HTTP {}", r.status())),
+            Err(e) => out.loud(format!("{url}: not reachable ({e})")),
         }
     }
     out
@@ -173,9 +196,10 @@ pub const COMPUTED_AHEAD_MAX_AGE_S: i64 = 600;
 /// One line per refreshable view (sql/012) and node: when it last refreshed, and loud when that is
 /// too long ago for the dashboard or the last refresh failed.
 async fn refreshes(
+    out: &mut Report,
     settings: &Settings,
     client: &Result<ClickHouseClient, ClickHouseError>,
-) -> String {
+) {
     let db = &settings.clickhouse.database;
     let source = match &settings.clickhouse.cluster {
         Some(cluster) => format!("clusterAllReplicas('{cluster}', system.view_refreshes)"),
@@ -188,21 +212,24 @@ async fn refreshes(
            replaceRegexpAll(exception, '\\s+', ' ') \
          FROM {source} WHERE database = {{db:String}} ORDER BY view, hostName() FORMAT TSVRaw"
     );
-    let answer = ask(client, &sql, db).await;
-    match answer {
-        Ok(text) => text
-            .lines()
-            .map(|l| refresh_line(&l.split('\t').collect::<Vec<_>>()) + "\n")
-            .collect(),
-        Err(e) => format!("clickhouse: refreshable views UNKNOWN ({e})\n"),
+    match ask(client, &sql, db).await {
+        Ok(text) => {
+            for row in text.lines() {
+                match refresh_line(&row.split('\t').collect::<Vec<_>>()) {
+                    (line, false) => out.line(line),
+                    (line, true) => out.loud(line),
+                }
+            }
+        }
+        Err(e) => out.loud(format!("clickhouse: refreshable views UNKNOWN ({e})")),
     }
 }
 
 /// A row of [`refreshes`]: view, host, status, last success, its age in seconds (-1: never),
-/// its duration in ms, next refresh, the last exception.
-fn refresh_line(f: &[&str]) -> String {
+/// its duration in ms, next refresh, the last exception. The line, and whether it needs attention.
+fn refresh_line(f: &[&str]) -> (String, bool) {
     let [view, host, status, last, age, took, next, exception] = f[..] else {
-        return format!("clickhouse: unexpected refresh row {f:?}");
+        return (format!("clickhouse: unexpected refresh row {f:?}"), true);
     };
     let age: i64 = age.parse().unwrap_or(-1);
     let mut line = if age < 0 {
@@ -222,7 +249,8 @@ fn refresh_line(f: &[&str]) -> String {
     if !exception.is_empty() {
         line.push_str(&format!("; LAST REFRESH FAILED: {exception}"));
     }
-    line
+    let loud = !(0..=COMPUTED_AHEAD_MAX_AGE_S).contains(&age) || !exception.is_empty();
+    (line, loud)
 }
 
 /// The stage endpoints the settings name (this host's instances, as configured).
@@ -258,19 +286,32 @@ mod tests {
         let fresh = row("42", "");
         assert_eq!(
             fresh,
-            "clickhouse: view v_mv on node1: refreshed 2026-12-07 21:00:00 (42 s ago, took 1433 \
-             ms), Scheduled, next 2026-12-07 21:05:00"
+            (
+                "clickhouse: view v_mv on node1: refreshed 2026-12-07 21:00:00 (42 s ago, took \
+                 1433 ms), Scheduled, next 2026-12-07 21:05:00"
+                    .to_string(),
+                false
+            )
         );
-        assert!(row("600", "").ends_with("next 2026-12-07 21:05:00"));
-        assert!(row("601", "").contains("STALE"));
-        let failed = row("700", "Code: 241. Memory limit exceeded");
+        let (line, loud) = row("600", "");
         assert!(
-            failed.contains("STALE")
+            line.ends_with("next 2026-12-07 21:05:00") && !loud,
+            "{line}"
+        );
+        let (line, loud) = row("601", "");
+        assert!(line.contains("STALE") && loud, "{line}");
+        let (failed, loud) = row("700", "Code: 241. Memory limit exceeded");
+        assert!(
+            loud && failed.contains("STALE")
                 && failed.ends_with("LAST REFRESH FAILED: Code: 241. Memory limit exceeded"),
             "{failed}"
         );
-        assert!(row("-1", "").contains("NEVER REFRESHED"));
-        assert!(refresh_line(&["too", "short"]).contains("unexpected"));
+        // A failure is loud even while the last success is recent.
+        assert!(row("30", "Code: 241. Memory limit exceeded").1);
+        let (line, loud) = row("-1", "");
+        assert!(line.contains("NEVER REFRESHED") && loud, "{line}");
+        let (line, loud) = refresh_line(&["too", "short"]);
+        assert!(line.contains("unexpected") && loud, "{line}");
     }
 
     #[test]

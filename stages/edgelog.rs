@@ -35,7 +35,9 @@ enum Command {
     },
     /// Where each stage stands: committed offsets, lag, the loader's pending batch, what
     /// ClickHouse holds, and the `/status` page of each stage instance (next proxy slot, last
-    /// insert or transaction).
+    /// insert or transaction). Exits 1, naming them on stderr, when lines need attention: a
+    /// part that could not be read, a stage not live or not ready, a refreshable view stale,
+    /// never refreshed or failed.
     Status {
         /// Base URL of a stage instance's HTTP listener; repeatable. Default: the
         /// `metrics_listen` addresses in the configuration.
@@ -255,7 +257,18 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 endpoints
             };
-            print!("{}", edgelog::status::report(&settings, &endpoints).await);
+            let report = edgelog::status::report(&settings, &endpoints).await;
+            print!("{}", report.text);
+            if !report.attention.is_empty() {
+                eprintln!(
+                    "edgelog status: {} line(s) need attention:",
+                    report.attention.len()
+                );
+                for line in &report.attention {
+                    eprintln!("{}", line.trim_start());
+                }
+                std::process::exit(1);
+            }
         }
         Command::Verify {
             wait_drained,

@@ -176,7 +176,7 @@ async fn crash_after_both_shards_answered_then_verify_and_status() {
     // Every rollup was checked, through its Distributed table.
     assert_eq!(report.totals.raw_rows, good, "{report}");
 
-    let status = edgelog::status::report(&s, &[]).await;
+    let status = edgelog::status::report(&s, &[]).await.text;
     let db = &s.clickhouse.database;
     assert!(
         status.contains(&format!("clickhouse: {db}.http_log holds {good} rows")),
@@ -449,12 +449,23 @@ async fn backfill_and_replay_rebuild_each_shard_and_a_shard_outage_fails_them_lo
             "{err:#}"
         );
         let status = edgelog::status::report(&s, &[]).await;
-        assert!(status.contains("clickhouse: UNKNOWN ("), "{status}");
+        let (text, attention) = (&status.text, &status.attention);
+        assert!(text.contains("clickhouse: UNKNOWN ("), "{text}");
         assert!(
-            status.contains("clickhouse: refreshable views UNKNOWN ("),
-            "{status}"
+            text.contains("clickhouse: refreshable views UNKNOWN ("),
+            "{text}"
         );
-        assert!(!status.contains(" rows, newest record "), "{status}");
+        assert!(!text.contains(" rows, newest record "), "{text}");
+        // Both are named as needing attention (`edgelog status` exits 1).
+        for part in [
+            "clickhouse: UNKNOWN (",
+            "clickhouse: refreshable views UNKNOWN (",
+        ] {
+            assert!(
+                attention.iter().any(|l| l.starts_with(part)),
+                "{part:?} not in {attention:?}"
+            );
+        }
     }
 
     let summary = edgelog::backfill::backfill(&s, &[], None).await.unwrap();
@@ -557,7 +568,7 @@ async fn the_operator_and_loader_users_suffice_in_cluster_mode() {
     // setup runs as the operator.
     let good = load_and_stop(&s, 2_000).await;
 
-    let status = edgelog::status::report(&s, &[]).await;
+    let status = edgelog::status::report(&s, &[]).await.text;
     assert!(
         status.contains(&format!("clickhouse: edgelog.http_log holds {good} rows")),
         "{status}"

@@ -45,7 +45,18 @@ async fn a_working_loader_is_ready_and_reports_where_it_stands() {
         "{metrics}"
     );
 
-    let report = edgelog::status::report(&s, &[format!("http://{addr}")]).await;
+    // Nothing needs attention once the refreshable view made its first refresh (setup created it
+    // moments ago): `edgelog status` would exit 0.
+    let endpoints = [format!("http://{addr}")];
+    let report = wait_for(
+        "a status with nothing needing attention",
+        Duration::from_secs(60),
+        || async {
+            let r = edgelog::status::report(&s, &endpoints).await;
+            r.attention.is_empty().then_some(r.text)
+        },
+    )
+    .await;
     for needle in [
         "anonymizer: group",
         "loader: group",
@@ -96,5 +107,16 @@ async fn a_loader_that_cannot_insert_becomes_unready_but_stays_live() {
         },
     )
     .await;
+    // `edgelog status` names the unready stage as needing attention (and exits 1).
+    let report = edgelog::status::report(&s, &[format!("http://{addr}")]).await;
+    assert!(
+        report
+            .attention
+            .iter()
+            .any(|l| l.trim_start().starts_with("ready: NO (")),
+        "{:?}\n{}",
+        report.attention,
+        report.text
+    );
     loader.stop().await.expect("the loader stops cleanly");
 }
