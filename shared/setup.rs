@@ -224,12 +224,18 @@ async fn apply_to(
         if applied.contains(&m.version) {
             continue;
         }
+        let started = client.query("SELECT now() FORMAT TSVRaw", &[]).await?;
         for stmt in stmts {
             client
                 .query(stmt, &[])
                 .await
                 .with_context(|| format!("applying {} (statement: {stmt})", m.name))?;
         }
+        // Before the migration is recorded: if setup stops in between, the next run applies the
+        // migration again (its statements are idempotent) and reloads its views then.
+        reload_views_changed_since(client, db, on_cluster, started.trim())
+            .await
+            .with_context(|| format!("reloading the views {} changed", m.name))?;
         client
             .query(
                 &format!("INSERT INTO {db}.schema_migrations (version, name) VALUES ({{v:UInt32}}, {{n:String}})"),
@@ -243,44 +249,49 @@ async fn apply_to(
         );
         newly.push(m.version);
     }
-    if !newly.is_empty() {
-        reload_views(client, db, on_cluster).await?;
-    }
     Ok(newly)
 }
 
-/// Reloads every materialized view of `db` from its stored definition (`DETACH` then `ATTACH`),
-/// as a server restart would.
+/// Reloads each materialized view of `db` whose definition changed at or after `since` (the
+/// server's `now()` before a migration) from that stored definition (`DETACH` then `ATTACH`), as a
+/// server restart would, and returns their names.
 ///
 /// Measured on 26.9: until a view that `ALTER ... MODIFY SQL SECURITY` changed (sql/007, and the
 /// ALTERs of 009-012) is reloaded, its output blocks get other dedup tokens than after a reload. A
 /// batch first sent after the migration and re-sent after the server's next restart was then
 /// counted again by every rollup while the raw table dropped it (a chaos run caught it:
 /// docs/LIMITATIONS.md, "Rollups and a ClickHouse restart"). Reloaded here, the views already run
-/// as they will after any restart. An insert between the two statements would miss that view:
-/// migrations are applied with the loaders stopped (docs/OPERATIONS.md, "Backfill").
-async fn reload_views(client: &ClickHouseClient, db: &str, on_cluster: &str) -> anyhow::Result<()> {
+/// as they will after any restart. An insert between the two statements would miss that view, so
+/// only the views the migration created or changed are reloaded (their `metadata_modification_time`,
+/// which a reload leaves alone, is at least `since`): a rollup that loaders were already feeding
+/// is not touched by a migration that leaves it alone.
+pub async fn reload_views_changed_since(
+    client: &ClickHouseClient,
+    db: &str,
+    on_cluster: &str,
+    since: &str,
+) -> anyhow::Result<Vec<String>> {
     let views = client
         .query(
             "SELECT name FROM system.tables WHERE database = {db:String} \
-             AND engine = 'MaterializedView' ORDER BY name FORMAT TSVRaw",
-            &[("db", db)],
+             AND engine = 'MaterializedView' AND metadata_modification_time >= {since:DateTime} \
+             ORDER BY name FORMAT TSVRaw",
+            &[("db", db), ("since", since)],
         )
         .await?;
-    for view in views.lines() {
+    let views: Vec<String> = views.lines().map(str::to_string).collect();
+    for view in &views {
         for verb in ["DETACH", "ATTACH"] {
             client
                 .query(&format!("{verb} TABLE {db}.`{view}`{on_cluster}"), &[])
                 .await
-                .with_context(|| format!("{verb} TABLE {db}.{view}: reloading the views"))?;
+                .with_context(|| format!("{verb} TABLE {db}.{view}: reloading the view"))?;
         }
     }
-    tracing::info!(
-        db,
-        views = views.lines().count(),
-        "materialized views reloaded"
-    );
-    Ok(())
+    if !views.is_empty() {
+        tracing::info!(db, views = ?views, "materialized views reloaded");
+    }
+    Ok(views)
 }
 
 /// What the cluster's metadata says: brokers up, and the replicas of each existing topic.
