@@ -43,6 +43,10 @@ enum Command {
         /// `metrics_listen` addresses in the configuration.
         #[arg(long = "endpoint")]
         endpoints: Vec<String>,
+        /// Read no stage instance, only Kafka and ClickHouse: where each instance's own probes
+        /// are watched (the Helm chart's scheduled status check).
+        #[arg(long, conflicts_with = "endpoints")]
+        no_endpoints: bool,
     },
     /// Audit exactly-once: input offsets versus rows in ClickHouse, plus the dead-letter topic and
     /// what is in flight; and the totals table versus a recount. Exits 1 on any discrepancy.
@@ -251,8 +255,11 @@ async fn main() -> anyhow::Result<()> {
             }
             print_rebuilt(&summary.replaced, &summary.views);
         }
-        Command::Status { endpoints } => {
-            let endpoints = if endpoints.is_empty() {
+        Command::Status {
+            endpoints,
+            no_endpoints,
+        } => {
+            let endpoints = if endpoints.is_empty() && !no_endpoints {
                 edgelog::status::configured_endpoints(&settings)
             } else {
                 endpoints

@@ -71,6 +71,16 @@ async fn a_working_loader_is_ready_and_reports_where_it_stands() {
         assert!(report.contains(needle), "{needle:?} not in\n{report}");
     }
     assert!(!report.contains("FAILED"), "{report}");
+    let out = edgelog_command(&s, "status")
+        .args(["--endpoint", &endpoints[0]])
+        .output()
+        .expect("the edgelog binary runs");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "edgelog status: {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
     loader.stop().await.expect("the loader stops cleanly");
 }
 
@@ -118,5 +128,32 @@ async fn a_loader_that_cannot_insert_becomes_unready_but_stays_live() {
         report.attention,
         report.text
     );
+    let out = edgelog_command(&s, "status")
+        .args(["--endpoint", &format!("http://{addr}")])
+        .output()
+        .expect("the edgelog binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("need attention:") && stderr.contains("\nready: NO ("),
+        "{stderr}"
+    );
+    // Without the stage instances (their probes are watched elsewhere) it is Kafka and ClickHouse
+    // only, both fine here once the refreshable view made its first refresh.
+    let stdout = wait_for(
+        "edgelog status --no-endpoints to pass",
+        Duration::from_secs(60),
+        || async {
+            let out = edgelog_command(&s, "status")
+                .arg("--no-endpoints")
+                .output()
+                .expect("the edgelog binary runs");
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+        },
+    )
+    .await;
+    assert!(!stdout.contains("/status"), "{stdout}");
     loader.stop().await.expect("the loader stops cleanly");
 }

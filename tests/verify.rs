@@ -12,21 +12,7 @@ use edgelog::verify::{audit_with, AuditOptions, OffsetSet, PartitionAudit};
 
 /// `edgelog verify` as an operator runs it, configured through the environment.
 fn verify_command(s: &Settings) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgelog"));
-    cmd.arg("verify")
-        .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
-        .env("EDGELOG_TOPICS__INPUT", &s.topics.input)
-        .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
-        .env("EDGELOG_TOPICS__DEAD_LETTER", &s.topics.dead_letter)
-        .env(
-            "EDGELOG_TOPICS__LOADER_DEAD_LETTER",
-            &s.topics.loader_dead_letter,
-        )
-        .env("EDGELOG_ANONYMIZER__GROUP_ID", &s.anonymizer.group_id)
-        .env("EDGELOG_LOADER__GROUP_ID", &s.loader.group_id)
-        .env("EDGELOG_CLICKHOUSE__DATABASE", &s.clickhouse.database)
-        .env("EDGELOG_CLICKHOUSE__ADMIN_URL", &s.clickhouse.admin_url);
-    cmd
+    edgelog_command(s, "verify")
 }
 
 fn verify_cli(s: &Settings, args: &[&str]) -> (i32, String) {

@@ -340,6 +340,26 @@ pub fn anonymizer_command(s: &Settings, instance: &str) -> std::process::Command
 }
 
 /// The real `loader` binary configured through the environment (slots every 300 ms).
+/// An `edgelog` operator command (`verify`, `status`) as an operator runs it, configured through
+/// the environment.
+pub fn edgelog_command(s: &Settings, subcommand: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_edgelog"));
+    cmd.arg(subcommand)
+        .env("EDGELOG_KAFKA__BROKERS", &s.kafka.brokers)
+        .env("EDGELOG_TOPICS__INPUT", &s.topics.input)
+        .env("EDGELOG_TOPICS__ANONYMIZED", &s.topics.anonymized)
+        .env("EDGELOG_TOPICS__DEAD_LETTER", &s.topics.dead_letter)
+        .env(
+            "EDGELOG_TOPICS__LOADER_DEAD_LETTER",
+            &s.topics.loader_dead_letter,
+        )
+        .env("EDGELOG_ANONYMIZER__GROUP_ID", &s.anonymizer.group_id)
+        .env("EDGELOG_LOADER__GROUP_ID", &s.loader.group_id)
+        .env("EDGELOG_CLICKHOUSE__DATABASE", &s.clickhouse.database)
+        .env("EDGELOG_CLICKHOUSE__ADMIN_URL", &s.clickhouse.admin_url);
+    cmd
+}
+
 pub fn loader_command(s: &Settings) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_loader"));
     cmd.env_clear()

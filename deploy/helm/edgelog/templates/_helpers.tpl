@@ -144,3 +144,51 @@ volumeMounts:
   - name: tmp
     mountPath: /tmp
 {{- end -}}
+
+{{/*
+A scheduled operator command whose failed Job is the alert (verify, status). One attempt, kept for
+its log: what it reports is not transient within one run.
+Args: ctx (root), component (name suffix), command (list), values (its section of values.yaml).
+*/}}
+{{- define "edgelog.cronJob" -}}
+{{- $ := .ctx -}}
+apiVersion: batch/v1
+kind: CronJob
+metadata:
+  name: {{ include "edgelog.fullname" $ }}-{{ .component }}
+  labels:
+    {{- include "edgelog.labels" $ | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+spec:
+  schedule: {{ .values.schedule | quote }}
+  concurrencyPolicy: Forbid
+  successfulJobsHistoryLimit: 3
+  failedJobsHistoryLimit: 3
+  jobTemplate:
+    spec:
+      backoffLimit: 0
+      activeDeadlineSeconds: {{ .values.activeDeadlineSeconds }}
+      template:
+        metadata:
+          labels:
+            {{- include "edgelog.selectorLabels" (dict "ctx" $ "component" .component) | nindent 12 }}
+        spec:
+          {{- include "edgelog.podSpecCommon" $ | nindent 10 }}
+          restartPolicy: Never
+          containers:
+            - name: {{ .component }}
+              {{- include "edgelog.containerCommon" (dict "ctx" $) | nindent 14 }}
+              command: {{ toJson .command }}
+              {{- with .values.args }}
+              args:
+                {{- toYaml . | nindent 16 }}
+              {{- end }}
+              env:
+                {{- include "edgelog.commonEnv" (dict "ctx" $ "admin" true "loader" false) | trim | nindent 16 }}
+              resources:
+                {{- toYaml .values.resources | nindent 16 }}
+          volumes:
+            - name: tmp
+              emptyDir:
+                sizeLimit: 64Mi
+{{- end }}
